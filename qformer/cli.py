@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("qformer.commands.config", "print the resolved experiment config"),
+    "bench": ("qformer.commands.bench", "benchmarks (data, step, train, cache, all) as JSON ratios"),
 }
 
 

@@ -1,0 +1,161 @@
+"""BLIP-2 stage-1 losses (spec §4.2-§4.4) as modules whose distributed behaviour is explicit.
+
+`rank`/`world_size` given to a constructor are used as is; left as None they are read from
+torch.distributed at call time (0/1 without a process group), so one module serves both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qformer.models.gather import all_gather_no_grad, all_gather_with_grad, dist_rank_world
+
+NegativeSampler = Callable[[torch.Tensor], torch.Tensor]  # weights [B, C] -> indices [B]
+
+
+def multinomial_negatives(weights: torch.Tensor) -> torch.Tensor:
+    """One draw per row (LAVIS: torch.multinomial(weights[b], 1) per sample)."""
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+class _Distributed(nn.Module):
+    def __init__(self, rank: int | None, world_size: int | None):
+        super().__init__()
+        self.rank, self.world_size = rank, world_size
+
+    def rank_world(self) -> tuple[int, int]:
+        rank, world = dist_rank_world()
+        return (rank if self.rank is None else self.rank, world if self.world_size is None else self.world_size)
+
+
+@dataclass
+class ITCResult:
+    loss: torch.Tensor
+    sim_i2t: torch.Tensor  # [B, B*W], temperature-scaled, max over queries
+    sim_t2i: torch.Tensor  # [B, B*W]
+
+
+class ITCLoss(_Distributed):
+    """Image-text contrastive loss, similarity = max over query embeddings / temp (no clamp).
+
+    gather_with_grad=False (LAVIS): gathered features are detached, gradient only reaches the
+    local features. True: gathered with gradient (OpenCLIP-style), so other ranks' rows also
+    contribute gradient to this rank's features.
+    """
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        world_size: int | None = None,
+        gather_with_grad: bool = False,
+        label_smoothing: float = 0.1,
+    ):
+        super().__init__(rank, world_size)
+        self.gather_with_grad = gather_with_grad
+        self.label_smoothing = label_smoothing
+
+    def forward(self, image_feats: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> ITCResult:
+        rank, world = self.rank_world()
+        gather = all_gather_with_grad if self.gather_with_grad else all_gather_no_grad
+        image_all = gather(image_feats, world)  # [B*W, Q, E]
+        text_all = gather(text_feat, world)  # [B*W, E]
+        # [B, B*W, Q] -> max over queries
+        sim_i2t = torch.einsum("bqe,je->bjq", image_feats, text_all).amax(dim=-1) / temp
+        sim_t2i = torch.einsum("be,jqe->bjq", text_feat, image_all).amax(dim=-1) / temp
+        b = image_feats.shape[0]
+        targets = torch.arange(rank * b, rank * b + b, device=image_feats.device)
+        loss = 0.5 * (
+            F.cross_entropy(sim_i2t, targets, label_smoothing=self.label_smoothing)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=self.label_smoothing)
+        )
+        return ITCResult(loss, sim_i2t, sim_t2i)
+
+
+class ITMLoss(_Distributed):
+    """Image-text matching with one hard negative image per text and one text per image.
+
+    Negatives are drawn from all ranks by `sampler` (default: one multinomial draw) from the
+    softmax of the ITC similarities with the own positive masked: negatives="head" sets it to
+    -10000 before the softmax (LAVIS HEAD); "release" adds 1e-4 after the softmax then zeroes it
+    (Jan-Jun 2023 code). Image embeddings are gathered WITH gradient, token ids without.
+    """
+
+    def __init__(
+        self,
+        rank: int | None = None,
+        world_size: int | None = None,
+        negatives: str = "head",
+        sampler: NegativeSampler = multinomial_negatives,
+    ):
+        super().__init__(rank, world_size)
+        if negatives not in ("head", "release"):
+            raise ValueError(f"model.itm_negatives must be 'head' or 'release', got {negatives!r}")
+        self.negatives = negatives
+        self.sampler = sampler
+
+    @torch.no_grad()
+    def negative_weights(self, sim: torch.Tensor, rank: int) -> torch.Tensor:
+        b = sim.shape[0]
+        rows = torch.arange(b, device=sim.device)
+        sim = sim.detach().float().clone()
+        if self.negatives == "head":
+            sim[rows, rank * b + rows] = -10000.0
+            return F.softmax(sim, dim=1)
+        weights = F.softmax(sim, dim=1) + 1e-4
+        weights[rows, rank * b + rows] = 0.0
+        return weights
+
+    def forward(
+        self,
+        itm_logits: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        image_embeds: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_atts: torch.Tensor,
+        sim_i2t: torch.Tensor,
+        sim_t2i: torch.Tensor,
+    ) -> torch.Tensor:
+        """`itm_logits(images [3B,N,D], ids [3B,L], atts [3B,L]) -> [3B, 2]` runs the matching model."""
+        rank, world = self.rank_world()
+        ids_world = all_gather_no_grad(text_ids, world)
+        atts_world = all_gather_no_grad(text_atts, world)
+        image_world = all_gather_with_grad(image_embeds, world)
+        neg_img = self.sampler(self.negative_weights(sim_t2i, rank))  # one image per local text
+        neg_txt = self.sampler(self.negative_weights(sim_i2t, rank))  # one text per local image
+        images = torch.cat([image_embeds, image_world[neg_img], image_embeds], dim=0)
+        ids = torch.cat([text_ids, text_ids, ids_world[neg_txt]], dim=0)
+        atts = torch.cat([text_atts, text_atts, atts_world[neg_txt]], dim=0)
+        logits = itm_logits(images, ids, atts)
+        b = text_ids.shape[0]
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+
+class LMLoss(nn.Module):
+    """Captioning loss: predict token t+1 from position t, label smoothing, -100 ignored, token mean."""
+
+    def __init__(self, label_smoothing: float = 0.1, ignore_index: int = -100):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shifted = logits[:, :-1].contiguous()
+        targets = labels[:, 1:].contiguous()
+        return F.cross_entropy(
+            shifted.view(-1, shifted.shape[-1]).float(),
+            targets.view(-1),
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+def lm_inputs(text_ids: torch.Tensor, bos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder ids ([DEC] replaces [CLS] in column 0) and labels (pads -> -100)."""
+    decoder_ids = text_ids.clone()
+    decoder_ids[:, 0] = bos_token_id
+    labels = decoder_ids.masked_fill(decoder_ids == pad_token_id, -100)
+    return decoder_ids, labels

@@ -1,0 +1,356 @@
+"""The Q-Former: BERT with learned queries, image cross-attention and separate query FFNs.
+
+Module/parameter names reproduce LAVIS's `Qformer.py` so that `Qformer.bert.encoder.layer.{i}...`
+state-dict keys of `blip2_pretrained.pth` load unchanged (spec §3.6). Behaviour follows spec §3.5:
+queries (no position embedding) are prepended to the text, LayerNorm+dropout over the whole
+sequence, cross-attention only for query positions in layers i % freq == 0, query positions use
+`intermediate_query`/`output_query`, text positions `intermediate`/`output`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qformer.models.losses import LMLoss
+from qformer.models.qformer_config import QFormerConfig
+
+MASK_VALUE = -10000.0  # LAVIS/HF-v4 BERT additive mask value (not finfo.min)
+
+KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def _activation(name: str):
+    acts = {"gelu": F.gelu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+    if name not in acts:
+        raise ValueError(f"unsupported BERT hidden_act {name!r} (known: {sorted(acts)})")
+    return acts[name]
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position embeddings (no token types); queries go in front without positions."""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        # No padding_idx: LAVIS resizes the vocabulary with HF's resize_token_embeddings, which
+        # (in the transformers version LAVIS pins) builds a plain nn.Embedding.
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer(
+            "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=True
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
+        past_key_values_length: int = 0,
+    ) -> torch.Tensor:
+        if input_ids is not None:
+            seq_length = input_ids.shape[1]
+            position_ids = self.position_ids[:, past_key_values_length : past_key_values_length + seq_length]
+            embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+            if query_embeds is not None:
+                embeddings = torch.cat([query_embeds.to(embeddings.dtype), embeddings], dim=1)
+        elif query_embeds is not None:
+            embeddings = query_embeds
+        else:
+            raise ValueError("Q-Former needs input_ids, query_embeds or both")
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {config.num_attention_heads}"
+            )
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = self._heads(self.query(hidden_states))
+        k = self._heads(self.key(source))
+        v = self._heads(self.value(source))
+        if past_key_value is not None:  # cached query K/V go before the text K/V (LM pass)
+            k = torch.cat([past_key_value[0], k], dim=2)
+            v = torch.cat([past_key_value[1], v], dim=2)
+        mask = attention_mask.to(q.dtype) if attention_mask is not None else None
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, -1), (k, v)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: QFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.self = BertSelfAttention(config, is_cross_attention)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, past_key_value=None):
+        context, present = self.self(hidden_states, attention_mask, encoder_hidden_states, past_key_value)
+        return self.output(context, hidden_states), present
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(hidden_states))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: QFormerConfig, layer_index: int):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.has_cross_attention = config.has_cross_attention(layer_index)
+        if self.has_cross_attention:
+            self.crossattention = BertAttention(config, is_cross_attention=True)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+        self.intermediate_query = BertIntermediate(config)
+        self.output_query = BertOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        query_length: int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        attn, present = self.attention(hidden_states, attention_mask, None, past_key_value)
+        if query_length == 0:
+            return self.output(self.intermediate(attn), attn), present
+        query = attn[:, :query_length]
+        if self.has_cross_attention:
+            if encoder_hidden_states is None:
+                raise ValueError("query tokens need encoder_hidden_states (image features) for cross-attention")
+            query, _ = self.crossattention(query, encoder_attention_mask, encoder_hidden_states)
+        out = self.output_query(self.intermediate_query(query), query)
+        if attn.shape[1] > query_length:
+            text = attn[:, query_length:]
+            out = torch.cat([out, self.output(self.intermediate(text), text)], dim=1)
+        return out, present
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
+
+
+@dataclass
+class QFormerOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache | None = None
+
+
+def extended_attention_mask(
+    attention_mask: torch.Tensor, text_length: int, is_decoder: bool, has_query: bool
+) -> torch.Tensor:
+    """[B, S_k] 0/1 mask -> additive [B,1,S_q|1,S_k] mask with -10000 at blocked positions (spec §3.5).
+
+    Decoder: causal over the `text_length` text tokens, all-ones for the prefix columns (cached or
+    in-input queries); with queries in the input their rows see only the queries (UniLM style).
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq], got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask.float()
+    if not is_decoder:
+        ext = mask[:, None, None, :]
+    else:
+        b, total = mask.shape
+        ids = torch.arange(text_length, device=mask.device)
+        causal = (ids[None, :] <= ids[:, None]).float().expand(b, -1, -1)
+        prefix = total - text_length
+        if prefix > 0:
+            if has_query:
+                causal = torch.cat([causal.new_zeros(b, prefix, text_length), causal], dim=1)
+            causal = torch.cat([causal.new_ones(b, causal.shape[1], prefix), causal], dim=2)
+        ext = causal[:, None] * mask[:, None, None, :]
+    return (1.0 - ext) * MASK_VALUE
+
+
+class BertModel(nn.Module):
+    """The Q-Former body (`Qformer.bert`)."""
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        is_decoder: bool = False,
+    ) -> QFormerOutput:
+        query_length = query_embeds.shape[1] if query_embeds is not None else 0
+        past_length = past_key_values[0][0].shape[2] - self.config.query_length if past_key_values else 0
+        hidden = self.embeddings(input_ids, query_embeds, past_length)
+        b, seq = hidden.shape[:2]
+        cached = past_key_values[0][0].shape[2] if past_key_values else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(b, seq + cached, dtype=torch.long, device=hidden.device)
+        if is_decoder:
+            if input_ids is None:
+                raise ValueError("decoder mode needs input_ids")
+            mask = extended_attention_mask(attention_mask, input_ids.shape[1], True, query_embeds is not None)
+        else:
+            mask = extended_attention_mask(attention_mask, seq, False, False)
+        enc_mask = None
+        if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+            enc_mask = extended_attention_mask(encoder_attention_mask, 0, False, False)
+        presents = []
+        for i, layer in enumerate(self.encoder.layer):
+            past = past_key_values[i] if past_key_values else None
+            hidden, present = layer(hidden, mask, query_length, encoder_hidden_states, enc_mask, past)
+            presents.append(present)
+        return QFormerOutput(hidden, tuple(presents) if use_cache else None)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = _activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias  # both keys appear in the state dict, as in LAVIS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: QFormerConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictions(x)
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+class BertLMHeadModel(nn.Module):
+    """`Qformer` in LAVIS: body + tied MLM head; the LM pass uses it in decoder mode."""
+
+    def __init__(self, config: QFormerConfig, label_smoothing: float = 0.1):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.tie_weights()
+        self.lm_loss = LMLoss(label_smoothing=label_smoothing)
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def init_weights(self) -> None:
+        """HF BERT init: Linear/Embedding N(0, initializer_range), biases 0, LayerNorm 1/0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.cls.predictions.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        query_embeds: torch.Tensor | None = None,
+    ) -> LMOutput:
+        if past_key_values is not None:
+            query_embeds = None  # queries come from the cache
+        out = self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            query_embeds=query_embeds,
+            past_key_values=past_key_values,
+            is_decoder=True,
+        )
+        hidden = out.last_hidden_state
+        if query_embeds is not None:
+            hidden = hidden[:, query_embeds.shape[1] :]
+        logits = self.cls(hidden)
+        loss = self.lm_loss(logits, labels) if labels is not None else None
+        return LMOutput(loss, logits)

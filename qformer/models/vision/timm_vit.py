@@ -1,0 +1,25 @@
+"""Any timm model by name as the frozen image encoder (small configs, the tiny demo model)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TimmEncoder(nn.Module):
+    """Wraps `timm.create_model(name, pretrained=False, num_classes=0, **kwargs)`; returns all tokens."""
+
+    def __init__(self, name: str, drop_path_rate: float = 0.0, **kwargs):
+        super().__init__()
+        import timm
+
+        try:
+            self.model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"model.vit_model='timm:{name}' with model.vit_kwargs={kwargs}: {err}") from err
+        self.num_features = self.model.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model.forward_features(x)
+        if out.dim() != 3:
+            raise ValueError(f"timm model returned features of shape {tuple(out.shape)}; need [B, tokens, dim]")
+        return out

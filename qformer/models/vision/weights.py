@@ -1,0 +1,66 @@
+"""Reading ViT weight files (path or URL), position-embedding interpolation, fp16 conversion."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def read_weights(source: str) -> dict[str, torch.Tensor]:
+    """State dict from `model.vit_weights`: a local file, or a URL fetched once into torch.hub's cache."""
+    if source.startswith(("http://", "https://")):
+        state = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=False)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"model.vit_weights: file not found: {source}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"model.vit_weights={source}: not a state dict")
+    return state
+
+
+def interpolate_pos_embed(pos: torch.Tensor, num_patches: int, align_corners: bool) -> torch.Tensor:
+    """Resize a [1?, 1+G*G, C] absolute position table to 1+num_patches rows (CLS row kept, bicubic)."""
+    squeeze = pos.dim() == 2
+    table = pos[None] if squeeze else pos
+    extra = table.shape[1] - int(math.isqrt(table.shape[1] - 1)) ** 2
+    old = int(math.isqrt(table.shape[1] - extra))
+    new = int(math.isqrt(num_patches))
+    if old == new:
+        return pos
+    log.info("interpolating ViT position embedding %dx%d -> %dx%d", old, old, new, new)
+    cls, grid = table[:, :extra], table[:, extra:]
+    c = grid.shape[-1]
+    grid = grid.reshape(1, old, old, c).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=align_corners)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, c).to(table.dtype)
+    out = torch.cat([cls, grid], dim=1)
+    return out[0] if squeeze else out
+
+
+def convert_weights_to_fp16(model: nn.Module) -> None:
+    """LAVIS: only Conv/Linear weights+biases (and MHA projections) become half; norms, tokens, q/v bias stay fp32."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            module.weight.data = module.weight.data.half()
+            if module.bias is not None:
+                module.bias.data = module.bias.data.half()
+        if isinstance(module, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                tensor = getattr(module, name, None)
+                if tensor is not None:
+                    tensor.data = tensor.data.half()

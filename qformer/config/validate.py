@@ -1,0 +1,178 @@
+"""Check a merged config against the schema table and fill in every default.
+
+Works on plain containers (dict/list/scalars) after interpolation; raises ConfigError at the
+first problem, naming the dotted key and the layer it came from.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Callable
+
+from qformer.config.errors import ConfigError, closest
+from qformer.config.schema import IGNORED, REQUIRED, SCHEMA, Key
+
+SourceOf = Callable[[str], "str | None"]
+_IGNORE = object()  # schema-tree marker for IGNORED keys
+
+# A float YAML 1.1 reads as a string (`1e-4` has no dot), as PyYAML does; OmegaConf already
+# reads it as a float, but a config built from yaml.safe_load output must load the same.
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_KIND_TEXT = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true/false",
+              "list": "a list", "map": "a mapping"}
+
+
+def _build_tree() -> dict:
+    tree: dict = {}
+    for table, marker in ((SCHEMA, None), (IGNORED, _IGNORE)):
+        for path, key in table.items():
+            node = tree
+            *parents, leaf = path.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = key if marker is None else marker
+    return tree
+
+
+TREE = _build_tree()
+ALL_KEYS = [*SCHEMA, *IGNORED]
+
+
+def is_section(path: str) -> bool:
+    """True when the dotted path is a schema section (a group of keys), not a value."""
+    node: object = TREE
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return False
+        node = node.get(part, node.get("*"))
+    return isinstance(node, dict)
+
+
+def validate(config: dict, source_of: SourceOf) -> tuple[dict, list[tuple[str, Any]]]:
+    """Returns (config with all defaults filled and numbers coerced, [(ignored key, value)])."""
+    ignored: list[tuple[str, Any]] = []
+    result = _walk(TREE, config, "", source_of, ignored)
+    _cross_check(result, source_of)
+    return result, ignored
+
+
+def _walk(schema: dict, value: dict, path: str, source_of: SourceOf, ignored: list) -> dict:
+    result: dict = {}
+    for raw_key, item in value.items():
+        key = str(raw_key)
+        child = f"{path}.{key}" if path else key
+        spec = schema.get(key, schema.get("*"))
+        if spec is None:
+            raise ConfigError("unknown key", child, source_of(child), _suggest(key, schema, path))
+        if spec is _IGNORE:
+            ignored.append((child, item))
+            result[key] = item
+        elif isinstance(spec, dict):
+            if item is None:  # an empty YAML section (`run.ray:` with nothing below it)
+                item = {}
+            if not isinstance(item, dict):
+                raise ConfigError(f"expected a section (a mapping of keys), got {_show(item)}", child,
+                                  source_of(child))
+            result[key] = _walk(spec, item, child, source_of, ignored)
+        else:
+            result[key] = _check_leaf(spec, item, child, source_of)
+    for key, spec in schema.items():
+        if key == "*" or key in result or spec is _IGNORE:
+            continue
+        child = f"{path}.{key}" if path else key
+        if isinstance(spec, dict):
+            result[key] = _walk(spec, {}, child, source_of, ignored)
+        elif spec.default is REQUIRED:
+            raise ConfigError(f"missing required value (set it in the experiment file or with --options {child}=...)",
+                              child)
+        else:
+            result[key] = copy.deepcopy(spec.default)
+    # Schema order (the table's reading order), then wildcard entries and ignored keys as given.
+    order = [k for k in schema if k in result] + [k for k in result if k not in schema]
+    return {k: result[k] for k in order}
+
+
+def _suggest(key: str, schema: dict, path: str) -> str | None:
+    """A sibling key spelt alike, else the same key in another section (run.num_query_token -> model.)."""
+    hint = closest(key, [k for k in schema if k != "*"])
+    if hint:
+        return f"{path}.{hint}" if path else hint
+    elsewhere = [k for k in ALL_KEYS if k.rsplit(".", 1)[-1] == key]
+    return elsewhere[0] if elsewhere else None
+
+
+def _show(value: Any) -> str:
+    kind = {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__)
+    return f"{kind} {value!r}"
+
+
+def _check_leaf(spec: Key, value: Any, path: str, source_of: SourceOf) -> Any:
+    def fail(message: str, suggestion: str | None = None) -> ConfigError:
+        return ConfigError(message, path, source_of(path), suggestion)
+
+    if value == "???":
+        raise fail("missing required value ('???')")
+    if value is None:
+        if spec.null:
+            return None
+        raise fail(f"must not be null (expected {_expected(spec)})")
+    kinds = spec.kind.split("|")
+    value = _coerce(kinds, value)
+    if not any(_is_kind(k, value) for k in kinds):
+        raise fail(f"expected {_expected(spec)}, got {_show(value)}")
+    if spec.items:
+        for i, element in enumerate(value):
+            if not _is_kind(spec.items, element):
+                raise fail(f"element {i} must be {_KIND_TEXT[spec.items]}, got {_show(element)}")
+    if spec.choices and not any(value == c and type(value) is type(c) for c in spec.choices):
+        allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in spec.choices)
+        hint = closest(value, [c for c in spec.choices if isinstance(c, str)]) if isinstance(value, str) else None
+        raise fail(f"must be one of {allowed}, got {value!r}", hint)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for bound, ok, text in ((spec.ge, lambda b: value >= b, ">="), (spec.gt, lambda b: value > b, ">"),
+                                (spec.le, lambda b: value <= b, "<="), (spec.lt, lambda b: value < b, "<")):
+            if bound is not None and not ok(bound):
+                raise fail(f"must be {text} {bound:g}, got {value!r}")
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            message, hint = problem if isinstance(problem, tuple) else (problem, None)
+            raise fail(message, hint)
+    return value
+
+
+def _expected(spec: Key) -> str:
+    text = " or ".join(_KIND_TEXT[k] for k in spec.kind.split("|"))
+    return text + " or null" if spec.null else text
+
+
+def _coerce(kinds: list[str], value: Any) -> Any:
+    if "float" in kinds:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)
+    return value
+
+
+def _is_kind(kind: str, value: Any) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {"str": str, "float": float, "bool": bool, "list": list, "map": dict}[kind])
+
+
+def _cross_check(cfg: dict, source_of: SourceOf) -> None:
+    """Rules between keys."""
+    ratios = cfg["run"]["train_dataset_ratios"]
+    for name in ratios or {}:
+        if name not in cfg["datasets"]:
+            key = f"run.train_dataset_ratios.{name}"
+            raise ConfigError(f"'{name}' is not one of the configured datasets ({', '.join(cfg['datasets'])})",
+                              key, source_of(key), closest(name, cfg["datasets"]))
+    run = cfg["run"]
+    if run["runner"] == "runner_iter":
+        for key in ("max_iters", "iters_per_inner_epoch"):
+            if run[key] is None:
+                raise ConfigError("runner_iter needs run.max_iters and run.iters_per_inner_epoch", f"run.{key}",
+                                  source_of("run.runner"))

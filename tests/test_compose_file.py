@@ -1,0 +1,195 @@
+"""docker-compose.yml, validated by a real Compose implementation and checked against the user guide.
+
+`config` parses, validates against the Compose schema and interpolates variables without a Docker
+engine. `make test` runs platform/ci/ensure_compose.sh first, which installs one if none is present.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+RAY_SERVICES = ("ray-head", "ray-worker", "ray-worker-cpu")
+# Services the user guide tells people to start, scale, log or open.
+SERVICE_NAME = re.compile(
+    r"`(ray-[\w-]+|mlflow|postgres)`"         # `ray-head`
+    r"|--scale ([a-z][\w-]*)="                # --scale ray-worker=2
+    r"|compose logs (?:-f )?([a-z][\w-]*)"     # docker compose logs -f ray-head
+    r"|compose cp \S+ ([a-z][\w-]*):"          # docker compose cp ./coco ray-head:/shared/...
+)
+
+
+def find_compose() -> list[str] | None:
+    """The command prefix of a Compose implementation: the docker plugin, docker-compose, or the
+    fallback venv platform/ci/ensure_compose.sh installs."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    cache = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+    venv = Path(os.environ.get("QFORMER_COMPOSE_VENV", Path(cache) / "qformer" / "compose-venv"))
+    if (venv / "bin" / "docker-compose").exists():
+        return [str(venv / "bin" / "docker-compose")]
+    return None
+
+
+@pytest.fixture(scope="module")
+def compose() -> list[str]:
+    cmd = find_compose()
+    if cmd is None:
+        pytest.fail("no Docker Compose implementation found: run platform/ci/ensure_compose.sh (make test does)")
+    return cmd
+
+
+def compose_env(**overrides: str) -> dict[str, str]:
+    """A clean environment: the required token set, no COMPOSE_*/RAY_* leaking in from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "RAY_", "QFORMER_VARIANT"))}
+    env.update(RAY_AUTH_TOKEN="0" * 64, POSTGRES_PASSWORD="test-password")
+    env.update(overrides)
+    return env
+
+
+def run_config(compose: list[str], *args: str, env: dict[str, str] | None = None,
+               file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess:
+    cmd = [*compose, "-f", str(file), "--project-directory", str(REPO), *args, "config"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or compose_env(), cwd=REPO, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def resolved(compose) -> dict:
+    """The compose model after validation and interpolation, with every profile enabled."""
+    proc = run_config(compose, "--profile", "gpu", "--profile", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+@pytest.mark.parametrize("profile", [None, "gpu", "cpu"])
+def test_compose_file_validates(compose, profile):
+    args = ["--profile", profile] if profile else []
+    proc = run_config(compose, *args)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_validator_rejects_a_broken_file(compose, tmp_path):
+    """The check above means something: the same implementation rejects a schema violation."""
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    data["services"]["mlflow"]["healthcheck"]["retries"] = "many"
+    data["services"]["ray-head"]["not_a_compose_key"] = True
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(yaml.safe_dump(data))
+    proc = run_config(compose, file=broken)
+    assert proc.returncode != 0
+    assert "not_a_compose_key" in proc.stderr or "retries" in proc.stderr
+
+
+def test_missing_ray_token_is_a_clear_error(compose):
+    env = compose_env()
+    env.pop("RAY_AUTH_TOKEN")
+    proc = run_config(compose, env=env)
+    assert proc.returncode != 0
+    assert "RAY_AUTH_TOKEN" in proc.stderr
+
+
+def test_every_service_the_guide_names_exists(resolved):
+    docs = [REPO / "docs" / "cluster.md"] + ([REPO / "README.md"] if (REPO / "README.md").exists() else [])
+    named = set()
+    for doc in docs:
+        for match in SERVICE_NAME.finditer(doc.read_text()):
+            named.update(g for g in match.groups() if g)
+    assert {"ray-head", "ray-worker", "mlflow"} <= named, f"the guide should name the core services, found {named}"
+    assert named <= set(resolved["services"]), f"named in the guide but not in docker-compose.yml: {named - set(resolved['services'])}"
+
+
+def published_host_ips(ports: list) -> list[str]:
+    """Host IP of each published port in either short ("127.0.0.1:80:80/tcp") or long syntax."""
+    ips = []
+    for port in ports:
+        if isinstance(port, dict):
+            if port.get("published") is not None:
+                ips.append(port.get("host_ip") or "0.0.0.0")
+            continue
+        parts = str(port).split("/")[0].rsplit(":", 2)
+        ips.append(parts[0] if len(parts) == 3 else "0.0.0.0")  # "80" or "8080:80": all interfaces
+    return ips
+
+
+def test_published_host_ip_parser_flags_all_interfaces():
+    assert published_host_ips(["8265:8265", "127.0.0.1:5000:5000/tcp", 6379]) == ["0.0.0.0", "127.0.0.1", "0.0.0.0"]
+    assert published_host_ips([{"target": 80, "published": 8080}]) == ["0.0.0.0"]
+
+
+def test_no_port_is_published_on_all_interfaces(resolved):
+    published = {name: published_host_ips(svc.get("ports", [])) for name, svc in resolved["services"].items()}
+    assert published["ray-head"] and published["mlflow"], "dashboard/job API and MLflow UI must be reachable"
+    for name, ips in published.items():
+        assert all(ip == "127.0.0.1" for ip in ips), f"{name} publishes a port beyond loopback: {ips}"
+    for name in ("ray-worker", "ray-worker-cpu", "postgres"):
+        assert not published[name], f"{name} must not publish ports (it would clash under --scale or expose the DB)"
+
+
+def test_gpu_worker_reserves_nvidia_gpus_and_cpu_worker_does_not(resolved):
+    devices = resolved["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    assert "deploy" not in resolved["services"]["ray-worker-cpu"]
+    assert "--num-gpus=0" in resolved["services"]["ray-worker-cpu"]["command"]
+    assert resolved["services"]["ray-worker"]["profiles"] == ["gpu"]
+    assert resolved["services"]["ray-worker-cpu"]["profiles"] == ["cpu"]
+
+
+def test_workers_are_scalable(resolved):
+    for name in ("ray-worker", "ray-worker-cpu"):
+        svc = resolved["services"][name]
+        assert "container_name" not in svc, f"{name}: a fixed container_name breaks --scale"
+        assert "ray-head:6379" in svc["command"]
+
+
+def test_ray_services_share_storage_mlflow_and_shm(resolved):
+    services = resolved["services"]
+    for name in RAY_SERVICES:
+        svc = services[name]
+        env = svc["environment"]
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+        assert env["QFORMER_HOME"].startswith("/shared/") and env["QFORMER_DATA_ROOT"].startswith("/shared/"), name
+        assert env["RAY_AUTH_TOKEN"] == "0" * 64 and env["RAY_AUTH_MODE"] == "token", name
+        assert svc.get("shm_size"), f"{name}: Ray's object store needs /dev/shm (shm_size)"
+        mounts = [v for v in svc["volumes"] if str(v).startswith("shared:")]
+        assert mounts and all(str(m).split(":")[1] == "/shared" for m in mounts), f"{name}: shared volume at /shared"
+    assert "shared" in resolved["volumes"] and "pgdata" in resolved["volumes"]
+
+
+def test_health_checks_and_start_order(resolved):
+    services = resolved["services"]
+    for name in ("postgres", "mlflow", "ray-head"):
+        assert services[name]["healthcheck"]["test"], f"{name} needs a health check"
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["ray-head"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    for name in ("ray-worker", "ray-worker-cpu"):
+        assert services[name]["depends_on"]["ray-head"]["condition"] == "service_healthy"
+
+
+def test_mlflow_server_serves_artifacts_from_postgres_backend(resolved):
+    mlflow = resolved["services"]["mlflow"]
+    cmd = mlflow["command"]
+    assert "--serve-artifacts" in cmd and "--artifacts-destination" in cmd
+    assert "--backend-store-uri postgresql+psycopg2://mlflow:test-password@postgres:5432/mlflow" in cmd
+    allowed = re.search(r"--allowed-hosts (\S+)", cmd).group(1).split(",")
+    assert "mlflow:5000" in allowed and "localhost:*" in allowed
+    assert any(str(v).endswith(":/mlflow/artifacts:rw") or str(v).startswith("mlflow-artifacts:") for v in mlflow["volumes"])
+
+
+def test_every_compose_variable_is_documented_in_the_env_example():
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)", COMPOSE_FILE.read_text()))
+    example = (REPO / "platform" / "compose.env.example").read_text()
+    documented = set(re.findall(r"^#? ?([A-Z0-9_]+)=", example, flags=re.M))
+    assert used - documented == set(), f"variables docker-compose.yml reads but the example omits: {used - documented}"

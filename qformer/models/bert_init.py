@@ -105,8 +105,6 @@ def load_bert_weights(qformer: BertLMHeadModel, state: dict[str, torch.Tensor]) 
             else:
                 param.copy_(tensor)
             loaded.append(target)
-    if "cls.predictions.decoder.bias" in loaded or "cls.predictions.decoder.weight" in loaded:
-        pass  # tied aliases: copying into them already updated the shared tensors
     return {"loaded": loaded, "skipped": skipped}
 
 

@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("qformer.commands.config", "print the resolved experiment config"),
     "bench": ("qformer.commands.bench", "benchmarks (data, step, train, cache, all) as JSON ratios"),
+    "cache-features": ("qformer.commands.cache_features", "run the frozen ViT once per image/view into a feature cache"),
 }
 
 

@@ -1,0 +1,122 @@
+"""Training data from a feature cache: rows {"image_embeds", "text_ids", "text_atts"} instead of images.
+
+`dataset(cfg)` mirrors `qformer.data.pipeline.build_train_datasets(cfg)` (same sources, same
+ratio handling) so the training loop swaps one for the other when `run.vision_cache` is set.
+
+View choice: view 0 is the eval transform; training reads a train view (1..K-1), or view 0 when the
+cache holds only one. With `epoch=None` every pass over the data draws a fresh train view per record
+(like online augmentation, where each epoch sees a new crop); a fixed `epoch` (or `view`) gives a
+deterministic view for loops that rebuild their dataset each epoch, and for tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qformer.features import store
+from qformer.features.manifest import check_compatible, read_manifest
+from qformer.features.views import train_view_for
+
+
+class FeatureLoader:
+    """Ray Data actor: (shard, row) -> the cached features of one view, read from memory-mapped shards."""
+
+    def __init__(self, cache_dir: str, views: int, view: int | None, seed: int | None):
+        self.reader = store.ShardReader(cache_dir)
+        self.views, self.view = int(views), view
+        self.rng = np.random.default_rng(seed)  # seed None: OS entropy, so each pass differs
+
+    def _pick_views(self, n: int) -> np.ndarray:
+        if self.view is not None:
+            return np.full(n, self.view, dtype=np.int64)
+        if self.views <= 1:
+            return np.zeros(n, dtype=np.int64)
+        return self.rng.integers(1, self.views, size=n)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        views = self._pick_views(len(batch["row"]))
+        feats = self.reader.gather(batch["shard"], batch["row"], views)
+        return {"image_embeds": feats,
+                "text_ids": _as_2d(batch["text_ids"], np.int64),
+                "text_atts": _as_2d(batch["text_atts"], np.int64)}
+
+
+def _as_2d(column: Any, dtype) -> np.ndarray:
+    arr = np.asarray(column)
+    if arr.dtype == object:  # list column delivered as an array of arrays
+        arr = np.stack([np.asarray(x) for x in arr])
+    return arr.astype(dtype)
+
+
+def open_cache(cfg: Any) -> tuple[Path, dict[str, Any]]:
+    """The cache directory named by run.vision_cache and its manifest, after the compatibility check."""
+    from qformer.config.errors import ConfigError
+
+    value = cfg.run.vision_cache
+    if not value:
+        raise ConfigError("is not set; it must name a directory made by `qformer cache-features`",
+                          key="run.vision_cache")
+    cache_dir = Path(str(value)).expanduser().resolve()
+    if not cache_dir.is_dir():
+        raise ConfigError(f"{cache_dir} does not exist; create it with `qformer cache-features --cfg-path F "
+                          f"--out {cache_dir}`", key="run.vision_cache")
+    manifest = read_manifest(cache_dir)
+    check_compatible(manifest, cfg, cache_dir)
+    return cache_dir, manifest
+
+
+def train_sources(cfg: Any) -> list[str]:
+    return [str(name) for name in cfg.datasets.keys()]
+
+
+def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str, *, view: int | None = None,
+                   seed: int = 0, batch_size: int = 64, actors: int = 1):
+    """One source's records as a Ray Dataset of cached features (records permuted once with `seed`)."""
+    import ray
+
+    if view is not None and not 0 <= view < manifest["views"]:
+        raise ValueError(f"view {view} out of range: the cache holds {manifest['views']} views")
+    table = store.read_records(cache_dir, source)
+    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
+    n_blocks = max(1, min(64, -(-table.num_rows // batch_size)))
+    ds = ray.data.from_arrow(table).repartition(n_blocks).randomize_block_order()
+    return ds.map_batches(FeatureLoader, fn_constructor_args=(str(cache_dir), manifest["views"], view, None),
+                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                          batch_format="numpy")
+
+
+def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
+    """`TrainData`-shaped result (datasets by name + ratios) streaming cached features.
+
+    Refuses a cache whose manifest differs from cfg (ConfigError naming run.vision_cache and the keys).
+    """
+    from qformer.config.errors import ConfigError
+
+    cache_dir, manifest = open_cache(cfg)
+    sources = train_sources(cfg)
+    missing = [s for s in sources if s not in manifest["sources"]]
+    if missing:
+        raise ConfigError(f"the feature cache at {cache_dir} has no records for datasets {missing} "
+                          f"(it holds {sorted(manifest['sources'])}); rebuild it", key="run.vision_cache")
+    if view is None and epoch is not None:
+        view = train_view_for(epoch, manifest["views"], int(cfg.run.seed))
+    batch_size = int(cfg.run.data.batch_size)
+    per_source = {s: source_dataset(cache_dir, manifest, s, view=view, seed=int(cfg.run.seed),
+                                    batch_size=batch_size) for s in sources}
+    ratios = cfg.run.train_dataset_ratios
+    if ratios:
+        datasets, ratios = per_source, {str(k): float(v) for k, v in ratios.items()}
+    else:
+        first, *rest = per_source.values()
+        datasets, ratios = {"train": first.union(*rest) if rest else first}, None
+    return _train_data(datasets, ratios)
+
+
+def _train_data(datasets: dict, ratios: dict | None):
+    try:
+        from qformer.data.pipeline import TrainData
+    except ImportError:  # the data pipeline's container; a plain pair works the same for callers that unpack
+        return datasets, ratios
+    return TrainData(datasets=datasets, ratios=ratios)

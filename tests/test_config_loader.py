@@ -228,3 +228,12 @@ def test_yaml11_style_string_floats_are_numbers():
 def test_load_config_without_file_uses_options_only():
     cfg = load_config(None, ["model.arch=blip2", "model.model_type=pretrain"])
     assert cfg.run.init_lr == pytest.approx(1e-4)
+
+
+def test_empty_dataset_entry_means_its_defaults(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model: {arch: blip2, model_type: tiny}\ndatasets:\n  coco_caption:\n  vg_caption:\nrun:\n  ray:\n")
+    cfg = load_config(path)
+    assert cfg.datasets.coco_caption.build_info.images.storage == "coco/images/"
+    assert cfg.datasets.vg_caption.build_info.annotations.train.storage == "vg/annotations/vg_caption.json"
+    assert cfg.run.ray.num_workers == 1

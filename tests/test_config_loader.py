@@ -119,9 +119,9 @@ def test_dataset_defaults_override_model_defaults(tmp_path, monkeypatch):
     (tmp_path / "models" / "m").mkdir(parents=True)
     (tmp_path / "datasets" / "coco_caption").mkdir(parents=True)
     (tmp_path / "models" / "m" / "t.yaml").write_text(
-        "model: {arch: m}\ndatasets: {coco_caption: {dataset_card: from_model, data_type: images}}\n")
+        "model: {arch: m, load_pretrained: false}\ndatasets: {coco_caption: {dataset_card: from_model, data_type: images}}\n")
     (tmp_path / "datasets" / "coco_caption" / "default.yaml").write_text(
-        "datasets: {coco_caption: {dataset_card: from_dataset, build_info: {images: {storage: img/}}}}\n")
+        "datasets: {coco_caption: {dataset_card: from_dataset, build_info: {annotations: {train: {storage: a.json}}, images: {storage: img/}}}}\n")
     monkeypatch.setattr(packaged, "DEFAULTS_DIR", tmp_path)
     cfg, src = load_config_dict({"model": {"arch": "m", "model_type": "t"}, "datasets": {"coco_caption": None}},
                                 with_sources=True)
@@ -237,3 +237,17 @@ def test_empty_dataset_entry_means_its_defaults(tmp_path):
     assert cfg.datasets.coco_caption.build_info.images.storage == "coco/images/"
     assert cfg.datasets.vg_caption.build_info.annotations.train.storage == "vg/annotations/vg_caption.json"
     assert cfg.run.ray.num_workers == 1
+
+
+def test_dict_input_may_hold_paths_tuples_numpy_and_dictconfig(tmp_path):
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    d = minimal(init_lr=np.float64(3e-4), seed=np.int64(3), train_splits=("train", "val"))
+    d["model"] = OmegaConf.create({"arch": "blip2", "model_type": "tiny"})
+    d["datasets"]["coco_caption"] = {"build_info": {"images": {"storage": tmp_path / "img"}}}
+    cfg = load_config_dict(d)
+    assert type(cfg.run.init_lr) is float and type(cfg.run.seed) is int
+    assert list(cfg.run.train_splits) == ["train", "val"]
+    assert cfg.datasets.coco_caption.build_info.images.storage == str(tmp_path / "img")
+    assert d["run"]["seed"] == np.int64(3)  # the caller's dict is not changed

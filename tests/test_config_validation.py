@@ -251,3 +251,16 @@ def test_processor_kwargs_merge_over_the_default_processor():
     # a mapping without `name` in a higher layer merges into the lower layer's processor
     cfg = load_config_dict(minimal(), ["preprocess.text_processor.eval={max_words: 30}"])
     assert cfg.preprocess.text_processor.eval == {"name": "blip_caption", "max_words": 30}
+
+
+def test_splits_must_exist_in_some_dataset():
+    err = error_of(options=["run.valid_splits=[vall]"])
+    assert err.key == "run.valid_splits" and err.suggestion == "val" and "no dataset has a 'vall' split" in str(err)
+    assert list(load_config_dict(minimal(), ["run.valid_splits=[val]"]).run.valid_splits) == ["val"]
+
+
+def test_load_pretrained_needs_a_checkpoint():
+    cfg = {"model": {"arch": "blip2", "model_type": "tiny", "load_pretrained": True}}
+    err = error_of(cfg)
+    assert err.key == "model.pretrained" and "load_pretrained is true" in str(err)
+    assert err.source == "experiment: <dict>"

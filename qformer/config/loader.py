@@ -49,12 +49,25 @@ def load_config(cfg_path: str | Path | None, options: list[str] | None = None, w
 
 def load_config_dict(d: dict | DictConfig, options: list[str] | None = None, with_sources: bool = False):
     """Same as load_config for an experiment given as a dict (tests, sweeps)."""
-    data = OmegaConf.to_container(d, resolve=False) if isinstance(d, DictConfig) else copy.deepcopy(d)
+    data = _plain(d)
     label = "experiment: <dict>"
     if not isinstance(data, dict):
         raise ConfigError(f"an experiment must be a mapping with model/datasets/run, got {type(data).__name__}",
                           source=label)
     return _resolve((label, data), options, with_sources)
+
+
+def _plain(value: Any) -> Any:
+    """Plain containers from a dict that may hold DictConfig nodes, tuples or numpy scalars (sweeps)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return copy.deepcopy(value)
 
 
 def _read_yaml(path: Path, label: str) -> dict:
@@ -90,9 +103,7 @@ def _resolve(experiment: Layer, options: list[str] | None, with_sources: bool):
     for key, value in ignored:
         logger.warning("%s = %r (%s) is a LAVIS key qformer ignores: %s", key, value, source_of(key),
                        _ignore_reason(key))
-    for leaf in _leaves(filled, ""):
-        sources.setdefault(leaf, DEFAULT_SOURCE)
-    sources = {k: v for k, v in sources.items() if k in set(_leaves(filled, ""))}
+    sources = {leaf: sources.get(leaf, DEFAULT_SOURCE) for leaf in _leaves(filled, "")}
     cfg = OmegaConf.create(filled)
     return (cfg, sources) if with_sources else cfg
 

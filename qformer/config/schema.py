@@ -151,7 +151,7 @@ SCHEMA: dict[str, Key] = {
     "run.keep_checkpoints":         Int(3, ge=0, doc="0: keep all"),
     "run.best_metric":              Str("r_mean", check=checks.non_empty),
     "run.skip_nonfinite":           Bool(False),
-    "run.vision_cache":             Key("str|bool", None, null=True, doc="precomputed frozen-ViT features"),
+    "run.vision_cache":             Str(None, doc="directory from `qformer cache-features`: train on cached ViT features"),
     "run.max_steps_per_epoch":      Int(None, ge=1, doc="cap for smoke runs and the demo"),
     "run.ray.num_workers":          Int(1, ge=1),
     "run.ray.use_gpu":              Key("str|bool", "auto", choices=("auto", True, False)),

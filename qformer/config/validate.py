@@ -6,6 +6,7 @@ first problem, naming the dotted key and the layer it came from.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from typing import Any, Callable
 
@@ -148,6 +149,8 @@ def _expected(spec: Key) -> str:
 
 
 def _coerce(kinds: list[str], value: Any) -> Any:
+    if "str" in kinds and isinstance(value, os.PathLike):  # Path objects from code building a config
+        return os.fspath(value)
     if "float" in kinds:
         if isinstance(value, int) and not isinstance(value, bool):
             return float(value)
@@ -171,6 +174,18 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
             raise ConfigError(f"'{name}' is not one of the configured datasets ({', '.join(cfg['datasets'])})",
                               key, source_of(key), closest(name, cfg["datasets"]))
     run = cfg["run"]
+    for split_key in ("train_splits", "valid_splits", "test_splits"):
+        for split in run[split_key] if cfg["datasets"] else []:
+            if not any(split in d["build_info"]["annotations"] for d in cfg["datasets"].values()):
+                key = f"run.{split_key}"
+                known = sorted({s for d in cfg["datasets"].values() for s in d["build_info"]["annotations"]})
+                raise ConfigError(f"no dataset has a '{split}' split (datasets.*.build_info.annotations has: "
+                                  f"{', '.join(known) or 'nothing'})", key, source_of(key), closest(split, known))
+    model = cfg["model"]
+    for flag, path in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
+        if model[flag] and not model[path]:
+            raise ConfigError(f"is empty but model.{flag} is true (give a checkpoint path/URL or set {flag}: false)",
+                              f"model.{path}", source_of(f"model.{flag}"))
     if run["runner"] == "runner_iter":
         for key in ("max_iters", "iters_per_inner_epoch"):
             if run[key] is None:

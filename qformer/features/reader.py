@@ -19,6 +19,8 @@ from qformer.features import store
 from qformer.features.manifest import check_compatible, read_manifest
 from qformer.features.views import train_view_for
 
+MAX_BLOCKS = 1000  # as qformer.data.pipeline: enough blocks to shuffle their order, few enough to plan cheaply
+
 
 class FeatureLoader:
     """Ray Data actor: (shard, row) -> the cached features of one view, read from memory-mapped shards."""
@@ -68,23 +70,33 @@ def open_cache(cfg: Any) -> tuple[Path, dict[str, Any]]:
 
 
 def train_sources(cfg: Any) -> list[str]:
-    return [str(name) for name in cfg.datasets.keys()]
+    """Datasets with an annotation file for one of run.train_splits (those the writer cached)."""
+    splits = [str(s) for s in cfg.run.train_splits]
+    return [str(name) for name in cfg.datasets
+            if any(s in (cfg.datasets[name].build_info.get("annotations") or {}) for s in splits)]
 
 
 def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str, *, view: int | None = None,
                    seed: int = 0, batch_size: int = 64, actors: int = 1):
-    """One source's records as a Ray Dataset of cached features (records permuted once with `seed`)."""
+    """One source's records as a Ray Dataset of cached features -> (dataset, number of records).
+
+    Shuffling as the image pipeline does it: records permuted once with `seed`, cut into blocks
+    whose order is re-drawn every epoch; the training worker's local shuffle buffer mixes further.
+    """
     import ray
 
     if view is not None and not 0 <= view < manifest["views"]:
         raise ValueError(f"view {view} out of range: the cache holds {manifest['views']} views")
     table = store.read_records(cache_dir, source)
     table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
-    n_blocks = max(1, min(64, -(-table.num_rows // batch_size)))
-    ds = ray.data.from_arrow(table).repartition(n_blocks).randomize_block_order()
-    return ds.map_batches(FeatureLoader, fn_constructor_args=(str(cache_dir), manifest["views"], view, None),
-                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                          batch_format="numpy")
+    rows_per_block = max(int(batch_size), -(-table.num_rows // MAX_BLOCKS))
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    ds = ray.data.from_arrow(blocks).randomize_block_order(
+        seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
+    ds = ds.map_batches(FeatureLoader, fn_constructor_args=(str(cache_dir), manifest["views"], view, None),
+                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                        batch_format="numpy")
+    return ds, table.num_rows
 
 
 def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
@@ -93,6 +105,7 @@ def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
     Refuses a cache whose manifest differs from cfg (ConfigError naming run.vision_cache and the keys).
     """
     from qformer.config.errors import ConfigError
+    from qformer.data.pipeline import TrainData
 
     cache_dir, manifest = open_cache(cfg)
     sources = train_sources(cfg)
@@ -102,21 +115,14 @@ def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
                           f"(it holds {sorted(manifest['sources'])}); rebuild it", key="run.vision_cache")
     if view is None and epoch is not None:
         view = train_view_for(epoch, manifest["views"], int(cfg.run.seed))
-    batch_size = int(cfg.run.data.batch_size)
-    per_source = {s: source_dataset(cache_dir, manifest, s, view=view, seed=int(cfg.run.seed),
-                                    batch_size=batch_size) for s in sources}
+    batch_size, seed = int(cfg.run.data.batch_size), int(cfg.run.seed)
     ratios = cfg.run.train_dataset_ratios
     if ratios:
-        datasets, ratios = per_source, {str(k): float(v) for k, v in ratios.items()}
-    else:
-        first, *rest = per_source.values()
-        datasets, ratios = {"train": first.union(*rest) if rest else first}, None
-    return _train_data(datasets, ratios)
-
-
-def _train_data(datasets: dict, ratios: dict | None):
-    try:
-        from qformer.data.pipeline import TrainData
-    except ImportError:  # the data pipeline's container; a plain pair works the same for callers that unpack
-        return datasets, ratios
-    return TrainData(datasets=datasets, ratios=ratios)
+        built = {s: source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size)
+                 for s in sources}
+        return TrainData({s: ds for s, (ds, _) in built.items()}, {str(k): float(v) for k, v in ratios.items()},
+                         {s: n for s, (_, n) in built.items()})
+    # One dataset over all sources, shuffled together (as the image pipeline's "train").
+    built = [source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size) for s in sources]
+    first, *rest = [ds for ds, _ in built]
+    return TrainData({"train": first.union(*rest) if rest else first}, None, {"train": sum(n for _, n in built)})

@@ -27,16 +27,18 @@ def _samples(cfg: Any) -> dict[str, list[tuple[str, str]]]:
     out: dict[str, list[tuple[str, str]]] = {}
     for name in cfg.datasets:
         builder = build_builder(cfg, str(name))
-        out[str(name)] = [pair for split in cfg.run.train_splits if split in builder.splits()
-                          for pair in builder.train_samples(split)]
+        pairs = [pair for split in cfg.run.train_splits if split in builder.splits()
+                 for pair in builder.train_samples(split)]
+        if pairs:  # as qformer.data.pipeline: sources without train samples take no part
+            out[str(name)] = pairs
     return out
 
 
-def _view_makers(cfg: Any, views: int, seed: int) -> dict[str, ViewMaker]:
+def _view_makers(cfg: Any, sources: list[str], views: int, seed: int) -> dict[str, ViewMaker]:
     from qformer.data.builders import build_builder
 
     makers = {}
-    for name in cfg.datasets:
+    for name in sources:
         builder = build_builder(cfg, str(name))
         train = builder.processor("vis_processor", "train") if views > 1 else None
         makers[str(name)] = ViewMaker(builder.processor("vis_processor", "eval"), train, views, seed)
@@ -64,7 +66,7 @@ def cache_features(cfg: Any, out_dir: str | Path, views: int = 1, *, batch_size:
     if not any(samples.values()):
         raise ConfigError("no training samples in any dataset's train splits", key="run.train_splits")
     images = [(source, path) for source, pairs in samples.items() for path, _ in pairs]
-    result: CacheJobResult = run_cache_job(images, out, _view_makers(cfg, views, seed),
+    result: CacheJobResult = run_cache_job(images, out, _view_makers(cfg, list(samples), views, seed),
                                            make_encoder or EncoderFactory(cfg), batch_size=batch_size,
                                            actors=actors, use_gpu=use_gpu)
     keys = sorted(result.index)

@@ -1,0 +1,123 @@
+"""The Ray Data cache job end to end on the session's Ray, and loss equality with the online ViT."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qformer.config import ConfigError, load_config_dict
+
+pytestmark = pytest.mark.ray
+
+VIEWS = 3
+
+
+def _cfg_dict(root, **run):
+    return {"model": {"arch": "blip2", "model_type": "tiny"},
+            "datasets": {"coco_caption": {"build_info": {
+                "annotations": {"train": {"storage": f"{root}/annotations/coco_karpathy_train.json"}},
+                "images": {"storage": f"{root}/images"}}}},
+            "run": {"seed": 3, "data": {"batch_size": 4}, **run}}
+
+
+@pytest.fixture(scope="module")
+def cache(ray_cluster, tmp_path_factory):
+    """6 synthetic images (one made corrupt), 2 captions each, cached with VIEWS views."""
+    from qformer.data.synth import write_synthetic
+    from qformer.features import cache_features
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic(root, n_train=6, n_val=1, n_test=1, image_size=80, captions_per_image=2)
+    bad = root / "images" / "train" / "train_000005.jpg"
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path_factory.mktemp("cache") / "c"
+    manifest = cache_features(load_config_dict(_cfg_dict(root)), out, views=VIEWS, batch_size=4)
+    return root, out, manifest, str(bad)
+
+
+def test_job_writes_index_records_and_manifest(cache):
+    from qformer.features import store
+
+    root, out, manifest, bad = cache
+    index = store.read_images_index(out)
+    assert len(index) == 5 and bad not in index and manifest["skipped_images"] == [bad]
+    assert manifest["views"] == VIEWS and manifest["n_images"] == 5
+    assert manifest["sources"] == {"coco_caption": 10}          # 2 captions x 5 decodable images
+    assert manifest["feature_shape"] == [65, 192]                # tiny ViT: 8x8 patches + CLS, width 192
+    reader = store.ShardReader(out)
+    for shard, row in index.values():
+        arr = reader.shard(shard)
+        assert arr.dtype == np.float16 and arr.shape[1:] == (VIEWS, 65, 192) and row < arr.shape[0]
+    records = store.read_records(out, "coco_caption")
+    ids = store.fixed_list_to_numpy(records["text_ids"])
+    assert ids.shape == (10, 32) and (ids[:, 0] == 101).all()   # [CLS] first, padded to max_txt_len
+
+
+def test_reader_streams_features_and_tokens(cache):
+    from qformer.features import dataset
+
+    root, out, manifest, _ = cache
+    cfg = load_config_dict(_cfg_dict(root, vision_cache=str(out)))
+    data = dataset(cfg)
+    assert list(data.datasets) == ["train"] and data.ratios is None and data.num_rows == {"train": 10}
+    rows = data.datasets["train"].take_batch(10, batch_format="numpy")
+    assert rows["image_embeds"].shape == (10, 65, 192) and rows["image_embeds"].dtype == np.float16
+    assert rows["text_ids"].shape == (10, 32) and rows["text_ids"].dtype == np.int64
+    assert set(rows) == {"image_embeds", "text_ids", "text_atts"}
+
+
+def test_reader_refuses_a_cache_made_by_another_vit(cache):
+    from qformer.features import dataset
+
+    root, out, _, _ = cache
+    cfg = load_config_dict(_cfg_dict(root, vision_cache=str(out)), ["model.vit_kwargs.depth=2"])
+    with pytest.raises(ConfigError, match=r"run\.vision_cache.*model\.vit_kwargs"):
+        dataset(cfg)
+    with pytest.raises(ConfigError, match=r"run\.vision_cache.*does not exist"):
+        dataset(load_config_dict(_cfg_dict(root, vision_cache=str(out / "nope"))))
+
+
+def _loss(model, samples) -> float:
+    torch.manual_seed(0)  # same ITM negatives on both paths
+    with torch.no_grad():
+        return float(model(samples).loss)
+
+
+def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache):
+    from qformer.data.builders import build_builder
+    from qformer.data.images import load_rgb
+    from qformer.data.normalize import normalize_uint8
+    from qformer.data.tokenizer import tokenize
+    from qformer.features import store
+    from qformer.features.encoder import vit_fingerprint
+    from qformer.features.views import ViewMaker
+    from qformer.models import build_model
+    from qformer.seeding import setup_seeds
+
+    root, out, manifest, _ = cache
+    cfg = load_config_dict(_cfg_dict(root))
+    setup_seeds(int(cfg.run.seed), 0)  # as training's rank 0 (random-init tiny ViT)
+    model = build_model(cfg.model).eval()  # dropout off
+    assert vit_fingerprint(model.visual_encoder) == manifest["vit_fingerprint"]
+
+    builder = build_builder(cfg, "coco_caption")
+    maker = ViewMaker(builder.processor("vis_processor", "eval"), builder.processor("vis_processor", "train"),
+                      VIEWS, manifest["seed"])
+    index = store.read_images_index(out)
+    paths = sorted(index)[:4]
+    order = {p: i for i, p in enumerate(dict.fromkeys(p for p, _ in builder.train_samples()))}  # job's image index
+    captions = {p: c for p, c in builder.train_samples()}
+    ids, atts = tokenize(str(cfg.model.bert_model), [captions[p] for p in paths], 32)
+    text = {"text_ids": torch.from_numpy(ids), "text_atts": torch.from_numpy(atts)}
+    reader = store.ShardReader(out)
+    for view in (0, 2):  # the eval view, and a seeded train view regenerated here
+        pixels = np.stack([maker(load_rgb(p), order[p])[view] for p in paths])
+        online = _loss(model, {"image": normalize_uint8(torch.from_numpy(pixels)), **text})
+        feats = reader.gather(np.array([index[p][0] for p in paths]), np.array([index[p][1] for p in paths]),
+                              np.full(len(paths), view))
+        cached = _loss(model, {"image_embeds": torch.from_numpy(feats).float(), **text})
+        assert cached == pytest.approx(online, rel=2e-3, abs=2e-3), f"view {view}"
+    # the check has teeth: a different view changes the loss by more than the tolerance
+    other = reader.gather(np.array([index[p][0] for p in paths]), np.array([index[p][1] for p in paths]),
+                          np.full(len(paths), 1))
+    assert _loss(model, {"image_embeds": torch.from_numpy(other).float(), **text}) != pytest.approx(online, abs=2e-3)

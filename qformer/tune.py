@@ -1,0 +1,236 @@
+"""Hyper-parameter sweeps: `qformer tune --cfg-path <sweep.yaml>` runs a Ray Tune experiment whose
+trials each train the base experiment (the `qformer train` code path) with sampled values.
+
+    from qformer.tune import run_sweep
+    from qformer.tuning.spec import load_sweep
+    outcome = run_sweep(load_sweep("experiments/sweeps/lr_queries.yaml", ["tune.num_samples=2"]))
+
+Order of work: validate every swept key (no Ray yet) -> MLflow parent run (behind a private server
+when the store is sqlite) -> Tuner.fit() (or Tuner.restore(...) with resume=True) -> close orphaned
+trial runs -> results CSV, plot and best config on disk and on the parent run -> printed table.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from qformer.config.errors import ConfigError
+from qformer.logging_setup import get_logger
+from qformer.tuning.spec import SweepSpec
+from qformer.tuning.results import TrialRow
+
+log = get_logger(__name__)
+STATE_FILE = "qformer_sweep.json"  # parent run id etc., next to Tune's own experiment state
+RESULTS_DIR = "results"
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    rows: list[TrialRow]
+    best: TrialRow | None
+    files: dict[str, Path] = field(default_factory=dict)  # csv, plot, best_config
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None  # the store (never the sweep's temporary server)
+    experiment_id: str | None = None
+    closed_orphans: list[str] = field(default_factory=list)
+
+
+def sweep_dir_for(spec: SweepSpec, base: DictConfig) -> Path:
+    """<tune.storage_path>/<tune.name>; default storage is <run.output_dir>/sweeps."""
+    from qformer.paths import output_dir
+
+    root = spec.storage_path or str(output_dir(base.run.output_dir) / "sweeps")
+    if "://" in root:
+        raise ConfigError(f"{spec.sweep_path}: tune.storage_path {root}: only local/NFS paths are supported "
+                          "for the sweep's own results (Train checkpoints follow run.ray.storage_path)")
+    return Path(root).expanduser().resolve() / spec.name
+
+
+def tracking_uri_for(base: DictConfig) -> str:
+    from qformer.paths import default_tracking_uri
+
+    return base.run.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, print_fn=print) -> SweepOutcome:
+    from qformer.tuning.validate import validate_sweep
+
+    base = validate_sweep(spec)  # every swept key checked before Ray or MLflow start
+    sweep_dir = sweep_dir_for(spec, base)
+    state = _check_sweep_dir(spec, sweep_dir, resume)
+    mlflow_on = bool(base.run.mlflow.enabled)
+    store_uri = tracking_uri_for(base) if mlflow_on else None
+
+    with ExitStack() as stack:
+        uri = stack.enter_context(_tracking(store_uri, sweep_dir)) if mlflow_on else None
+        outcome = SweepOutcome(sweep_dir=sweep_dir, rows=[], best=None, tracking_uri=store_uri)
+        client = None
+        if mlflow_on:
+            from mlflow.tracking import MlflowClient
+
+            from qformer.tuning import mlflow_runs
+
+            client = MlflowClient(tracking_uri=uri)
+            outcome.experiment_id = mlflow_runs.ensure_experiment(
+                client, base.run.mlflow.experiment_name, _artifact_root(store_uri))
+            if state.get("parent_run_id"):
+                outcome.parent_run_id = state["parent_run_id"]
+                mlflow_runs.reopen_parent(client, outcome.parent_run_id)
+            else:
+                outcome.parent_run_id = mlflow_runs.start_parent(client, outcome.experiment_id, spec, sweep_dir)
+        _write_state(sweep_dir, {"parent_run_id": outcome.parent_run_id, "experiment_id": outcome.experiment_id,
+                                 "tracking_uri": store_uri, "sweep_file": str(spec.sweep_path)})
+        try:
+            grid = _fit(spec, base, sweep_dir, uri, outcome.parent_run_id, resume=resume)
+        except BaseException:
+            if client is not None:  # interrupted or broken: no run stays RUNNING; --resume reopens the parent
+                from qformer.tuning import mlflow_runs
+
+                mlflow_runs.close_orphans(client, mlflow_runs.child_runs(client, outcome.experiment_id,
+                                                                         outcome.parent_run_id))
+                client.set_terminated(outcome.parent_run_id, "KILLED")
+            raise
+        _report(spec, grid, outcome, client, print_fn)
+    return outcome
+
+
+def _check_sweep_dir(spec: SweepSpec, sweep_dir: Path, resume: bool) -> dict[str, Any]:
+    from ray.tune import Tuner
+
+    exists = sweep_dir.exists() and Tuner.can_restore(str(sweep_dir))
+    if resume and not exists:
+        raise ConfigError(f"{spec.sweep_path}: --resume: no sweep to resume at {sweep_dir} (tune.name={spec.name})")
+    if not resume and exists:
+        raise ConfigError(f"{spec.sweep_path}: a sweep already exists at {sweep_dir}: pass --resume to continue it, "
+                          f"or choose another tune.name / tune.storage_path")
+    state_path = sweep_dir / STATE_FILE
+    return json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
+
+
+def _write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def _artifact_root(store_uri: str) -> Path | None:
+    """Artifacts of a sqlite store live beside the db file (<dir>/artifacts), as the embedded store does."""
+    from qformer.tuning.mlflow_server import is_sqlite
+
+    if not is_sqlite(store_uri):
+        return None
+    return Path(store_uri.split(":///", 1)[1]).parent / "artifacts"
+
+
+def _tracking(store_uri: str, sweep_dir: Path):
+    """The URI trials log to: a private server over a sqlite store (see mlflow_server.py), else the store itself."""
+    from qformer.tuning.mlflow_server import is_sqlite, local_tracking_server
+
+    if not is_sqlite(store_uri):
+        return nullcontext(store_uri)
+    Path(store_uri.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+    return local_tracking_server(store_uri, _artifact_root(store_uri), sweep_dir / "mlflow_server.log")
+
+
+def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, parent_run_id: str | None,
+         resume: bool):
+    import ray
+    from ray import tune
+
+    from qformer.tuning.early_stop import EarlyStopMarker
+    from qformer.tuning.trainable import TrialPlumbing, train_trial
+
+    if not ray.is_initialized():
+        ray.init(address=base.run.ray.address)  # None: a local Ray, or the one RAY_ADDRESS names
+    plumbing = TrialPlumbing(parent_run_id=parent_run_id, tracking_uri=uri,
+                             train_storage_path=base.run.ray.storage_path)
+    trainable = tune.with_resources(tune.with_parameters(train_trial, spec=spec, plumbing=plumbing),
+                                    dict(spec.resources_per_trial))
+    if resume:
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: dim.to_tune() for key, dim in spec.search_space.items()},
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                max_concurrent_trials=spec.max_concurrent_trials, scheduler=_scheduler(spec),
+                search_alg=_search_alg(spec), trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=str(sweep_dir.parent),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                callbacks=[EarlyStopMarker(spec.scheduler.time_attr, spec.scheduler.max_t)], verbose=1),
+        )
+    return tuner.fit()
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _search_alg(spec: SweepSpec):
+    if spec.seed is None:
+        return None
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=spec.seed)
+
+
+def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> None:
+    from qformer.tuning import results
+    from qformer.tuning.best_config import retrain_command, write_best_config
+
+    rows = results.rows_from_result_grid(grid, spec)
+    if client is not None:
+        from qformer.tuning import mlflow_runs
+        from qformer.tuning.trainable import train_run_name
+
+        children = mlflow_runs.child_runs(client, outcome.experiment_id, outcome.parent_run_id)
+        outcome.closed_orphans = mlflow_runs.close_orphans(client, children)
+        by_name = {run.info.run_name: run for run in children}
+        for row in rows:
+            run = by_name.get(train_run_name(spec, row.trial_id))
+            if run is not None:
+                row.mlflow_run_id = run.info.run_id
+                row.mlflow_status = "KILLED" if run.info.run_id in outcome.closed_orphans else run.info.status
+    outcome.rows = rows
+    outcome.best = results.best_row(rows, spec.mode)
+    out = outcome.sweep_dir / RESULTS_DIR
+    outcome.files["csv"] = results.write_csv(rows, spec, out / "results.csv")
+    outcome.files["plot"] = results.plot_metric(rows, spec, out / "metric_vs_lr.png")
+    if outcome.best is not None:
+        b = outcome.best
+        header = (f"best trial {b.trial_id} of sweep {spec.name} ({spec.sweep_path}): {spec.metric}={b.metric} "
+                  f"({spec.mode})\nsampled: {b.sampled}\nretrain: {retrain_command(out / 'best_config.yaml')}")
+        outcome.files["best_config"] = write_best_config(spec, b.sampled, out / "best_config.yaml", header)
+
+    if client is not None:
+        from qformer.tuning import mlflow_runs
+
+        metrics = {f"best_{spec.metric}": outcome.best.metric} if outcome.best else {}
+        tags = {"best_trial": outcome.best.trial_id} if outcome.best else {}
+        if outcome.best and outcome.best.mlflow_run_id:
+            tags["best_run_id"] = outcome.best.mlflow_run_id
+        errored = sum(r.status == "error" for r in rows)
+        mlflow_runs.finish_parent(client, outcome.parent_run_id, list(outcome.files.values()), metrics, tags,
+                                  status="FAILED" if rows and errored == len(rows) else "FINISHED")
+
+    print_fn(f"\nsweep {spec.name}: {len(rows)} trials, results in {out}")
+    print_fn(results.format_table(rows, spec, outcome.best))
+    if outcome.best is not None:
+        print_fn(f"\nbest: trial {outcome.best.trial_id}, {spec.metric}={outcome.best.metric:.4g}")
+        print_fn(f"retrain it with:\n  {retrain_command(outcome.files['best_config'])}")
+    else:
+        print_fn("\nno trial reported the metric " + spec.metric)

@@ -1,0 +1,83 @@
+"""The sweep's MLflow side: the parent run, its child (trial) runs, orphan clean-up, result artifacts.
+
+All calls go through an explicit MlflowClient(tracking_uri) so the driver never depends on global
+MLflow state (a trial's training code sets its own).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Run, RunStatus
+from mlflow.tracking import MlflowClient
+
+from qformer.logging_setup import get_logger
+from qformer.tuning.spec import SweepSpec
+
+log = get_logger(__name__)
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "qformer.sweep"
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    """Experiment id by name; created with artifacts under `artifact_root` (sqlite stores) if missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (artifact_root / name).as_uri() if artifact_root is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, sweep_dir: Path) -> str:
+    run = client.create_run(experiment_id, run_name=spec.name,
+                            tags={SWEEP_TAG: spec.name, "qformer.sweep_dir": str(sweep_dir),
+                                  "qformer.kind": "sweep"})
+    params = {
+        "sweep_file": str(spec.sweep_path), "base": str(spec.base_path),
+        "base_options": " ".join(spec.base_options) or "-", "metric": spec.metric, "mode": spec.mode,
+        "num_samples": spec.num_samples, "max_concurrent_trials": spec.max_concurrent_trials,
+        "resources_per_trial": json.dumps(spec.resources_per_trial), "scheduler": spec.scheduler.type,
+        "scheduler.time_attr": spec.scheduler.time_attr, "scheduler.max_t": spec.scheduler.max_t,
+        "scheduler.grace_period": spec.scheduler.grace_period,
+        "scheduler.reduction_factor": spec.scheduler.reduction_factor,
+        **{f"search_space.{k}": f"{d.kind}{list(d.args)}" for k, d in spec.search_space.items()},
+    }
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value))
+    return run.info.run_id
+
+
+def reopen_parent(client: MlflowClient, run_id: str) -> None:
+    """A resumed sweep continues its parent run (it was left KILLED or FAILED by the interruption)."""
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Run]:
+    return list(client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                                   max_results=10_000))
+
+
+def close_orphans(client: MlflowClient, runs: list[Run]) -> list[str]:
+    """Children still RUNNING after tuner.fit() belong to trials the scheduler killed: mark them KILLED."""
+    closed = []
+    for run in runs:
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+            client.set_tag(run.info.run_id, "qformer.stopped_by", "tune scheduler (run was left open)")
+            closed.append(run.info.run_id)
+    if closed:
+        log.info("marked %d orphaned trial run(s) KILLED: %s", len(closed), ", ".join(closed))
+    return closed
+
+
+def finish_parent(client: MlflowClient, run_id: str, files: list[Path], metrics: dict[str, float],
+                  tags: dict[str, Any], status: str = "FINISHED") -> None:
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path="sweep")
+    if metrics:
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    client.set_terminated(run_id, status)

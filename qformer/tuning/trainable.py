@@ -1,0 +1,73 @@
+"""One Tune trial: the base config + this trial's sampled values, trained by the `qformer train` code path.
+
+Train V2 has no `Tuner(TorchTrainer)`: the trial is a Tune *function* trainable that builds the
+TorchTrainer through the training launcher and fits it, with Tune's report callback (constructed
+here, inside the trial: outside a Tune session it raises) forwarding rank 0's reports to Tune.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from qformer.tuning.overrides import format_value, sampled_options
+from qformer.tuning.spec import SweepSpec
+
+
+@dataclass(frozen=True)
+class TrialPlumbing:
+    """Per-sweep settings every trial needs but that are not part of the trained config."""
+
+    parent_run_id: str | None  # MLflow parent (sweep) run; None when MLflow is off
+    tracking_uri: str | None  # the sweep's server URI while it runs (see mlflow_server.py)
+    train_storage_path: str | None  # Train run storage (shared across nodes); None: the launcher's default
+
+
+class MetricReportCallback(TuneReportCallback):
+    """Forward only the reports that carry the sweep metric (the evaluation reports).
+
+    Training also reports at plain log/checkpoint steps; Tune rejects a result without its metric
+    (strict metric checking), and each forwarded report is one `training_iteration`, so with this
+    filter ASHA's rungs count evaluations.
+    """
+
+    def __init__(self, metric: str) -> None:
+        super().__init__()
+        self._metric = metric
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        from ray.tune.utils import flatten_dict
+
+        if metrics and self._metric in flatten_dict(dict(metrics[0])):
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def train_run_name(spec: SweepSpec, trial_id: str) -> str:
+    """Deterministic per trial: a retried or restored trial resumes its own Train run and checkpoints."""
+    return f"{spec.name}_{trial_id}"
+
+
+def trial_options(spec: SweepSpec, sampled: dict[str, Any], trial_id: str, plumbing: TrialPlumbing) -> list[str]:
+    run_name = train_run_name(spec, trial_id)
+    options = [*spec.base_options, *sampled_options(sampled), f"run.ray.name={run_name}",
+               f"run.mlflow.run_name={run_name}"]
+    if plumbing.tracking_uri:
+        options.append(f"run.mlflow.tracking_uri={format_value(plumbing.tracking_uri)}")
+    if plumbing.train_storage_path:
+        options.append(f"run.ray.storage_path={format_value(plumbing.train_storage_path)}")
+    return options
+
+
+def train_trial(config: dict[str, Any], *, spec: SweepSpec, plumbing: TrialPlumbing) -> None:
+    """The Tune function trainable (wrap with tune.with_parameters(train_trial, spec=..., plumbing=...))."""
+    import ray.tune
+
+    from qformer.config import load_config
+    from qformer.train.launcher import fit_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    sampled = {key: config[key] for key in spec.search_space}
+    cfg = load_config(str(spec.base_path), trial_options(spec, sampled, trial_id, plumbing))
+    fit_trainer(cfg, callbacks=[MetricReportCallback(spec.metric)], parent_run_id=plumbing.parent_run_id,
+                run_tags={"qformer.sweep": spec.name, "qformer.trial_id": trial_id})

@@ -1,0 +1,86 @@
+"""Check every swept key against the config schema before any trial starts.
+
+Each entry's probe values (every choice, both range ends) go through `load_config` as overrides, so an
+unknown key or a value the schema rejects fails in the driver with the sweep file and key named.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from qformer.config import load_config
+from qformer.config.errors import ConfigError
+from qformer.tuning.overrides import format_value
+from qformer.tuning.search_space import SearchDim
+from qformer.tuning.spec import SweepSpec
+
+_ABSENT = object()
+
+
+def validate_sweep(spec: SweepSpec) -> DictConfig:
+    """Return the resolved base config; raise ConfigError naming `tune.search_space.<key>` on a bad entry."""
+    where = str(spec.sweep_path)
+    try:
+        base = load_config(str(spec.base_path), list(spec.base_options))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: base {spec.base_path}: {err}") from err
+    for dim in spec.search_space.values():
+        _check_dim(dim, base, spec, where)
+    return base
+
+
+def _check_dim(dim: SearchDim, base: DictConfig, spec: SweepSpec, where: str) -> None:
+    name = f"tune.search_space.{dim.key}"
+    current = OmegaConf.select(base, dim.key, default=_ABSENT)
+    if isinstance(current, (DictConfig, list)) or OmegaConf.is_list(current):
+        raise ConfigError(f"{where}: {name}: {dim.key} is a section, not a single value; sweep one of its keys")
+    if current is not _ABSENT and current is not None:
+        _check_type(dim, current, name, where)
+    for value in dim.probe_values():
+        try:
+            with _quiet_config():
+                cfg = load_config(str(spec.base_path), [*spec.base_options, f"{dim.key}={format_value(value)}"])
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {name}: value {value!r} rejected: {err}") from err
+        if OmegaConf.select(cfg, dim.key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"{where}: {name}: {dim.key} is not a config key")
+
+
+def _check_type(dim: SearchDim, current: Any, name: str, where: str) -> None:
+    """Catch sweeps the schema might coerce silently (e.g. a float learning rate into an int key)."""
+    if isinstance(current, bool):
+        ok = all(isinstance(v, bool) for v in dim.probe_values())
+        want = "true/false values (choice or grid)"
+    elif isinstance(current, int):
+        ok = not dim.produces_floats() and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in dim.probe_values()
+        )
+        want = "integers (choice, grid or randint)"
+    elif isinstance(current, float):
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dim.probe_values())
+        want = "numbers"
+    elif isinstance(current, str):
+        ok = dim.kind in ("choice", "grid") and all(isinstance(v, str) for v in dim.probe_values())
+        want = "strings (choice or grid)"
+    else:
+        return
+    if not ok:
+        raise ConfigError(
+            f"{where}: {name}: {dim.key} is {type(current).__name__} (currently {current!r}); "
+            f"{dim.kind} {list(dim.args)!r} does not give {want}"
+        )
+
+
+@contextmanager
+def _quiet_config() -> Iterator[None]:
+    """Probe loads repeat the base's "ignored LAVIS key" warnings: show them once (the base load), not per probe."""
+    log = logging.getLogger("qformer.config")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)

@@ -1,0 +1,104 @@
+"""Sweep reports: best trial, CSV, printed table, plot, best-config YAML, early-stop flag, trial options."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from qformer.config import load_config
+from qformer.tuning import results
+from qformer.tuning.best_config import resolve_trial_config, retrain_command, write_best_config
+from qformer.tuning.early_stop import FLAG, EarlyStopMarker
+from qformer.tuning.results import TrialRow
+from qformer.tuning.spec import load_sweep
+from qformer.tuning.trainable import TrialPlumbing, train_run_name, trial_options
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SWEEP = REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_sweep(TINY_SWEEP)
+
+
+def rows() -> list[TrialRow]:
+    mk = lambda tid, lr, q, m, it, early, status="ok": TrialRow(  # noqa: E731
+        tid, {"run.init_lr": lr, "model.num_query_token": q}, m, it, early, status)
+    return [
+        mk("a_00000", 1e-4, 4, 40.0, 3, False),
+        mk("a_00001", 1e-6, 8, 10.0, 1, True),
+        mk("a_00002", 3e-3, 8, 55.5, 3, False),
+        mk("a_00003", 1e-2, 4, None, 0, False, "error"),
+        mk("a_00004", 2e-3, 4, math.nan, 1, True),
+    ]
+
+
+def test_best_row_respects_mode_and_skips_errors_and_nan():
+    assert results.best_row(rows(), "max").trial_id == "a_00002"
+    assert results.best_row(rows(), "min").trial_id == "a_00001"
+    assert results.best_row([r for r in rows() if r.metric is None], "max") is None
+
+
+def test_csv_has_one_row_per_trial(spec, tmp_path):
+    path = results.write_csv(rows(), spec, tmp_path / "r" / "results.csv")
+    with open(path) as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["trial"] for r in table] == [r.trial_id for r in rows()]
+    assert table[0]["run.init_lr"] == "0.0001" and table[0]["model.num_query_token"] == "4"
+    assert table[1]["stopped_early"] == "True" and table[2][spec.metric] == "55.5"
+    assert table[3]["status"] == "error"
+
+
+def test_printed_table_marks_best_and_early_stops(spec):
+    text = results.format_table(rows(), spec, results.best_row(rows(), "max"))
+    lines = text.splitlines()
+    assert "init_lr" in lines[0] and "num_query_token" in lines[0] and "stopped early" in lines[0]
+    best_line = next(line for line in lines if "a_00002" in line)
+    assert best_line.startswith("*") and "55.5" in best_line
+    assert "yes" in next(line for line in lines if "a_00001" in line)
+    assert len(lines) == 2 + len(rows())
+
+
+def test_plot_is_a_png(spec, tmp_path):
+    assert results.plot_axes(spec) == ("run.init_lr", "model.num_query_token")
+    path = results.plot_metric(rows(), spec, tmp_path / "plot.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_best_config_is_a_ready_to_run_experiment(spec, tmp_path):
+    sampled = {"run.init_lr": 2.5e-4, "model.num_query_token": 8}
+    path = write_best_config(spec, sampled, tmp_path / "best.yaml", header="best trial x\nretrain: ...")
+    assert path.read_text().startswith("# best trial x\n# retrain: ...\n")
+    cfg = load_config(str(path))
+    assert cfg.run.init_lr == pytest.approx(2.5e-4) and cfg.model.num_query_token == 8
+    assert cfg.run.max_steps_per_epoch == 2  # the sweep's base options are baked in
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(resolve_trial_config(spec, sampled))
+    assert retrain_command(path) == f"qformer train --cfg-path {path}"
+
+
+def test_trial_options_are_deterministic_and_carry_plumbing(spec):
+    plumbing = TrialPlumbing(parent_run_id="p", tracking_uri="http://127.0.0.1:5555", train_storage_path="/shared/x")
+    sampled = {"run.init_lr": 1e-4, "model.num_query_token": 4}
+    opts = trial_options(spec, sampled, "abc_00001", plumbing)
+    assert opts == trial_options(spec, sampled, "abc_00001", plumbing)
+    cfg = load_config(str(spec.base_path), opts)
+    assert cfg.run.ray.name == train_run_name(spec, "abc_00001") == "tiny_lr_queries_abc_00001"
+    assert cfg.run.mlflow.run_name == cfg.run.ray.name
+    assert cfg.run.mlflow.tracking_uri == "http://127.0.0.1:5555" and cfg.run.ray.storage_path == "/shared/x"
+    assert cfg.run.init_lr == pytest.approx(1e-4) and cfg.model.num_query_token == 4
+
+
+def test_early_stop_marker_flags_only_scheduler_stops_before_max_t():
+    marker = EarlyStopMarker("training_iteration", max_t=3)
+    stopped = {"training_iteration": 1, "done": True}
+    running = {"training_iteration": 1, "done": False}
+    at_max = {"training_iteration": 3, "done": True}
+    for result in (stopped, running, at_max):
+        marker.on_trial_result(0, [], None, result)
+    assert stopped.get(FLAG) is True and FLAG not in running and FLAG not in at_max

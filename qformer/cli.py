@@ -12,6 +12,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("qformer.commands.config", "print the resolved experiment config"),
+    "data": ("qformer.commands.data", "synthetic data set (synth) and data validation report (check)"),
     "tune": ("qformer.commands.tune", "hyper-parameter sweep (Ray Tune + ASHA) over a base experiment"),
     "bench": ("qformer.commands.bench", "benchmarks (data, step, train, cache, all) as JSON ratios"),
     "cache-features": ("qformer.commands.cache_features", "run the frozen ViT once per image/view into a feature cache"),

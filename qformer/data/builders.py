@@ -1,0 +1,129 @@
+"""Dataset builders `coco_caption` and `vg_caption` (LAVIS caption_builder / image_text_pair_builder).
+
+A builder turns `datasets.<name>` of the config into (image path, caption) training samples and,
+for COCO, retrieval val/test splits. Paths: relative `build_info.*.storage` values resolve against
+`qformer.paths.data_root(run.data_root)` (LAVIS's cache_root). Processors come from
+`datasets.<name>.{vis,text}_processor.{train,eval}`, else from the model's `preprocess` section
+(LAVIS would leave them None; we fall back so that an eval split always has an eval processor).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qformer.config.errors import ConfigError
+from qformer.data.annotations import CaptionRecord, coco_eval_image_id, read_caption_file, resolve_image_path
+from qformer.data.processors import build_processor
+from qformer.data.retrieval import RetrievalSplit
+from qformer.paths import data_root
+from qformer.registry import register_builder
+
+log = logging.getLogger("qformer.data")
+SPLITS = ("train", "val", "test")
+
+
+def processor_cfg(cfg, name: str, kind: str, split: str):
+    """`datasets.<name>.<kind>.<split>`, else `preprocess.<kind>.<split>`, else None."""
+    node = (cfg.datasets[name].get(kind) or {}).get(split)
+    if node is None and cfg.get("preprocess") is not None:
+        node = (cfg.preprocess.get(kind) or {}).get(split)
+    return node
+
+
+class CaptionBuilder:
+    """Shared by both builders; subclasses only say whether val/test exist."""
+
+    has_eval_splits = True
+
+    def __init__(self, name: str, cfg) -> None:
+        self.name, self.cfg = name, cfg
+        self.ds_cfg = cfg.datasets[name]
+        self.root = data_root(cfg.run.get("data_root"))
+        self._records: dict[str, list[CaptionRecord]] = {}
+
+    # ---- paths -----------------------------------------------------------------------------
+    def _resolve(self, value: str) -> Path:
+        path = Path(str(value)).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def splits(self) -> list[str]:
+        anns = self.ds_cfg.build_info.annotations
+        return [s for s in SPLITS if anns.get(s) is not None and (self.has_eval_splits or s == "train")]
+
+    def annotation_path(self, split: str) -> Path:
+        try:
+            storage = self.ds_cfg.build_info.annotations[split].storage
+        except (KeyError, AttributeError):
+            storage = None
+        if not storage:
+            raise ConfigError("no annotation storage path for this split",
+                              f"datasets.{self.name}.build_info.annotations.{split}.storage")
+        return self._resolve(storage)
+
+    def image_root(self) -> Path:
+        return self._resolve(self.ds_cfg.build_info.images.storage)
+
+    def image_path(self, record: CaptionRecord) -> str:
+        return resolve_image_path(record.image, self.image_root())
+
+    # ---- records and processors ------------------------------------------------------------
+    def records(self, split: str) -> list[CaptionRecord]:
+        if split not in self._records:
+            path = self.annotation_path(split)
+            if not self.image_root().is_dir():  # LAVIS only warns too: images may be on another mount
+                log.warning("%s: image directory %s does not exist", self.name, self.image_root())
+            self._records[split] = read_caption_file(path)
+        return self._records[split]
+
+    def processor(self, kind: str, split_kind: str):
+        node = processor_cfg(self.cfg, self.name, kind, split_kind)
+        if node is None:
+            raise ConfigError(f"no {kind} for '{split_kind}' (set it here or in preprocess.{kind}.{split_kind})",
+                              f"datasets.{self.name}.{kind}.{split_kind}")
+        proc = build_processor(node)
+        size = getattr(proc, "image_size", None)
+        model_size = int(self.cfg.model.image_size)
+        if size is not None and size != model_size:
+            raise ConfigError(f"image_size {size} differs from model.image_size {model_size}",
+                              f"datasets.{self.name}.{kind}.{split_kind}.image_size")
+        return proc
+
+    # ---- outputs -----------------------------------------------------------------------------
+    def train_samples(self, split: str = "train") -> list[tuple[str, str]]:
+        """(image path, raw caption) per caption (a list-valued record gives one per caption)."""
+        return [(self.image_path(r), c) for r in self.records(split) for c in r.captions]
+
+    def retrieval_split(self, split: str) -> RetrievalSplit:
+        if not self.has_eval_splits:
+            raise ConfigError(f"builder '{self.name}' has no evaluation splits", f"datasets.{self.name}")
+        text_proc = self.processor("text_processor", "eval")
+        vis_proc = self.processor("vis_processor", "eval")
+        paths, texts, img2txt, txt2img, ids = [], [], [], [], []
+        for img_index, rec in enumerate(self.records(split)):
+            paths.append(self.image_path(rec))
+            ids.append(coco_eval_image_id(rec.image))
+            img2txt.append([])
+            for caption in rec.captions:
+                img2txt[-1].append(len(texts))
+                texts.append(text_proc(caption))
+                txt2img.append(img_index)
+        return RetrievalSplit(self.name, split, paths, texts, img2txt, txt2img, ids, vis_proc.image_size,
+                              vis_processor=vis_proc, mean=vis_proc.mean, std=vis_proc.std)
+
+
+@register_builder("coco_caption")
+class CocoCaptionBuilder(CaptionBuilder):
+    """COCO Karpathy splits: train one record per caption; val/test one per image with a caption list."""
+
+
+@register_builder("vg_caption")
+class VGCaptionBuilder(CaptionBuilder):
+    """Visual Genome region captions: train only; absolute `/export/share/...` paths are re-rooted."""
+
+    has_eval_splits = False
+
+
+def build_builder(cfg, name: str) -> CaptionBuilder:
+    from qformer.registry import get_builder_class
+
+    return get_builder_class(name)(name, cfg)

@@ -1,0 +1,98 @@
+"""`qformer data check`: validate every annotation file and image a config refers to, and report.
+
+Annotation problems are fatal in training (they raise before Ray starts), so here they are listed
+per file instead; undecodable/missing images are listed with their reasons (training would skip them).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from qformer.data.errors import AnnotationError, ImageDecodeError
+from qformer.data.images import load_rgb
+from qformer.data.processors.text import pre_caption
+
+
+@dataclass
+class SplitReport:
+    dataset: str
+    split: str
+    annotation_file: str
+    error: str | None = None
+    records: int = 0
+    captions: int = 0
+    images: int = 0
+    bad_images: list[str] = field(default_factory=list)  # "path: reason"
+    words_min: int = 0
+    words_mean: float = 0.0
+    words_max: int = 0
+    empty_captions: int = 0  # empty after blip_caption cleaning
+    truncated_captions: int = 0  # over 50 words: cut by blip_caption
+
+
+def _check_image(path: str) -> str | None:
+    try:
+        load_rgb(path)
+    except ImageDecodeError as err:
+        return str(err)
+    return None
+
+
+def check_config(cfg, images: bool = True, workers: int | None = None) -> list[SplitReport]:
+    from qformer.data.builders import build_builder
+
+    reports = []
+    for name in cfg.datasets:
+        builder = build_builder(cfg, name)
+        for split in builder.splits():
+            path = builder.annotation_path(split)
+            rep = SplitReport(name, split, str(path))
+            reports.append(rep)
+            try:
+                records = builder.records(split)
+            except AnnotationError as err:
+                rep.error = str(err)
+                continue
+            caps = [c for r in records for c in r.captions]
+            lengths = [len(pre_caption(c, max_words=10**9).split()) for c in caps]
+            rep.records, rep.captions = len(records), len(caps)
+            rep.words_min, rep.words_max = min(lengths), max(lengths)
+            rep.words_mean = sum(lengths) / len(lengths)
+            rep.empty_captions = sum(n == 0 for n in lengths)
+            rep.truncated_captions = sum(n > 50 for n in lengths)
+            paths = sorted({builder.image_path(r) for r in records})
+            rep.images = len(paths)
+            if images:
+                rep.bad_images = _check_images(paths, workers)
+    return reports
+
+
+def _check_images(paths: list[str], workers: int | None) -> list[str]:
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(paths) < 256:
+        results = [_check_image(p) for p in paths]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_check_image, paths, chunksize=64))
+    return [r for r in results if r]
+
+
+def format_report(reports: list[SplitReport], show: int = 20) -> str:
+    lines = []
+    for r in reports:
+        lines.append(f"{r.dataset}/{r.split}: {r.annotation_file}")
+        if r.error:
+            lines.append(f"  ERROR {r.error}")
+            continue
+        lines.append(f"  records {r.records}  captions {r.captions}  images {r.images}  undecodable {len(r.bad_images)}")
+        lines.append(f"  caption words min/mean/max {r.words_min}/{r.words_mean:.1f}/{r.words_max}"
+                     f"  empty {r.empty_captions}  over-50-words {r.truncated_captions}")
+        for bad in r.bad_images[:show]:
+            lines.append(f"  bad image {bad}")
+        if len(r.bad_images) > show:
+            lines.append(f"  ... and {len(r.bad_images) - show} more")
+    bad_files = sum(1 for r in reports if r.error)
+    bad_images = sum(len(r.bad_images) for r in reports)
+    lines.append(f"summary: {len(reports)} splits, {bad_files} bad annotation files, {bad_images} undecodable images")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""CLIP normalisation on the training device: uint8 [B,3,S,S] -> float, = LAVIS ToTensor + Normalize."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
+
+
+def normalize_uint8(
+    images: torch.Tensor,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(x / 255 - mean) / std per channel, computed where `images` lives (GPU: no float traffic)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_uint8 expects uint8 images, got {images.dtype}")
+    m = torch.as_tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    return (images.to(dtype) / 255.0 - m) / s
+
+
+def image_mean_std(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std of the first train dataset's vis processor (LAVIS default: CLIP's)."""
+    from qformer.data.builders import processor_cfg
+
+    for name in cfg.datasets:
+        node = processor_cfg(cfg, name, "vis_processor", "train")
+        if node is not None:
+            return tuple(node.get("mean") or CLIP_MEAN), tuple(node.get("std") or CLIP_STD)
+    return CLIP_MEAN, CLIP_STD

@@ -1,0 +1,138 @@
+"""Annotation records -> streaming Ray Datasets for training, and retrieval splits for evaluation.
+
+Training stream (per source or concatenated):
+  driver: read + validate every annotation file (fails here, naming file and record) ->
+  (path, caption, source) rows, shuffled once with run.seed, cut into blocks ->
+  `randomize_block_order` (re-drawn every epoch from run.seed) ->
+  `map_batches(train_batch)` on CPU tasks: decode each image in try/except, augment, tokenise ->
+  rows {"image": uint8 [3,S,S], "text_ids", "text_atts": int64 [L]} -> Ray Train shards.
+
+Shuffling trade-off: a full `random_shuffle()` per epoch is an all-to-all exchange of decoded
+images (GBs through the object store every epoch). Instead rows are shuffled once globally (cheap:
+they are paths and captions), block order is re-randomised per epoch, and each training worker
+mixes neighbouring blocks with a local shuffle buffer (`run.data.shuffle_buffer` rows, passed to
+`iter_torch_batches(local_shuffle_buffer_size=...)`). Batches therefore differ every epoch but
+two samples from the same block are more likely than chance to share a batch.
+
+Mixing: with `run.train_dataset_ratios` null, all train sources (COCO + VG) form ONE dataset
+"train" shuffled together, as LAVIS's ConcatDataset + DistributedSampler. With ratios, one dataset
+per source; the training loop picks one source per batch by ratio (LAVIS runner_iter behaviour).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from qformer.config.errors import ConfigError
+from qformer.data.builders import build_builder
+from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
+from qformer.data.retrieval import RetrievalSplit
+from qformer.data.transform import TrainTransform, train_batch
+
+MAX_BLOCKS = 1000  # enough for block-order shuffling and parallelism; few enough for cheap planning
+
+
+@dataclass
+class TrainData:
+    """What the training loop consumes. `num_rows` counts captions BEFORE undecodable images are
+    dropped, so a shard may end a little early: iterate until exhaustion, don't trust the count."""
+
+    datasets: dict  # name -> ray.data.Dataset
+    ratios: dict[str, float] | None
+    num_rows: dict[str, int] = field(default_factory=dict)
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+
+
+def _train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]]]]:
+    sources = []
+    for name in cfg.datasets:
+        builder = build_builder(cfg, name)
+        samples = [s for split in cfg.run.train_splits if split in builder.splits() for s in builder.train_samples(split)]
+        if samples:
+            sources.append((name, builder, samples))
+    if not sources:
+        raise ConfigError(f"no dataset has a split among {list(cfg.run.train_splits)}", "run.train_splits")
+    return sources
+
+
+def _concurrency(value):
+    if value is None:
+        return None
+    return tuple(int(v) for v in value) if not isinstance(value, int) else int(value)
+
+
+def _to_ray(df: pd.DataFrame, spec: TrainTransform, cfg):
+    import ray.data
+
+    data_cfg = cfg.run.data
+    rows_per_block = max(int(data_cfg.batch_size), math.ceil(len(df) / MAX_BLOCKS))
+    chunks = [df.iloc[i:i + rows_per_block].reset_index(drop=True) for i in range(0, len(df), rows_per_block)]
+    ds = ray.data.from_pandas(chunks)
+    ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=int(cfg.run.seed), reseed_after_execution=True))
+    kwargs = {}
+    if data_cfg.concurrency is not None:
+        kwargs["concurrency"] = _concurrency(data_cfg.concurrency)
+    return ds.map_batches(
+        train_batch, fn_kwargs={"spec": spec}, batch_size=int(data_cfg.batch_size), batch_format="numpy",
+        num_cpus=float(data_cfg.num_cpus_per_task), **kwargs,
+    )
+
+
+def _check_ratios(ratios, names: list[str]) -> dict[str, float]:
+    out = {}
+    for key, value in dict(ratios).items():
+        if key not in names:
+            raise ConfigError(f"no training dataset '{key}' (have: {', '.join(names)})", f"run.train_dataset_ratios.{key}")
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"ratio must be a positive number, got {value!r}", f"run.train_dataset_ratios.{key}")
+        out[key] = float(value)
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ConfigError(f"no ratio for training dataset(s) {', '.join(missing)}", "run.train_dataset_ratios")
+    return out
+
+
+def build_train_datasets(cfg) -> TrainData:
+    """Validate annotations, then return lazy streaming datasets (nothing is decoded yet)."""
+    from qformer.data.stats import reset_skipped
+
+    sources = _train_sources(cfg)
+    vis = tuple(b.processor("vis_processor", "train") for _, b, _ in sources)
+    txt = tuple(b.processor("text_processor", "train") for _, b, _ in sources)
+    spec = TrainTransform(vis, txt, str(cfg.model.bert_model), int(cfg.model.max_txt_len), int(cfg.model.image_size))
+    mean, std = vis[0].mean, vis[0].std
+    frames = []
+    for i, (_, _, samples) in enumerate(sources):
+        df = pd.DataFrame(samples, columns=["path", "caption"])
+        df["source"] = np.int64(i)
+        frames.append(df)
+    rng = np.random.default_rng(int(cfg.run.seed))
+    shuffle = lambda df: df.iloc[rng.permutation(len(df))].reset_index(drop=True)  # noqa: E731
+    reset_skipped()
+    ratios_cfg = cfg.run.get("train_dataset_ratios")
+    if not ratios_cfg:
+        df = shuffle(pd.concat(frames, ignore_index=True))
+        return TrainData({"train": _to_ray(df, spec, cfg)}, None, {"train": len(df)}, mean, std)
+    names = [name for name, _, _ in sources]
+    ratios = _check_ratios(ratios_cfg, names)
+    datasets = {name: _to_ray(shuffle(df), spec, cfg) for name, df in zip(names, frames)}
+    return TrainData(datasets, ratios, {name: len(df) for name, df in zip(names, frames)}, mean, std)
+
+
+def build_eval_split(cfg, split: str) -> RetrievalSplit:
+    """The one dataset that has `split` (LAVIS: non-train splits must have exactly one dataset)."""
+    having = []
+    for name in cfg.datasets:
+        builder = build_builder(cfg, name)
+        if split in builder.splits():
+            having.append(builder)
+    if not having:
+        raise ConfigError(f"no dataset has a '{split}' split", "datasets")
+    if len(having) > 1:
+        names = ", ".join(b.name for b in having)
+        raise ConfigError(f"split '{split}' is in several datasets ({names}); evaluation takes exactly one", "datasets")
+    return having[0].retrieval_split(split)

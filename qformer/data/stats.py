@@ -1,0 +1,100 @@
+"""The skipped-image counter: a named Ray actor that the decode UDFs increment.
+
+Decoding runs in Ray Data worker processes, training in Ray Train workers, so the count lives in
+one small actor (0 CPUs) that both can find by name in the job's namespace. The training loop
+calls `skipped_count()` at log steps (cheap: one actor call) and logs it as `skipped_images`.
+Without Ray, or before any image was skipped, there is no actor and the count is 0.
+One counter per Ray job: concurrent runs in the same job (Tune trials) share it.
+"""
+from __future__ import annotations
+
+import logging
+
+COUNTER_NAME = "qformer_skipped_images"
+log = logging.getLogger("qformer.data")
+
+_local_count = 0  # used when Ray is not running (single-process iteration)
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkippedCounter:
+        def __init__(self) -> None:
+            self.count = 0
+            self.examples: list[str] = []
+
+        def add(self, n: int, examples: list[str]) -> int:
+            self.count += n
+            self.examples = (self.examples + examples)[-20:]
+            return self.count
+
+        def get(self) -> int:
+            return self.count
+
+        def recent(self) -> list[str]:
+            return list(self.examples)
+
+        def reset(self) -> None:
+            self.count, self.examples = 0, []
+
+    return SkippedCounter
+
+
+def _get_actor(create: bool):
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    if create:
+        return _actor_class().options(name=COUNTER_NAME, get_if_exists=True, lifetime="detached").remote()
+    try:
+        return ray.get_actor(COUNTER_NAME)
+    except ValueError:
+        return None
+
+
+def record_skipped(reasons: list[str]) -> None:
+    """Called by the decode UDFs with one message (path: reason) per skipped image."""
+    global _local_count
+    if not reasons:
+        return
+    for reason in reasons:
+        log.warning("skipping image %s", reason)
+    _local_count += len(reasons)
+    actor = _get_actor(create=True)
+    if actor is not None:
+        import ray
+
+        # wait for it (skips are rare): the count is exact by the time the batch is consumed
+        ray.get(actor.add.remote(len(reasons), reasons))
+
+
+def skipped_count() -> int:
+    """Images skipped so far in this Ray job (0 when none, or without Ray: this process's count)."""
+    import ray
+
+    actor = _get_actor(create=False)
+    if actor is None:
+        return _local_count
+    return int(ray.get(actor.get.remote()))
+
+
+def recent_skipped() -> list[str]:
+    """The last (up to 20) 'path: reason' messages, for logs and the data check."""
+    import ray
+
+    actor = _get_actor(create=False)
+    return [] if actor is None else list(ray.get(actor.recent.remote()))
+
+
+def reset_skipped() -> None:
+    """Zero the counter (build_train_datasets calls it so a run starts at 0)."""
+    global _local_count
+    _local_count = 0
+    actor = _get_actor(create=False)
+    if actor is not None:
+        import ray
+
+        ray.get(actor.reset.remote())

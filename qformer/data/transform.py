@@ -1,0 +1,70 @@
+"""The Ray Data map_batches UDFs: decode each image in try/except, process, tokenise.
+
+One corrupt file must cost one sample, not the dataset (`read_images` fails everything) nor a block
+(`max_errored_blocks` drops whole blocks of good images), so decoding happens per image here and
+failures are dropped from the batch and counted (qformer.data.stats). Images leave as uint8.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from qformer.data.errors import ImageDecodeError
+from qformer.data.images import load_rgb
+from qformer.data.stats import record_skipped
+from qformer.data.tokenizer import tokenize
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """Everything a worker needs, picklable: per-source processors, tokenizer name and length."""
+
+    vis_processors: tuple  # indexed by the row's `source`
+    text_processors: tuple
+    bert_model: str
+    max_txt_len: int
+    image_size: int
+    max_pixels: int | None = None
+
+
+def _rng() -> np.random.Generator:
+    # Fresh entropy per call: each epoch re-runs the pipeline and must draw new augmentations.
+    return np.random.default_rng()
+
+
+def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str, np.ndarray]:
+    """{"path", "caption", "source"} -> {"image" uint8 [n,3,S,S], "text_ids", "text_atts" int64 [n,L]}."""
+    rng = _rng()
+    images, texts, skipped = [], [], []
+    for path, caption, source in zip(batch["path"], batch["caption"], batch["source"]):
+        try:
+            img = load_rgb(path, spec.max_pixels)
+        except ImageDecodeError as err:
+            skipped.append(str(err))
+            continue
+        images.append(spec.vis_processors[int(source)](img, rng))
+        texts.append(spec.text_processors[int(source)](str(caption)))
+    record_skipped(skipped)
+    ids, atts = tokenize(spec.bert_model, texts, spec.max_txt_len)
+    s = spec.image_size
+    image = np.stack(images) if images else np.zeros((0, 3, s, s), np.uint8)
+    return {"image": image, "text_ids": ids, "text_atts": atts}
+
+
+def eval_batch(batch: dict[str, np.ndarray], processor, max_pixels: int | None = None) -> dict[str, np.ndarray]:
+    """{"index", "path"} -> {"index" int64, "image" uint8 [n,3,S,S]}; undecodable images dropped+counted."""
+    indices, images, skipped = [], [], []
+    for index, path in zip(batch["index"], batch["path"]):
+        try:
+            img = load_rgb(os.fspath(path), max_pixels)
+        except ImageDecodeError as err:
+            skipped.append(str(err))
+            continue
+        indices.append(int(index))
+        images.append(processor(img))
+    record_skipped(skipped)
+    s = processor.image_size
+    image = np.stack(images) if images else np.zeros((0, 3, s, s), np.uint8)
+    return {"index": np.asarray(indices, dtype=np.int64), "image": image}

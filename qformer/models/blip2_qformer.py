@@ -112,6 +112,7 @@ class Blip2Qformer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Blip2Qformer":
+        _checkpoint_source(cfg)  # fail on an empty pretrained/finetuned before building anything
         vit_kwargs = _cfg(cfg, "vit_kwargs", {})
         if vit_kwargs is not None and not isinstance(vit_kwargs, dict):
             from omegaconf import OmegaConf
@@ -139,17 +140,8 @@ class Blip2Qformer(nn.Module):
 
     def load_checkpoint_from_config(self, cfg: Mapping[str, Any]) -> dict[str, list[str]] | None:
         """LAVIS order: `finetuned` if load_finetuned, else `pretrained` if load_pretrained (spec §3.1)."""
-        if _cfg(cfg, "load_finetuned", False):
-            source = _cfg(cfg, "finetuned", "")
-            if not source:
-                raise ValueError("model.load_finetuned is True but model.finetuned is empty")
-            return self.load_checkpoint(source)
-        if _cfg(cfg, "load_pretrained", False):
-            source = _cfg(cfg, "pretrained", "")
-            if not source:
-                raise ValueError("model.load_pretrained is True but model.pretrained is empty")
-            return self.load_checkpoint(source)
-        return None
+        source = _checkpoint_source(cfg)
+        return self.load_checkpoint(source) if source else None
 
     # ---- checkpoints -------------------------------------------------------------------------
     def load_checkpoint(self, path_or_state: str | Mapping[str, Any]) -> dict[str, list[str]]:
@@ -288,6 +280,16 @@ class Blip2Qformer(nn.Module):
         )
         loss = itc.loss + loss_itm + lm.loss
         return Blip2Output(loss=loss, loss_itc=itc.loss, loss_itm=loss_itm, loss_lm=lm.loss)
+
+
+def _checkpoint_source(cfg: Mapping[str, Any]) -> str | None:
+    for flag, key in (("load_finetuned", "finetuned"), ("load_pretrained", "pretrained")):
+        if _cfg(cfg, flag, False):
+            source = _cfg(cfg, key, "")
+            if not source:
+                raise ValueError(f"model.{flag} is True but model.{key} is empty")
+            return str(source)
+    return None
 
 
 def _vit_num_layers(encoder: nn.Module) -> int:

@@ -99,7 +99,7 @@ class EvaVisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0..rate
         hidden = int(embed_dim * mlp_ratio)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, hidden, rates[i], eps) for i in range(depth)])
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -159,6 +159,8 @@ def test_choice_typo_gets_a_suggestion():
     ("run.ray.num_workers=0", "must be >= 1"),
     ("model.drop_path_rate=1.0", "must be < 1"),
     ("run.warmup_lr=-0.5", "or -1"),
+    ("run.init_lr=.inf", "must be a finite number"),
+    ("run.weight_decay=.nan", "must be a finite number"),
 ])
 def test_out_of_range_values(option, fragment):
     err = error_of(options=[option])

@@ -6,6 +6,7 @@ first problem, naming the dotted key and the layer it came from.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from typing import Any, Callable
@@ -130,6 +131,8 @@ def _check_leaf(spec: Key, value: Any, path: str, source_of: SourceOf) -> Any:
         allowed = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in spec.choices)
         hint = closest(value, [c for c in spec.choices if isinstance(c, str)]) if isinstance(value, str) else None
         raise fail(f"must be one of {allowed}, got {value!r}", hint)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise fail(f"must be a finite number, got {value!r}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         for bound, ok, text in ((spec.ge, lambda b: value >= b, ">="), (spec.gt, lambda b: value > b, ">"),
                                 (spec.le, lambda b: value <= b, "<="), (spec.lt, lambda b: value < b, "<")):

@@ -69,3 +69,18 @@ def test_config_command_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_config_keys_lists_the_schema():
+    proc = qformer("config", "--keys")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert "required" in rows["model.arch"]
+    assert "float (>0)" in rows["run.init_lr"] and "0.0001" in rows["run.init_lr"]
+    assert "auto|true|false" in rows["run.ray.use_gpu"]
+    assert "ignored (LAVIS)" in rows["run.device"]
+
+
+def test_config_without_cfg_path_exits_2():
+    proc = qformer("config")
+    assert proc.returncode == 2 and "--cfg-path is required" in proc.stderr

@@ -27,14 +27,15 @@ def _emit(node: dict, prefix: str, depth: int, sources: dict[str, str], lines: l
     for key, value in node.items():
         path = prefix + str(key)
         if isinstance(value, dict) and value:
-            lines.append(f"{pad}{_inline(key)}:")
+            lines.append(f"{pad}{inline_yaml(key)}:")
             _emit(value, path + ".", depth + 1, sources, lines)
             continue
-        text = f"{pad}{_inline(key)}: {_inline(value)}"
+        text = f"{pad}{inline_yaml(key)}: {inline_yaml(value)}"
         note = sources.get(path, "default") + ("  (ignored by qformer)" if path in IGNORED else "")
         lines.append(f"{text.ljust(_COMMENT_COLUMN)}  # {note}")
 
 
-def _inline(value: Any) -> str:
+def inline_yaml(value: Any) -> str:
+    """One value as YAML flow text (null, true, 1.0e-05, [train], {a: 1})."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
     return text[:-3].strip() if text.endswith("\n...") or text.endswith("...") else text

@@ -266,3 +266,30 @@ def test_load_pretrained_needs_a_checkpoint():
     err = error_of(cfg)
     assert err.key == "model.pretrained" and "load_pretrained is true" in str(err)
     assert err.source == "experiment: <dict>"
+
+
+def _defaults_dir(tmp_path: Path, model_yaml: str, dataset_yaml: str | None = None) -> Path:
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "m" / "t.yaml").write_text(model_yaml)
+    if dataset_yaml is not None:
+        (tmp_path / "datasets" / "d").mkdir(parents=True)
+        (tmp_path / "datasets" / "d" / "default.yaml").write_text(dataset_yaml)
+    return tmp_path
+
+
+def test_typo_in_a_packaged_default_file_names_that_file(tmp_path, monkeypatch):
+    from qformer.config import packaged
+
+    monkeypatch.setattr(packaged, "DEFAULTS_DIR", _defaults_dir(tmp_path, "model: {num_query_tokens: 8}\n"))
+    err = error_of({"model": {"arch": "m", "model_type": "t"}})
+    assert err.key == "model.num_query_tokens" and err.suggestion == "model.num_query_token"
+    assert err.source == f"model defaults: {tmp_path / 'models' / 'm' / 't.yaml'}"
+
+
+def test_dataset_default_file_must_hold_only_its_dataset(tmp_path, monkeypatch):
+    from qformer.config import packaged
+
+    monkeypatch.setattr(packaged, "DEFAULTS_DIR", _defaults_dir(
+        tmp_path, "model: {load_pretrained: false}\n", "datasets: {other: {data_type: images}}\n"))
+    err = error_of({"model": {"arch": "m", "model_type": "t"}, "datasets": {"d": None}})
+    assert "must hold only datasets.d" in str(err) and "datasets/d/default.yaml" in err.source

@@ -36,6 +36,9 @@ class _Records(logging.Handler):
 @pytest.fixture
 def config_warnings():
     """Warnings of the qformer.config logger (own handler: qformer's logger may not propagate)."""
+    from qformer.config import loader
+
+    loader._WARNED.clear()  # warnings are once per process; each test starts afresh
     handler = _Records()
     logger = logging.getLogger("qformer.config")
     logger.addHandler(handler)
@@ -78,6 +81,10 @@ def test_ignored_keys_are_all_documented_lavis_keys(config_warnings):
     load_config_dict(minimal(), opts)
     assert len(config_warnings.records) == len(IGNORED) == 11
     assert all("\n" not in r.getMessage() for r in config_warnings.records)
+    load_config_dict(minimal(), opts)  # a sweep reloads its base: no second round of warnings
+    assert len(config_warnings.records) == 11
+    load_config_dict(minimal(), ["run.device=cpu"])  # a different value is news
+    assert len(config_warnings.records) == 12
 
 
 def test_shipped_stage1_experiments_load():

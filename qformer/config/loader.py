@@ -22,6 +22,7 @@ from qformer.config import packaged
 from qformer.config.errors import ConfigError, closest
 from qformer.config.options import SOURCE as OPTIONS_SOURCE
 from qformer.config.options import parse_options
+from qformer.config.schema import IGNORED
 from qformer.config.validate import is_section, validate
 
 logger = logging.getLogger("qformer.config")
@@ -101,17 +102,22 @@ def _resolve(experiment: Layer, options: list[str] | None, with_sources: bool):
     plain = _interpolate(merged, source_of)
     filled, ignored = validate(plain, source_of)
     for key, value in ignored:
-        logger.warning("%s = %r (%s) is a LAVIS key qformer ignores: %s", key, value, source_of(key),
-                       _ignore_reason(key))
+        _warn_ignored(key, value, source_of(key))
     sources = {leaf: sources.get(leaf, DEFAULT_SOURCE) for leaf in _leaves(filled, "")}
     cfg = OmegaConf.create(filled)
     return (cfg, sources) if with_sources else cfg
 
 
-def _ignore_reason(key: str) -> str:
-    from qformer.config.schema import IGNORED
+# (key, value, source) already reported: a sweep loads its base config once per probe and trial,
+# and the user needs each warning once per process, not once per load.
+_WARNED: set[tuple[str, str, str | None]] = set()
 
-    return IGNORED[key]
+
+def _warn_ignored(key: str, value: Any, source: str | None) -> None:
+    if (key, repr(value), source) in _WARNED:
+        return
+    _WARNED.add((key, repr(value), source))
+    logger.warning("%s = %r (%s) is a LAVIS key qformer ignores: %s", key, value, source, IGNORED[key])
 
 
 def _check_sections(data: dict, label: str) -> None:

@@ -270,3 +270,26 @@ def test_our_stage1_experiment_is_lavis_file_plus_our_run_sections():
     assert set(additions["ray"]) >= {"num_workers", "use_gpu", "resources_per_worker", "storage_path",
                                      "max_failures", "address"}
     assert set(additions["mlflow"]) >= {"tracking_uri", "experiment_name", "run_name"}
+
+
+def test_registered_builder_without_packaged_yaml_uses_its_config_dict(tmp_path):
+    from qformer.registry import register_builder
+
+    (tmp_path / "mine.yaml").write_text(
+        "datasets:\n  test_cfg_mine:\n    build_info:\n      annotations: {train: {storage: mine/train.json}}\n"
+        "      images: {storage: mine/images/}\n")
+
+    @register_builder("test_cfg_mine")
+    class MineBuilder:  # a user's builder, LAVIS-style DATASET_CONFIG_DICT
+        DATASET_CONFIG_DICT = {"default": str(tmp_path / "mine.yaml")}
+
+    @register_builder("test_cfg_bare")
+    class BareBuilder:  # no default file: the experiment gives build_info
+        pass
+
+    bare = {"build_info": {"annotations": {"train": {"storage": "b.json"}}, "images": {"storage": "b/"}}}
+    cfg, src = load_config_dict(minimal() | {"datasets": {"test_cfg_mine": {}, "test_cfg_bare": bare}},
+                                with_sources=True)
+    assert cfg.datasets.test_cfg_mine.build_info.images.storage == "mine/images/"
+    assert src["datasets.test_cfg_mine.build_info.images.storage"] == f"dataset defaults: {tmp_path / 'mine.yaml'}"
+    assert cfg.datasets.test_cfg_bare.build_info.annotations.train.storage == "b.json"

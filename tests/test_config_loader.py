@@ -293,3 +293,17 @@ def test_registered_builder_without_packaged_yaml_uses_its_config_dict(tmp_path)
     assert cfg.datasets.test_cfg_mine.build_info.images.storage == "mine/images/"
     assert src["datasets.test_cfg_mine.build_info.images.storage"] == f"dataset defaults: {tmp_path / 'mine.yaml'}"
     assert cfg.datasets.test_cfg_bare.build_info.annotations.train.storage == "b.json"
+
+
+def _experiment_files() -> list[str]:
+    """Experiment configs (files with a model section; sweep files name a base instead)."""
+    import yaml
+
+    return sorted(p.relative_to(REPO).as_posix() for p in (REPO / "experiments").rglob("*.yaml")
+                  if "model" in (yaml.safe_load(p.read_text()) or {}))
+
+
+@pytest.mark.parametrize("path", _experiment_files())
+def test_every_experiment_file_loads(path):
+    cfg = load_config(REPO / path)
+    assert cfg.model.arch and cfg.run.output_dir

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 # suite -> module exposing add_arguments(parser) and run(args) -> dict (the written payload)
-SUITES: dict[str, str] = {}
+SUITES: dict[str, str] = {"data": "qformer.bench.data"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,7 +47,7 @@ class TrainData:
     std: tuple[float, ...] = CLIP_STD
 
 
-def _train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]]]]:
+def train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]]]]:
     sources = []
     for name in cfg.datasets:
         builder = build_builder(cfg, name)
@@ -59,13 +59,24 @@ def _train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]]]]:
     return sources
 
 
+_train_sources = train_sources  # older name, used by qformer.evaluate.learning
+
+
+def train_transform(cfg, sources) -> TrainTransform:
+    """The picklable per-source processing spec the decode UDF (and the benchmark's DataLoader) uses."""
+    vis = tuple(b.processor("vis_processor", "train") for _, b, _ in sources)
+    txt = tuple(b.processor("text_processor", "train") for _, b, _ in sources)
+    return TrainTransform(vis, txt, str(cfg.model.bert_model), int(cfg.model.max_txt_len), int(cfg.model.image_size))
+
+
 def _concurrency(value):
     if value is None:
         return None
     return tuple(int(v) for v in value) if not isinstance(value, int) else int(value)
 
 
-def _to_ray(df: pd.DataFrame, spec: TrainTransform, cfg):
+def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg):
+    """Rows (path, caption, source) -> the lazy decode/augment/tokenise stream."""
     import ray.data
 
     data_cfg = cfg.run.data
@@ -100,11 +111,9 @@ def build_train_datasets(cfg) -> TrainData:
     """Validate annotations, then return lazy streaming datasets (nothing is decoded yet)."""
     from qformer.data.stats import reset_skipped
 
-    sources = _train_sources(cfg)
-    vis = tuple(b.processor("vis_processor", "train") for _, b, _ in sources)
-    txt = tuple(b.processor("text_processor", "train") for _, b, _ in sources)
-    spec = TrainTransform(vis, txt, str(cfg.model.bert_model), int(cfg.model.max_txt_len), int(cfg.model.image_size))
-    mean, std = vis[0].mean, vis[0].std
+    sources = train_sources(cfg)
+    spec = train_transform(cfg, sources)
+    mean, std = spec.vis_processors[0].mean, spec.vis_processors[0].std
     frames = []
     for i, (_, _, samples) in enumerate(sources):
         df = pd.DataFrame(samples, columns=["path", "caption"])
@@ -116,10 +125,10 @@ def build_train_datasets(cfg) -> TrainData:
     ratios_cfg = cfg.run.get("train_dataset_ratios")
     if not ratios_cfg:
         df = shuffle(pd.concat(frames, ignore_index=True))
-        return TrainData({"train": _to_ray(df, spec, cfg)}, None, {"train": len(df)}, mean, std)
+        return TrainData({"train": to_ray_dataset(df, spec, cfg)}, None, {"train": len(df)}, mean, std)
     names = [name for name, _, _ in sources]
     ratios = _check_ratios(ratios_cfg, names)
-    datasets = {name: _to_ray(shuffle(df), spec, cfg) for name, df in zip(names, frames)}
+    datasets = {name: to_ray_dataset(shuffle(df), spec, cfg) for name, df in zip(names, frames)}
     return TrainData(datasets, ratios, {name: len(df) for name, df in zip(names, frames)}, mean, std)
 
 

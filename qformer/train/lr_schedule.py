@@ -147,8 +147,6 @@ def build_lr_scheduler(optimizer: Optimizer, run_cfg: Any) -> LavisLRScheduler:
 
 
 def _config_error(key: str, message: str) -> Exception:
-    try:
-        from qformer.config.errors import ConfigError
-    except ImportError:  # config package not importable: still name the key
-        return ValueError(f"{key}: {message}")
-    return ConfigError(f"{key}: {message}")
+    from qformer.config.errors import ConfigError
+
+    return ConfigError(message, key=key)

@@ -41,6 +41,8 @@ class TrainState:
     optimizer_steps: int = 0
     skipped_nonfinite: int = 0  # optimiser steps skipped for a non-finite loss (skip mode)
     # error mode: device-side "a non-finite loss was seen since the last check" flag, checked lazily
+    image_mean: tuple[float, ...] | None = None  # the vis processor's normalisation (None: CLIP's)
+    image_std: tuple[float, ...] | None = None
     _bad_flag: torch.Tensor | None = field(default=None, repr=False)
     _last_checked_step: int = 0
 
@@ -61,7 +63,8 @@ class StepOutput:
     grad_norm: float | None = None  # only on log steps
 
 
-def prepare_samples(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+def prepare_samples(batch: Mapping[str, Any], device: torch.device, mean: tuple[float, ...] | None = None,
+                    std: tuple[float, ...] | None = None) -> dict[str, Any]:
     """Move a batch to the device and CLIP-normalise uint8 images there (cheaper than on the CPU workers)."""
     samples: dict[str, Any] = {}
     for key, value in batch.items():
@@ -72,7 +75,8 @@ def prepare_samples(batch: Mapping[str, Any], device: torch.device) -> dict[str,
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
         from qformer.data.normalize import normalize_uint8
 
-        samples["image"] = normalize_uint8(image)
+        kwargs = {"mean": mean, "std": std} if mean is not None and std is not None else {}
+        samples["image"] = normalize_uint8(image, **kwargs)
     return samples
 
 
@@ -131,7 +135,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_
     """Run micro-batch `iter_in_epoch` of (inner) epoch `epoch`; returns the undivided, detached losses."""
     state.scheduler.step(epoch, iter_in_epoch)  # LAVIS: before the forward, every micro-batch
     boundary = (iter_in_epoch + 1) % state.accum_grad_iters == 0
-    samples = prepare_samples(batch, state.device)
+    samples = prepare_samples(batch, state.device, state.image_mean, state.image_std)
 
     # Skip DDP's gradient all-reduce on non-boundary micro-batches: same maths, less traffic.
     sync_ctx = contextlib.nullcontext()

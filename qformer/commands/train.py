@@ -1,0 +1,34 @@
+"""Train a BLIP-2 stage-1 Q-Former on Ray Train (LAVIS's `python train.py --cfg-path F --options k=v`).
+
+Locally this starts a private Ray; with run.ray.address, RAY_ADDRESS, or inside `ray job submit` it
+attaches to that cluster. Re-running the same command (same run.output_dir / run.ray.name) resumes
+from the run's latest checkpoint; --resume PATH continues from a given checkpoint file or directory.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cfg-path", required=True, help="experiment YAML (LAVIS schema)")
+    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="overrides, e.g. run.init_lr=1e-3 run.ray.num_workers=4")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="checkpoint file or directory to continue from (model, optimizer, LR position, step, MLflow run)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qformer.config import load_config
+    from qformer.logging_setup import setup_logging
+
+    setup_logging()
+    cfg = load_config(args.cfg_path, args.options)  # config errors surface before Ray starts
+    from qformer.train.launcher import launch_training
+
+    result = launch_training(cfg, resume=args.resume)
+    print(f"checkpoint: {result.checkpoint_path}")
+    if result.best_checkpoint_path:
+        print(f"best checkpoint: {result.best_checkpoint_path}")
+    if result.mlflow_run_id:
+        print(f"MLflow run {result.mlflow_run_id} at {result.tracking_uri}")
+    return 0 if result.error is None else 1

@@ -1,0 +1,271 @@
+"""Launch training on Ray Train V2: datasets, TorchTrainer, storage/name for auto-resume, MLflow run lifecycle.
+
+Resume rules (Train V2 has no Trainer.restore): a run re-launched with the same storage path and name
+continues from its latest checkpoint (failure restarts do the same within one fit()). The name is
+deterministic (run.ray.name, else derived from output_dir), so re-running a command resumes it. An
+explicit `--resume PATH` (or LAVIS's run.resume_ckpt_path) is used only when the Ray run has no
+checkpoint of its own. Either way the MLflow run id stored in the checkpoint is reopened, so one
+training = one MLflow run.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from qformer import paths
+from qformer.logging_setup import get_logger
+from qformer.train import checkpoint as ckpt_io
+
+log = get_logger("train")
+
+
+@dataclass
+class TrainingResult:
+    """What a finished training leaves behind."""
+
+    metrics: dict  # the last report's metrics (rank 0)
+    checkpoint_path: str | None  # latest checkpoint directory
+    best_checkpoint_path: str | None
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    storage_path: str
+    name: str
+    error: BaseException | None = None
+
+
+def run_name(cfg: DictConfig) -> str:
+    """run.ray.name, else a name derived from output_dir: deterministic, no timestamps (re-launch = resume)."""
+    if cfg.run.ray.get("name"):
+        return str(cfg.run.ray.name)
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(cfg.run.output_dir).strip("/")) or "train"
+    return base
+
+
+def storage_path(cfg: DictConfig) -> str:
+    configured = cfg.run.ray.get("storage_path")
+    if configured:
+        return configured if "://" in str(configured) else str(Path(str(configured)).expanduser().resolve())
+    return str(paths.output_dir(str(cfg.run.output_dir)) / "ray_results")
+
+
+def connect_ray(cfg: DictConfig) -> None:
+    """Attach to run.ray.address / RAY_ADDRESS / the job's cluster, else start a private local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray.get("address") or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    ray.init(address="local", include_dashboard=False)
+
+
+def _use_gpu(cfg: DictConfig) -> bool:
+    value = cfg.run.ray.get("use_gpu", "auto")
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def start_tracking(cfg: DictConfig, name: str, storage: str, resume_run_id: str | None, parent_run_id: str | None,
+                   num_workers: int, use_gpu: bool):
+    """Create or reopen this training's MLflow run (driver side). Returns a RunTracker or None when disabled."""
+    if not cfg.run.mlflow.get("enabled", True):
+        return None
+    from qformer.tracking import TRAIN_KEY_TAG, RunTracker, flatten_params, git_commit, resolve_tracking_uri, ui_hint
+
+    uri = resolve_tracking_uri(cfg.run.mlflow.get("tracking_uri"))
+    experiment = str(cfg.run.mlflow.experiment_name)
+    train_key = f"{storage.rstrip('/')}/{name}"
+    run_id = resume_run_id or RunTracker.find_by_train_key(uri, experiment, train_key)
+    if run_id:
+        tracker = RunTracker.reopen(uri, run_id)
+        log.info("MLflow: continuing run %s", run_id)
+    else:
+        resolved = _resolved(cfg)
+        tags = {
+            "git_commit": git_commit(), "model_type": f"{cfg.model.arch}/{cfg.model.model_type}",
+            "datasets": ",".join(str(d) for d in cfg.datasets), "ray_num_workers": num_workers,
+            "ray_use_gpu": use_gpu, "ray_run_name": name, "ray_storage_path": storage, TRAIN_KEY_TAG: train_key,
+        }
+        tracker = RunTracker.start(uri, experiment, run_name=cfg.run.mlflow.get("run_name") or name, tags=tags,
+                                   params=flatten_params(resolved), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                                   parent_run_id=parent_run_id)
+    print(f"MLflow: experiment '{experiment}', run {tracker.run_id} at {uri}\n  view: "
+          f"{ui_hint(uri, tracker.experiment_id, tracker.run_id)}", flush=True)
+    return tracker
+
+
+def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequence[Any] | None = None,
+                  parent_run_id: str | None = None, name: str | None = None, storage: str | None = None,
+                  local_mode: bool | None = None, extra_loop_config: dict | None = None):
+    """The TorchTrainer for `cfg` plus its MLflow tracker: `(trainer, tracker_or_None)`. Ray must be connected.
+
+    For sweeps (qformer.tune): call this inside a Tune function trainable with
+    `callbacks=[ray.tune.integration.ray_train.TuneReportCallback()]` (constructed inside the trial),
+    `parent_run_id=<the sweep's MLflow run>` (the training's run is nested under it) and a deterministic
+    `name` per trial (e.g. f"trial-{trial_id}") so a retried trial resumes; then `trainer.fit()` and
+    `finish_tracking(tracker, result)`. Reported metrics (rank 0): at checkpoints `epoch`, `step`, `loss`,
+    `lr`; at epoch ends `train_epoch/loss*` and `<valid split>/<metric>` (e.g. `val/r_mean`), and at the end
+    `<test split>/<metric>`. `local_mode=True` forces Train local mode (num_workers=0, single process).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from qformer.data.pipeline import build_train_datasets
+    from qformer.train.loop import train_loop_per_worker
+
+    name = name or run_name(cfg)
+    storage = storage or storage_path(cfg)
+    num_workers = 0 if local_mode else int(cfg.run.ray.num_workers)
+    use_gpu = _use_gpu(cfg) if num_workers > 0 else False
+    resume = resume or cfg.run.get("resume_ckpt_path") or None
+    run_dir = Path(storage) / name if "://" not in storage else None
+    local_root = str(run_dir / "local_checkpoints") if num_workers == 0 and run_dir is not None else None
+    if resume is None and local_root:  # local mode keeps its own checkpoints: pick up the latest one
+        resume = _latest_local(Path(local_root))
+
+    resume_run_id = None
+    if resume:
+        resume_file = ckpt_io.resolve_file(resume)
+        resume_run_id = ckpt_io.read_meta(resume_file.parent).get("mlflow_run_id") if resume_file.name == \
+            ckpt_io.CKPT_FILE else ckpt_io.load_file(resume_file).get("mlflow_run_id")
+        resume = str(resume_file)
+    else:
+        resume_run_id = _ray_latest_run_id(run_dir)
+
+    data = build_train_datasets(cfg)
+    tracker = start_tracking(cfg, name, storage, resume_run_id, parent_run_id, num_workers, use_gpu)
+
+    score_key = _score_key(cfg)
+    checkpoint_config = ray.train.CheckpointConfig(
+        num_to_keep=max(1, int(cfg.run.keep_checkpoints)),
+        checkpoint_score_attribute=score_key,
+        checkpoint_score_order="max",
+    )
+    fail_at = os.environ.get("QFORMER_FAIL_ONCE_AT_STEP")
+    loop_config = {
+        "cfg": _resolved(cfg),
+        "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None,
+        "resume_path": resume,
+        "ratios": data.ratios,
+        "num_rows": dict(data.num_rows),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "score_key": score_key,
+        "local_checkpoint_root": local_root,
+        "fail_once_at_step": int(fail_at) if fail_at else None,
+        "fail_marker": os.environ.get("QFORMER_FAIL_MARKER") or str(Path(storage) / name / ".injected_failure_done"),
+        **(extra_loop_config or {}),
+    }
+    resources = cfg.run.ray.get("resources_per_worker")
+    scaling = ray.train.ScalingConfig(
+        num_workers=num_workers, use_gpu=use_gpu,
+        resources_per_worker=dict(OmegaConf.to_container(resources)) if resources else None,
+    )
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=storage, checkpoint_config=checkpoint_config,
+        failure_config=ray.train.FailureConfig(max_failures=int(cfg.run.ray.max_failures)),
+        callbacks=list(callbacks or []),
+    )
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config, datasets=dict(data.datasets))
+    return trainer, tracker
+
+
+def finish_tracking(tracker, result, cfg: DictConfig | None = None) -> None:
+    """Close the MLflow run (FINISHED / FAILED) and record where the checkpoints are."""
+    if tracker is None:
+        return
+    error = getattr(result, "error", None) if result is not None else None
+    tags: dict[str, str] = {}
+    checkpoint = getattr(result, "checkpoint", None) if result is not None else None
+    if checkpoint is not None:
+        tags["final_checkpoint"] = str(checkpoint.path)
+    best = _best_path(result, _score_key(cfg) if cfg is not None else None)
+    if best:
+        tags["best_checkpoint"] = best
+    if tags:
+        tracker.set_tags(tags)
+    if checkpoint is not None and "://" not in str(checkpoint.path):
+        file = Path(str(checkpoint.path)) / ckpt_io.CKPT_FILE
+        if file.is_file():  # local storage: keep a copy of the final weights with the run
+            tracker.log_artifact(file, "checkpoints/final")
+    tracker.end("FAILED" if error is not None else "FINISHED")
+
+
+def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Sequence[Any] | None = None,
+                    parent_run_id: str | None = None, local_mode: bool | None = None,
+                    extra_loop_config: dict | None = None) -> TrainingResult:
+    """`qformer train`: connect Ray, build the TorchTrainer, fit, close the MLflow run."""
+    connect_ray(cfg)
+    trainer, tracker = build_trainer(cfg, resume=resume, callbacks=callbacks, parent_run_id=parent_run_id,
+                                     local_mode=local_mode, extra_loop_config=extra_loop_config)
+    name, storage = trainer.run_config.name, trainer.run_config.storage_path
+    print(f"Ray Train run '{name}' in {storage}", flush=True)
+    result = None
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    finish_tracking(tracker, result, cfg)
+    checkpoint = result.checkpoint
+    return TrainingResult(
+        metrics=dict(result.metrics or {}), checkpoint_path=str(checkpoint.path) if checkpoint else None,
+        best_checkpoint_path=_best_path(result, _score_key(cfg)), mlflow_run_id=tracker.run_id if tracker else None,
+        tracking_uri=tracker.uri if tracker else None, storage_path=str(storage), name=str(name), error=result.error,
+    )
+
+
+def _best_path(result, score_key: str | None) -> str | None:
+    """The kept checkpoint with the highest validation score (None without validation)."""
+    best = getattr(result, "best_checkpoints", None) if result is not None else None
+    if not best or not score_key:
+        return None
+    scored = [(m.get(score_key, float("-inf")), str(c.path)) for c, m in best]
+    score, path = max(scored)
+    return path if score > float("-inf") else None
+
+
+def _score_key(cfg: DictConfig) -> str | None:
+    valid = list(cfg.run.valid_splits)
+    return f"{valid[0]}/{cfg.run.best_metric}" if valid else None
+
+
+def _latest_local(root: Path) -> str | None:
+    if not root.is_dir():
+        return None
+    metas = [(ckpt_io.read_meta(d).get("step", 0), d) for d in root.iterdir() if (d / ckpt_io.META_FILE).is_file()]
+    return str(max(metas)[1]) if metas else None
+
+
+def _ray_latest_run_id(run_dir: Path | None) -> str | None:
+    """MLflow run id of the Ray run's latest checkpoint, when this name was trained before (auto-resume)."""
+    if run_dir is None or not run_dir.is_dir():
+        return None
+    metas = []
+    for meta in run_dir.glob(f"*/{ckpt_io.META_FILE}"):
+        try:
+            info = ckpt_io.read_meta(meta.parent)
+        except (OSError, ValueError):
+            continue
+        metas.append((int(info.get("step") or 0), info.get("mlflow_run_id")))
+    return max(metas)[1] if metas else None

@@ -1,0 +1,408 @@
+"""The per-worker training loop run by Ray Train's TorchTrainer (LAVIS RunnerBase/RunnerIter, spec §5).
+
+Per worker: seed (run.seed + rank), build the model (frozen ViT inside), restore the latest Ray
+checkpoint (or a --resume file) into the unwrapped model BEFORE `prepare_model` (DDP), then iterate this
+worker's shard of the Ray Dataset with drop_last batches. Epoch-based runs (`max_epoch`) end an epoch
+when the shard is exhausted (or at run.max_steps_per_epoch); iteration-based runs (`max_iters` +
+`iters_per_inner_epoch`) cycle the data and count inner epochs, as LAVIS's runner_iter. With
+run.train_dataset_ratios every batch comes from one source drawn by ratio with an RNG seeded from
+(seed, epoch, step), so all ranks draw the same source.
+
+Checkpoints go through `ray.train.report` (a barrier: every rank calls it the same number of times;
+rank 0 passes the directory, others None) every run.save_freq_steps steps and at every epoch end.
+MLflow logging is rank 0 only, into the run id the launcher created.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from qformer.logging_setup import get_logger, setup_logging
+from qformer.seeding import setup_seeds
+from qformer.train import checkpoint as ckpt_io
+from qformer.train.amp import resolve_amp
+from qformer.train.lr_schedule import build_lr_scheduler, schedule_max_epoch
+from qformer.train.meters import LossMeter, memory_metrics
+from qformer.train.optim import build_optimizer
+from qformer.train.step import TrainState, check_finite, train_step
+
+log = get_logger("train")
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by the fault-injection hook (QFORMER_FAIL_ONCE_AT_STEP) to exercise recovery."""
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """TorchTrainer entry point; `config` is built by qformer.train.launcher.loop_config()."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    setup_logging(rank)
+    cfg = OmegaConf.create(config["cfg"])
+    run = cfg.run
+    setup_seeds(int(run.seed), rank)
+    device = ray.train.torch.get_device()
+
+    from qformer.models import build_model
+
+    model = build_model(cfg.model)
+    state_dict, source = _restore_state(config)
+    if state_dict is not None:
+        model.load_checkpoint({"model": state_dict["model"]})
+        log.info("restored model from %s", source)
+    model = ray.train.torch.prepare_model(model)  # moves to device; DDP only when world > 1
+    unwrapped = getattr(model, "module", model)
+
+    optimizer = build_optimizer(unwrapped, run)
+    scheduler = build_lr_scheduler(optimizer, run)
+    amp = resolve_amp(bool(run.amp), str(run.amp_dtype), device)
+    scaler = amp.make_scaler()
+    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, device=device, scaler=scaler,
+                       accum_grad_iters=int(run.accum_grad_iters), skip_nonfinite=bool(run.skip_nonfinite),
+                       image_mean=_tuple(config.get("mean")), image_std=_tuple(config.get("std")))
+    start = ckpt_io.ResumePoint(0, 0, 0)
+    if state_dict is not None:
+        optimizer.load_state_dict(state_dict["optimizer"])
+        if state_dict.get("scheduler") is not None:
+            scheduler.load_state_dict(state_dict["scheduler"])
+        if scaler is not None and state_dict.get("scaler") is not None:
+            scaler.load_state_dict(state_dict["scaler"])
+        start = ckpt_io.ResumePoint.from_state(state_dict)
+        state.global_step = state._last_checked_step = start.step
+        del state_dict
+    log.info("rank %d/%d on %s, AMP %s, start at epoch %d iter %d (global step %d)",
+             rank, world, device, amp.describe(), start.epoch, start.iter_in_epoch, start.step)
+
+    runner = _Runner(config, cfg, state, rank, world, unwrapped)
+    runner.run(start)
+
+
+def _tuple(value: Any) -> tuple[float, ...] | None:
+    return tuple(float(v) for v in value) if value is not None else None
+
+
+def _restore_state(config: dict) -> tuple[dict | None, str | None]:
+    """Ray's latest checkpoint (failure restart / same-name re-launch) wins over an explicit --resume."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            return ckpt_io.load_file(directory), f"Ray checkpoint {checkpoint.path}"
+    if config.get("resume_path"):
+        return ckpt_io.load_file(config["resume_path"]), str(config["resume_path"])
+    return None, None
+
+
+class _Runner:
+    """The epoch / step bookkeeping of one worker."""
+
+    def __init__(self, config: dict, cfg: Any, state: TrainState, rank: int, world: int, unwrapped: torch.nn.Module):
+        import ray.train
+
+        self.config, self.cfg, self.run_cfg, self.state = config, cfg, cfg.run, state
+        self.rank, self.world, self.unwrapped = rank, world, unwrapped
+        run = cfg.run
+        self.iter_based = bool(run.get("max_iters"))
+        self.max_epoch = schedule_max_epoch(run)
+        self.batch_size = int(run.batch_size_train)
+        self.log_freq = max(1, int(run.log_freq))
+        self.save_freq_steps = int(run.save_freq_steps or 0)
+        self.ratios: dict[str, float] | None = config.get("ratios")
+        self.names = list(self.ratios) if self.ratios else ["train"]
+        self.shards = {name: ray.train.get_dataset_shard(name) for name in self.names}
+        self.tracker = None
+        mlflow_cfg = config.get("mlflow")
+        if rank == 0 and mlflow_cfg:
+            from qformer.tracking import RunTracker
+
+            self.tracker = RunTracker(mlflow_cfg["uri"], mlflow_cfg["run_id"])
+        self.run_id = mlflow_cfg["run_id"] if mlflow_cfg else None
+        self.window = LossMeter()
+        self.window_start = time.perf_counter()
+        self.window_wait = 0.0
+        self.window_steps = 0
+        self.last_metrics: dict[str, float] = {}
+        self.fail_at = config.get("fail_once_at_step")
+        self.fail_marker = config.get("fail_marker")
+        self.debug_dir = config.get("debug_dir")
+        self.seen_batches: list[str] = []
+
+    # ---- epochs --------------------------------------------------------------------------------
+    def epoch_length(self) -> int | None:
+        """Micro-batches per (inner) epoch when known up front; None = until the shard is exhausted."""
+        cap = self.run_cfg.get("max_steps_per_epoch")
+        if self.iter_based:
+            n = int(self.run_cfg.iters_per_inner_epoch)
+        elif self.ratios:  # sources cycle, so an epoch is one pass over all rows in batches
+            rows = sum(int(self.config.get("num_rows", {}).get(n, 0)) for n in self.names)
+            n = max(1, rows // (self.batch_size * self.world))
+        else:
+            n = None
+        if cap:
+            n = int(cap) if n is None else min(n, int(cap))
+        return n
+
+    def run(self, start: ckpt_io.ResumePoint) -> None:
+        first_epoch = start.epoch
+        if self.iter_based:  # runner_iter: the inner epoch follows from the global step
+            first_epoch = start.step // int(self.run_cfg.iters_per_inner_epoch)
+        for epoch in range(first_epoch, self.max_epoch):
+            begin = start.iter_in_epoch if epoch == start.epoch else 0
+            if self.iter_based:
+                begin = start.step - epoch * int(self.run_cfg.iters_per_inner_epoch) if epoch == first_epoch else 0
+            self.train_epoch(epoch, begin)
+        self.finish()
+
+    def _batches(self, epoch: int, begin: int) -> Iterator[dict]:
+        cycling = self.iter_based or bool(self.ratios)
+        iters = {n: self._source(n, epoch, cycling) for n in self.names}
+        if not cycling and begin:
+            log.info("resuming inside epoch %d: skipping %d batches of this epoch's data", epoch, begin)
+            for _ in range(begin):
+                if next(iters["train"], None) is None:
+                    return
+        i = begin
+        while True:
+            name = self.names[0]
+            if self.ratios:
+                probs = np.array([self.ratios[n] for n in self.names], dtype=np.float64)
+                rng = np.random.default_rng([int(self.run_cfg.seed), epoch, i])  # same draw on every rank
+                name = self.names[int(rng.choice(len(self.names), p=probs / probs.sum()))]
+            batch = next(iters[name], None)
+            if batch is None:
+                return
+            yield batch
+            i += 1
+
+    def _source(self, name: str, epoch: int, cycle: bool) -> Iterator[dict]:
+        shard, data = self.shards[name], self.run_cfg.data
+        buffer = int(data.shuffle_buffer or 0)
+        round_ = 0
+        while True:
+            seen = False
+            for batch in shard.iter_torch_batches(
+                batch_size=self.batch_size, drop_last=True, prefetch_batches=int(data.prefetch_batches),
+                local_shuffle_buffer_size=buffer or None,
+                local_shuffle_seed=(int(self.run_cfg.seed) * 1000 + epoch * 31 + round_) if buffer else None,
+            ):
+                seen = True
+                yield batch
+            if not cycle:
+                return
+            if not seen:
+                raise RuntimeError(f"training dataset '{name}' yields no full batch of {self.batch_size} on rank "
+                                   f"{self.rank}; lower run.batch_size_train or add data")
+            round_ += 1
+
+    def train_epoch(self, epoch: int, begin: int) -> None:
+        from tqdm import tqdm
+
+        self.state.model.train()
+        length = self.epoch_length()
+        total = length
+        if total is None and self.config.get("num_rows"):
+            total = int(self.config["num_rows"].get("train", 0)) // (self.batch_size * self.world) or None
+        bar = tqdm(total=total, initial=begin, desc=f"epoch {epoch}", disable=self.rank != 0, dynamic_ncols=True,
+                   mininterval=2.0)
+        epoch_meter = LossMeter()
+        i = begin
+        batches = self._batches(epoch, begin)
+        self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+        while length is None or i < length:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            self.window_wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            if self.debug_dir:
+                self.seen_batches.append(_fingerprint(batch))
+            log_now = (self.state.global_step + 1) % self.log_freq == 0
+            out = train_step(self.state, batch, epoch, i, log=log_now)
+            self.window.update(out.losses)
+            epoch_meter.update(out.losses)
+            self.window_steps += 1
+            i += 1
+            bar.update(1)
+            if log_now:
+                self.log_step(epoch, i, length, out, bar)
+            at_epoch_end = length is not None and i >= length
+            if self.save_freq_steps and self.state.global_step % self.save_freq_steps == 0 and not at_epoch_end:
+                self.save(epoch, i, epoch_complete=False, metrics=self.last_metrics)
+            self._maybe_inject_failure()
+        bar.close()
+        if i == begin:
+            raise RuntimeError(f"epoch {epoch} had no batches on rank {self.rank}: the training shard is empty or "
+                               f"smaller than one batch of {self.batch_size}")
+        self.end_epoch(epoch, i, epoch_meter)
+
+    # ---- logging -------------------------------------------------------------------------------
+    def log_step(self, epoch: int, i: int, length: int | None, out: Any, bar: Any) -> None:
+        check_finite(self.state)  # collective in error mode; also keeps the next checkpoint a good one
+        losses = self.window.mean()
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        metrics = dict(losses)
+        metrics.update({
+            "lr": out.lr,
+            "temp": float(self.unwrapped.temp.detach()) if hasattr(self.unwrapped, "temp") else None,
+            "samples_per_s": self.window_steps * self.batch_size * self.world / elapsed,
+            "data_wait_frac": min(1.0, self.window_wait / elapsed),
+            "grad_norm": out.grad_norm,
+            "epoch": float(epoch),
+            "skipped_nonfinite": float(self.state.skipped_nonfinite),
+        })
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        if self.rank == 0:
+            metrics["skipped_images"] = float(_skipped_images())
+            metrics.update(memory_metrics(self.state.device))
+            if self.tracker is not None:
+                self.tracker.log_metrics(metrics, step=self.state.global_step)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{out.lr:.2e}", refresh=False)
+            of = f"/{length}" if length else ""
+            log.info("epoch %d iter %d%s step %d | loss %.4f (itc %.4f itm %.4f lm %.4f) | lr %.3e | %.1f samples/s | "
+                     "data wait %.0f%%", epoch, i, of, self.state.global_step, metrics.get("loss", math.nan),
+                     metrics.get("loss_itc", math.nan), metrics.get("loss_itm", math.nan),
+                     metrics.get("loss_lm", math.nan), out.lr, metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
+        self.last_metrics = {k: metrics[k] for k in ("loss", "lr") if k in metrics}
+        self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+
+    def end_epoch(self, epoch: int, iters: int, epoch_meter: LossMeter) -> None:
+        check_finite(self.state)
+        epoch_losses = epoch_meter.mean()  # LAVIS: epoch global averages, all-reduced
+        metrics: dict[str, float] = {f"train_epoch/{k}": v for k, v in epoch_losses.items()}
+        run = self.run_cfg
+        if list(run.valid_splits) and epoch % max(1, int(run.val_freq)) == 0:
+            for split in run.valid_splits:
+                metrics.update({f"{split}/{k}": v for k, v in self.evaluate(split).items()})
+        if self.rank == 0 and self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=self.state.global_step)
+            try:
+                self.tracker.log_loss_curve()
+            except Exception as err:  # a plot must never stop training
+                log.warning("loss curve not updated: %s", err)
+        if self.rank == 0:
+            log.info("epoch %d done: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        self.save(epoch, iters, epoch_complete=True, metrics=metrics)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        from qformer.data.pipeline import build_eval_split
+        from qformer.evaluate.retrieval import evaluate_retrieval
+
+        data = build_eval_split(self.cfg, split)
+        result = evaluate_retrieval(self.unwrapped, data, k_test=int(self.run_cfg.k_test),
+                                    batch_size=int(self.run_cfg.batch_size_eval), device=self.state.device,
+                                    rank=self.rank, world_size=self.world, autocast_dtype=self.state.amp.dtype)
+        self.state.model.train()
+        return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+
+    def finish(self) -> None:
+        run = self.run_cfg
+        metrics: dict[str, float] = {}
+        for split in run.test_splits:
+            metrics.update({f"{split}/{k}": v for k, v in self.evaluate(split).items()})
+        if metrics:
+            if self.rank == 0 and self.tracker is not None:
+                self.tracker.log_metrics(metrics, step=self.state.global_step)
+            import ray.train
+
+            ray.train.report({"step": self.state.global_step, **metrics})
+        if self.debug_dir:
+            self._write_debug()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self, epoch: int, iters: int, epoch_complete: bool, metrics: dict[str, float]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        check_finite(self.state)
+        report = {"epoch": epoch, "step": self.state.global_step, **metrics}
+        score_key = self.config.get("score_key")
+        if score_key and score_key not in report:
+            report[score_key] = float("-inf")  # step checkpoints carry no validation score: kept only while latest
+        name = f"epoch={epoch:04d}-step={self.state.global_step:08d}" + ("-end" if epoch_complete else "")
+        if self.rank != 0:
+            ray.train.report(report, checkpoint=None)
+            return
+        state = ckpt_io.build_state(self.unwrapped, self.state.optimizer, self.state.scheduler, self.state.scaler,
+                                    self.config["cfg"], epoch=epoch, step=self.state.global_step, iters_in_epoch=iters,
+                                    epoch_complete=epoch_complete, mlflow_run_id=self.run_id)
+        local_dir = self.config.get("local_checkpoint_root")
+        if local_dir:  # Train local mode does not persist checkpoints: write them where they stay
+            target = ckpt_io.save_dir(state, Path(local_dir) / name)
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(target)))
+            _prune_local(Path(local_dir), int(self.run_cfg.keep_checkpoints))
+            persisted = str(target)
+        else:
+            with tempfile.TemporaryDirectory(prefix="qformer-ckpt-") as tmp:
+                ckpt_io.save_dir(state, tmp)
+                ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            persisted = _persisted_path(name)
+        if self.tracker is not None:
+            self.tracker.set_tags({"last_checkpoint": persisted})
+
+    def _maybe_inject_failure(self) -> None:
+        if not self.fail_at or self.state.global_step != int(self.fail_at) or self.rank != 0:
+            return
+        marker = Path(self.fail_marker)
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(self.state.global_step))
+        raise InjectedFailure(f"injected failure at global step {self.state.global_step} (QFORMER_FAIL_ONCE_AT_STEP)")
+
+    def _write_debug(self) -> None:
+        """Per-rank fingerprints (weights, batches seen) for the distributed tests."""
+        out = Path(self.debug_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {k: float(v.float().sum()) for k, v in self.unwrapped.trainable_state_dict().items()
+                   if v.is_floating_point()}
+        record = {"rank": self.rank, "world": self.world, "global_step": self.state.global_step,
+                  "optimizer_steps": self.state.optimizer_steps, "lr": self.state.optimizer.param_groups[0]["lr"],
+                  "batches": self.seen_batches, "weights": weights}
+        (out / f"rank{self.rank}.json").write_text(json.dumps(record))
+
+
+def _fingerprint(batch: dict) -> str:
+    ids = batch["text_ids"].detach().cpu().numpy()
+    img = batch["image"].detach().cpu().numpy()
+    return f"{int(ids.sum())}-{int(img.astype(np.int64).sum())}"
+
+
+def _skipped_images() -> int:
+    try:
+        from qformer.data.stats import skipped_count
+
+        return int(skipped_count())
+    except Exception:  # the counter is informational
+        return 0
+
+
+def _persisted_path(name: str) -> str:
+    import ray.train
+
+    try:
+        storage = ray.train.get_context().get_storage()
+        return f"{storage.experiment_fs_path.rstrip('/')}/{name}"
+    except Exception:
+        return name
+
+
+def _prune_local(root: Path, keep: int) -> None:
+    dirs = sorted((d for d in root.iterdir() if (d / ckpt_io.META_FILE).is_file()),
+                  key=lambda d: json.loads((d / ckpt_io.META_FILE).read_text()).get("step", 0))
+    import shutil
+
+    for old in dirs[: max(0, len(dirs) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,59 @@
+"""MLflow helpers on a real sqlite store in tmp_path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qformer import paths
+from qformer.tracking import TRAIN_KEY_TAG, RunTracker, flatten_params, resolve_tracking_uri, ui_hint
+
+
+def test_flatten_params_respects_limits():
+    tree = {"run": {"init_lr": 1e-4, "ray": {"num_workers": 2, "resources_per_worker": None}, "train_splits": ["train"]},
+            "model": {"vit_kwargs": {}, "long": "x" * 7000}, "k" * 300: 1}
+    flat = flatten_params(tree)
+    assert flat["run.init_lr"] == "0.0001" and flat["run.ray.num_workers"] == "2"
+    assert flat["run.ray.resources_per_worker"] == "null" and flat["run.train_splits"] == "['train']"
+    assert flat["model.vit_kwargs"] == "{}"
+    assert len(flat["model.long"]) == 6000
+    assert not any(len(k) > 250 for k in flat)
+
+
+def test_default_uri_is_under_qformer_home(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = resolve_tracking_uri(None)
+    assert uri == paths.default_tracking_uri() and str(paths.qformer_home()) in uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri(None) == "http://mlflow:5000"
+    assert resolve_tracking_uri("sqlite:////tmp/x/y.db") == "sqlite:////tmp/x/y.db"
+    assert "mlflow ui --backend-store-uri sqlite:///" in ui_hint(paths.default_tracking_uri(), "1", "abc")
+
+
+def test_run_lifecycle_params_metrics_artifacts_reopen(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = RunTracker.start(uri, "exp-a", run_name="sweep")
+    tracker = RunTracker.start(uri, "exp-a", run_name="r1", tags={"model_type": "tiny", TRAIN_KEY_TAG: "/s/name"},
+                               params={"run.init_lr": "0.0001"}, config_yaml="run:\n  init_lr: 1e-4\n",
+                               parent_run_id=parent.run_id)
+    for step in (5, 10):
+        tracker.log_metrics({"loss": 10.0 / step, "loss_itc": 1.0, "loss_itm": 0.5, "loss_lm": 2.0}, step=step)
+    tracker.log_loss_curve()
+    tracker.end("FAILED")
+    again = RunTracker.reopen(uri, tracker.run_id)
+    again.log_metrics({"loss": 0.5}, step=15)
+    again.end()
+    run = again.client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"run.init_lr": "0.0001"}
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert [s for s, _ in again.metric_history("loss")] == [5, 10, 15]
+    files = {a.path for a in again.client.list_artifacts(tracker.run_id, "plots")} | \
+            {a.path for a in again.client.list_artifacts(tracker.run_id, "config")}
+    assert files == {"plots/loss_curve.png", "config/resolved.yaml"}
+    # artifacts live next to the sqlite store, not in the CWD
+    assert str(tmp_path) in run.info.artifact_uri
+    assert RunTracker.find_by_train_key(uri, "exp-a", "/s/name") == tracker.run_id
+    assert RunTracker.find_by_train_key(uri, "exp-a", "/other") is None
+    with pytest.raises(Exception):
+        RunTracker.reopen(uri, "0" * 32)

@@ -12,6 +12,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("qformer.commands.config", "print the resolved experiment config"),
+    "train": ("qformer.commands.train", "train on Ray Train (LAVIS --cfg-path/--options), tracked in MLflow"),
+    "demo": ("qformer.commands.demo", "offline demo: synthetic data, tiny model, retrieval before/after"),
     "data": ("qformer.commands.data", "synthetic data set (synth) and data validation report (check)"),
     "tune": ("qformer.commands.tune", "hyper-parameter sweep (Ray Tune + ASHA) over a base experiment"),
     "bench": ("qformer.commands.bench", "benchmarks (data, step, train, cache, all) as JSON ratios"),

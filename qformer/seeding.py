@@ -13,4 +13,7 @@ def setup_seeds(seed: int, rank: int = 0) -> int:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
+    # LAVIS trades cuDNN autotuning for run-to-run reproducibility.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
     return value

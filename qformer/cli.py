@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qformer.commands.train", "train on Ray Train (LAVIS --cfg-path/--options), tracked in MLflow"),
     "demo": ("qformer.commands.demo", "offline demo: synthetic data, tiny model, retrieval before/after"),
     "data": ("qformer.commands.data", "synthetic data set (synth) and data validation report (check)"),
+    "eval": ("qformer.commands.eval", "evaluate a checkpoint: retrieval R@1/5/10 (LAVIS), logged to MLflow"),
     "tune": ("qformer.commands.tune", "hyper-parameter sweep (Ray Tune + ASHA) over a base experiment"),
     "bench": ("qformer.commands.bench", "benchmarks (data, step, train, cache, all) as JSON ratios"),
     "cache-features": ("qformer.commands.cache_features", "run the frozen ViT once per image/view into a feature cache"),

@@ -1,0 +1,161 @@
+"""Evaluate a saved checkpoint on a retrieval split, on Ray Train workers or in this process; log to MLflow.
+
+Checkpoints accepted: one of our Ray checkpoint directories (holding checkpoint.pth), a .pth file with
+{"model": state_dict, ...} (ours or LAVIS's, e.g. blip2_pretrained.pth), or a bare state dict file.
+The model is built from the config first (so the frozen ViT comes from model.vit_weights, as LAVIS),
+then the checkpoint is loaded non-strictly and its missing/unexpected keys are reported.
+
+With run.ray.num_workers = N > 0 a TorchTrainer of N workers runs `evaluate_retrieval` in its process
+group (images, texts and the ITM re-rank are split across the workers); with 0 it runs here, no Ray.
+Autocast follows run.amp / run.amp_dtype exactly as the training loop's evaluation does, so the numbers
+equal the ones the training run logged for the same weights.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("qformer.evaluate")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # keys "<split>/<metric>"
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, list[str]]:
+    """Load our checkpoint (file or Ray checkpoint dir) or a LAVIS checkpoint into `model`, non-strictly."""
+    from qformer.train.checkpoint import load_file
+
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    state = load_file(path)  # torch.load(weights_only=True); names the file on failure
+    report = model.load_checkpoint(state)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing_trainable = [k for k in report["missing"] if k in set(trainable)]
+    if len(missing_trainable) == len(trainable):
+        raise ValueError(f"checkpoint {checkpoint} matches none of the model's trainable parameters "
+                         f"(wrong model.model_type?); unexpected keys e.g. {report['unexpected'][:5]}")
+    if missing_trainable:
+        log.warning("checkpoint %s lacks %d trainable tensors, e.g. %s", checkpoint, len(missing_trainable),
+                    missing_trainable[:5])
+    return report
+
+
+def evaluate_model_on_split(model: torch.nn.Module, cfg: Any, split: str, device: torch.device,
+                            rank: int | None = None, world_size: int | None = None) -> dict[str, float]:
+    """evaluate_retrieval with the config's k_test, batch_size_eval and AMP policy."""
+    from qformer.data.pipeline import build_eval_split
+    from qformer.evaluate.retrieval import evaluate_retrieval
+    from qformer.train.amp import resolve_amp
+
+    amp = resolve_amp(bool(cfg.run.amp), cfg.run.get("amp_dtype"), device)
+    return evaluate_retrieval(model, build_eval_split(cfg, split), k_test=int(cfg.run.k_test),
+                              batch_size=int(cfg.run.batch_size_eval), device=device, rank=rank,
+                              world_size=world_size, autocast_dtype=amp.dtype)
+
+
+def _evaluate_here(cfg: Any, checkpoint: str, splits: list[str], device: torch.device,
+                   rank: int | None = None, world_size: int | None = None) -> dict[str, float]:
+    from qformer.models import build_model
+    from qformer.seeding import setup_seeds
+
+    setup_seeds(int(cfg.run.seed), 0)  # same seed on every rank: identical fresh weights where none are loaded
+    model = build_model(cfg.model)
+    load_weights(model, checkpoint)
+    model.to(device)
+    metrics: dict[str, float] = {}
+    for split in splits:
+        result = evaluate_model_on_split(model, cfg, split, device, rank, world_size)
+        metrics.update({f"{split}/{k}": float(v) for k, v in result.items()})
+    return metrics
+
+
+def _eval_worker(config: dict) -> None:
+    """Ray Train worker: every rank evaluates its share; rank 0's report carries the metrics."""
+    import ray.train
+    import ray.train.torch
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(config["cfg"])
+    device = ray.train.torch.get_device()
+    metrics = _evaluate_here(cfg, config["checkpoint"], config["splits"], device)
+    ray.train.report(metrics)
+
+
+def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str]) -> dict[str, float]:
+    import ray.train
+    from omegaconf import OmegaConf
+    from ray.train.torch import TorchTrainer
+
+    from qformer.train.launcher import _use_gpu, connect_ray
+
+    connect_ray(cfg)
+    resources = cfg.run.ray.get("resources_per_worker")
+    scaling = ray.train.ScalingConfig(
+        num_workers=int(cfg.run.ray.num_workers), use_gpu=_use_gpu(cfg),
+        resources_per_worker=dict(OmegaConf.to_container(resources)) if resources else None,
+    )
+    with tempfile.TemporaryDirectory(prefix="qformer-eval-") as storage:  # nothing persistent: no checkpoints
+        trainer = TorchTrainer(
+            _eval_worker,
+            train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True),
+                               "checkpoint": str(Path(checkpoint).expanduser().resolve()), "splits": splits},
+            scaling_config=scaling,
+            run_config=ray.train.RunConfig(name="qformer-eval", storage_path=storage),
+        )
+        result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return {k: float(v) for k, v in result.metrics.items()}
+
+
+def evaluate_checkpoint(cfg: Any, checkpoint: str | Path, splits: list[str] | None = None,
+                        track: bool = True) -> EvalResult:
+    """Metrics "<split>/<name>" of `checkpoint` on `splits` (default run.test_splits, else ["test"])."""
+    splits = list(splits or list(cfg.run.test_splits) or ["test"])
+    checkpoint = str(checkpoint)
+    if not Path(checkpoint).expanduser().exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    if int(cfg.run.ray.num_workers) > 0:
+        metrics = _evaluate_on_ray(cfg, checkpoint, splits)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        metrics = _evaluate_here(cfg, checkpoint, splits, device)
+    run_id = uri = None
+    if track and cfg.run.mlflow.get("enabled", True):
+        run_id, uri = _log_to_mlflow(cfg, checkpoint, splits, metrics)
+    return EvalResult(metrics, run_id, uri)
+
+
+def _log_to_mlflow(cfg: Any, checkpoint: str, splits: list[str], metrics: dict[str, float]) -> tuple[str, str]:
+    """An evaluation is its own MLflow run, in the config's experiment, tagged with what it evaluated."""
+    from omegaconf import OmegaConf
+
+    from qformer.tracking import RunTracker, flatten_params, git_commit, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.run.mlflow.get("tracking_uri"))
+    ckpt = str(Path(checkpoint).expanduser().resolve())
+    name = cfg.run.mlflow.get("run_name") or f"eval-{Path(ckpt).name}"
+    tracker = RunTracker.start(
+        uri, str(cfg.run.mlflow.experiment_name), run_name=str(name),
+        tags={"qformer.kind": "eval", "qformer.checkpoint": ckpt, "qformer.splits": ",".join(splits),
+              "git_commit": git_commit()},
+        params=flatten_params(OmegaConf.to_container(cfg, resolve=True)),
+        config_yaml=OmegaConf.to_yaml(cfg),
+    )
+    try:
+        tracker.log_metrics(metrics, step=0)
+    except Exception:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    return tracker.run_id, uri

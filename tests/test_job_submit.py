@@ -1,0 +1,258 @@
+"""What docs/cluster.md tells users to do, on this machine: `ray start --head` on loopback, then
+`ray job submit --working-dir <repo> -- qformer train ...`, then the MLflow run the job produced.
+
+The head gets its own ports and temp dir and runs with Ray 2.60's token authentication, as the compose
+cluster does: a fresh token in RAY_AUTH_TOKEN for `ray start` and `ray job submit` (nothing is written
+to ~/.ray/auth_token, which other Ray users on this machine read). It is stopped by the process ids
+it started. Never `ray stop`: it ends every Ray process on the machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent  # the job driver must run this venv's python and `qformer`
+PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+              "dashboard-agent-grpc-port", "metrics-export-port", "node-manager-port", "object-manager-port",
+              "runtime-env-agent-port")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LoopbackRayHead:
+    """A `ray start --head` cluster owned by this test module, found again by its temp dir and ports."""
+
+    temp_dir: str
+    ports: dict[str, int] = field(default_factory=lambda: {flag: free_port() for flag in PORT_FLAGS})
+    token: str = field(default_factory=lambda: secrets.token_hex(32))
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.ports['dashboard-port']}"
+
+    def start(self) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
+        self.env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_USAGE_STATS_ENABLED="0",
+            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
+        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
+               f"--object-store-memory={256 * 1024**2}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+               *(f"--{flag}={port}" for flag, port in self.ports.items())]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        self._wait_for_job_api()
+
+    def _wait_for_job_api(self, attempts: int = 120) -> None:
+        """The job API lives in the dashboard, which may still be loading when `ray start` returns."""
+        for _ in range(attempts):
+            try:
+                request = urllib.request.Request(f"{self.address}/api/version",
+                                                 headers={"Authorization": f"Bearer {self.token}"})
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    if json.load(resp).get("ray_version"):
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"Ray job API at {self.address} never answered")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this cluster: those naming our temp dir or our client-server port, and their children.
+
+        Ray's daemons are re-parented to init once `ray start` exits, so they are found by command line.
+        """
+        client_port = f"--port={self.ports['ray-client-server-port']}"
+        roots = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.pid != os.getpid() and (
+                self.temp_dir in cmdline or ("ray.util.client.server" in cmdline and client_port in cmdline)
+            ):
+                roots.append(proc)
+        found = {p.pid: p for p in roots}
+        for proc in roots:
+            try:
+                found.update({c.pid: c for c in proc.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                pass
+        return list(found.values())
+
+    def stop(self) -> list[int]:
+        """Terminate this cluster's processes (then kill the stubborn ones); returns pids still alive."""
+        procs = self.processes()
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        return [p.pid for p in self.processes()]
+
+    def submit(self, entrypoint: list[str], env_vars: dict[str, str] | None = None, timeout: int = 900,
+               client_auth: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit` as a user runs it; blocks until the job ends (exit 0 only if it SUCCEEDED).
+
+        client_auth replaces the submitting client's RAY_AUTH_* variables (default: the cluster's token).
+        """
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps({"env_vars": env_vars or {}}), "--", *entrypoint]
+        env = self.env
+        if client_auth is not None:
+            env = {k: v for k, v in self.env.items() if not k.startswith("RAY_AUTH")} | client_auth
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir)
+
+    def job_status(self, submission_id: str) -> str:
+        out = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", self.address, submission_id],
+                             env=self.env, capture_output=True, text=True, timeout=120)
+        # `ray job status` ends with "Job '<id>' succeeded|failed|stopped" for a finished job
+        match = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
+        assert match, out.stdout + out.stderr
+        return {"succeeded": "SUCCEEDED", "failed": "FAILED", "stopped": "STOPPED"}[match.group(1)]
+
+
+def submission_id(output: str) -> str:
+    match = re.search(r"Job '([^']+)' submitted successfully", output)
+    assert match, output[-3000:]
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    # A short path: Ray puts unix sockets under it (socket paths are limited to ~107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="qfjob", dir="/tmp")
+    head = LoopbackRayHead(temp_dir=temp_dir)
+    try:
+        head.start()
+        yield head
+    finally:
+        leftover = head.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert leftover == [], f"Ray processes of the test cluster still running: {leftover}"
+
+
+def test_job_runs_the_venv_python_with_stdlib_platform_and_submitted_code(ray_head):
+    """The repo's platform/ dir travels with --working-dir and sits first on PYTHONPATH; with no
+    __init__.py it must not shadow the stdlib module that Ray and MLflow import."""
+    probe = ("import platform, sys, qformer; platform.machine(); "
+             "print('PROBE', platform.__file__, sys.executable, qformer.__file__, sep='|')")
+    proc = ray_head.submit(["python", "-c", probe])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    line = next(l for l in output.splitlines() if l.startswith("PROBE|"))
+    platform_file, executable, qformer_file = line.split("|")[1:]
+    assert Path(platform_file).parent == Path(sysconfig.get_paths()["stdlib"])
+    assert Path(executable).parent == VENV_BIN, "job drivers inherit the head's environment: start ray from the venv"
+    assert "working_dir_files" in qformer_file and ray_head.temp_dir in qformer_file, "submitted code wins"
+    assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
+
+
+@pytest.mark.parametrize("client_auth, error", [
+    ({"RAY_AUTH_MODE": "disabled"}, "Missing authentication token"),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "nvalid authentication token"),
+], ids=["no-token", "wrong-token"])
+def test_submit_without_the_clusters_token_is_rejected(ray_head, client_auth, error):
+    proc = ray_head.submit(["python", "-c", "print('must not run')"], client_auth=client_auth, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert error in output, output[-3000:]
+    assert "must not run" not in output.replace("print('must not run')", "")
+
+
+def test_failing_job_fails_the_submit_command(ray_head):
+    proc = ray_head.submit(["qformer", "train", "--cfg-path", "experiments/does_not_exist.yaml"])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # the job's own error names the missing file (not just Ray echoing the entrypoint)
+    errors = [l for l in output.splitlines() if "does_not_exist.yaml" in l and "Running entrypoint" not in l]
+    assert errors, output[-4000:]
+    assert ray_head.job_status(submission_id(output)) == "FAILED"
+
+
+def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for info in client.list_artifacts(run_id, path):
+        out.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
+    return out
+
+
+def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
+    import mlflow
+
+    home = tmp_path / "qformer_home"
+    data_dir = home / "data" / "synth_shapes"
+    synth = subprocess.run(
+        [str(VENV_BIN / "qformer"), "data", "synth", "--out", str(data_dir), "--n-train", "16", "--n-val", "4",
+         "--n-test", "4", "--image-size", "64"],
+        env={**os.environ, "QFORMER_HOME": str(home)}, capture_output=True, text=True, timeout=300)
+    assert synth.returncode == 0, synth.stderr[-3000:]
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    experiment = "job-submit-e2e"
+    options = ["run.max_epoch=1", "run.max_steps_per_epoch=2", "run.batch_size_train=4", "run.batch_size_eval=4",
+               "run.log_freq=1", "run.warmup_steps=1", "run.valid_splits=[]", "run.test_splits=[]",
+               "run.ray.use_gpu=false", "run.ray.num_workers=1", "run.data.shuffle_buffer=0",
+               "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}"]
+    proc = ray_head.submit(
+        ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options", *options],
+        env_vars={"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home),
+                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {tracking_uri}"
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    # params: the flattened resolved config, with the job's --options in it
+    assert run.data.params["model.model_type"] == "tiny"
+    assert run.data.params["run.max_steps_per_epoch"] == "2"
+    assert run.data.params["run.mlflow.experiment_name"] == experiment
+    # metrics: a loss logged at every step (log_freq=1) of the 2 steps
+    loss_keys = [k for k in run.data.metrics if k.split("/")[-1] == "loss"]
+    assert loss_keys, sorted(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, loss_keys[0])
+    assert len({m.step for m in history}) == 2, history
+    assert all(m.value == m.value and m.value > 0 for m in history), "finite positive losses"
+    # checkpoint: LAVIS layout in an artifact, or its URI as a tag when storage is remote
+    artifacts = artifact_paths(client, run.info.run_id)
+    checkpoints = [a for a in artifacts if "checkpoint" in a.lower()]
+    assert checkpoints, f"no checkpoint artifact among {artifacts}"

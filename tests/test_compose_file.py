@@ -178,13 +178,29 @@ def test_health_checks_and_start_order(resolved):
         assert services[name]["depends_on"]["ray-head"]["condition"] == "service_healthy"
 
 
+def test_python_health_checks_compile(resolved):
+    """The health checks run `python -c CODE` in the containers: a syntax error would keep them unhealthy."""
+    for name, svc in resolved["services"].items():
+        test = svc.get("healthcheck", {}).get("test", [])
+        if len(test) >= 4 and test[:3] == ["CMD", "python", "-c"]:
+            compile(test[3], f"{name} healthcheck", "exec")
+    head_check = " ".join(resolved["services"]["ray-head"]["healthcheck"]["test"])
+    # token auth is on: only Ray's public health endpoints answer without the token
+    assert "gcs_healthz" in head_check and "/api/version" not in head_check
+
+
 def test_mlflow_server_serves_artifacts_from_postgres_backend(resolved):
     mlflow = resolved["services"]["mlflow"]
     cmd = mlflow["command"]
     assert "--serve-artifacts" in cmd and "--artifacts-destination" in cmd
     assert "--backend-store-uri postgresql+psycopg2://mlflow:test-password@postgres:5432/mlflow" in cmd
     allowed = re.search(r"--allowed-hosts (\S+)", cmd).group(1).split(",")
-    assert "mlflow:5000" in allowed and "localhost:*" in allowed
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    # MLflow's own Host-header check: containers use the service name, browsers the published port.
+    for host in ("mlflow:5000", "mlflow", "127.0.0.1:5000", "localhost:5000"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
     assert any(str(v).endswith(":/mlflow/artifacts:rw") or str(v).startswith("mlflow-artifacts:") for v in mlflow["volumes"])
 
 

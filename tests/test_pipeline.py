@@ -120,3 +120,21 @@ def test_ratios_give_one_dataset_per_source(ray_cluster, synth_data: Path, tmp_p
         build_train_datasets(_cfg({"coco_caption": coco, "vg_caption": vg}, train_dataset_ratios={"coco_caption": 1, "vg": 1}))
     with pytest.raises(ConfigError, match="run.train_dataset_ratios: no ratio for training dataset.s. vg_caption"):
         build_train_datasets(_cfg({"coco_caption": coco, "vg_caption": vg}, train_dataset_ratios={"coco_caption": 1}))
+
+
+def test_eval_split_ray_dataset_drops_bad_images_by_index(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    from qformer.data.pipeline import build_eval_split
+
+    val = json.loads((synth_data / "annotations/coco_karpathy_val.json").read_text())
+    val[2]["image"] = "val/missing.jpg"
+    (tmp_path / "val.json").write_text(json.dumps(val))
+    section = coco_caption_section(synth_data)
+    section["coco_caption"]["build_info"]["annotations"]["val"]["storage"] = str(tmp_path / "val.json")
+    split = build_eval_split(_cfg(section), "val")
+    rows = split.ray_dataset(batch_size=4).take_all()
+    assert sorted(int(r["index"]) for r in rows) == [i for i in range(16) if i != 2]
+    assert rows[0]["image"].shape == (3, 64, 64) and str(rows[0]["image"].dtype) == "uint8"
+    # the single-process iterator yields the same images
+    single = {int(i): im for idx, ims in split.images(batch_size=5) for i, im in zip(idx, ims)}
+    assert set(single) == {int(r["index"]) for r in rows}
+    assert all(np.array_equal(single[int(r["index"])], r["image"]) for r in rows)

@@ -3,8 +3,9 @@
 Both sides run the same work per sample: decode the JPEG (qformer.data.images.load_rgb), the config's
 train vis processor (crop/flip[/RandAugment]) to uint8, blip_caption, and batched BERT tokenisation.
 Both get the same number of worker processes (`--workers`, default: all CPUs) and the same batch
-size, and are timed in the same run over the same files. Each side runs `--epochs` passes; the first
-includes start-up (worker processes, Ray Data planning), so the payload reports every epoch and the
+size, and are timed in the same run over the same files, epochs alternating between the two so that
+load from other processes hits both alike. Each side runs `--epochs` passes; the first includes
+start-up (worker processes, Ray Data planning), so the payload reports every epoch and the
 steady-state rate (best epoch after the first). Data: the config's training annotations if they exist
 on disk, else a synthetic set written to a temporary directory (`--synth-size` px JPEGs).
 """
@@ -122,13 +123,13 @@ def run(args: argparse.Namespace) -> dict:
         bs = args.batch_size or int(cfg.run.data.batch_size)
         spec = train_transform(cfg, sources)
 
-        # --- torch DataLoader: same transforms, `workers` processes ---
+        # torch DataLoader: same transforms, `workers` persistent processes, forked before Ray starts
         loader = torch.utils.data.DataLoader(_TorchDataset(rows, spec), batch_size=bs, shuffle=True,
                                              num_workers=workers, collate_fn=_Collate(spec),
                                              persistent_workers=True)  # as Ray reuses its workers
-        torch_times, torch_n = _time_epochs(lambda: iter(loader), epochs)
+        torch_times, torch_n = _time_epochs(lambda: iter(loader), 1)
 
-        # --- Ray Data: same rows, `workers` concurrent decode tasks of 1 CPU each ---
+        # Ray Data: same rows, `workers` concurrent decode tasks of 1 CPU each
         started_ray = not ray.is_initialized()
         if started_ray:
             ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
@@ -138,10 +139,17 @@ def run(args: argparse.Namespace) -> dict:
             cfg.run.data.batch_size = bs
             cfg.run.data.concurrency = workers
             cfg.run.data.num_cpus_per_task = 1.0
-            df = pd.DataFrame(rows, columns=["path", "caption", "source"])
-            ds = to_ray_dataset(df, spec, cfg)
-            ray_times, ray_n = _time_epochs(lambda: ds.iter_torch_batches(batch_size=bs, drop_last=False), epochs)
+            ds = to_ray_dataset(pd.DataFrame(rows, columns=["path", "caption", "source"]), spec, cfg)
+            ray_times: list[float] = []
+            # epochs alternate between the two loaders so machine-load drift hits both alike
+            for epoch in range(epochs):
+                t, ray_n = _time_epochs(lambda: ds.iter_torch_batches(batch_size=bs, drop_last=False), 1)
+                ray_times += t
+                if epoch + 1 < epochs:
+                    t, torch_n = _time_epochs(lambda: iter(loader), 1)
+                    torch_times += t
         finally:
+            del loader
             if started_ray:
                 ray.shutdown()
 

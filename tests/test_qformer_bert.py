@@ -83,6 +83,8 @@ def test_lm_pass_through_cache_equals_joint_decoder_pass_and_backprops_into_quer
     assert torch.allclose(cached, joint, atol=1e-5)
     labels = ids.masked_fill(ids == 0, -100)
     loss = model(ids, attention_mask=full_mask, past_key_values=cache, labels=labels).loss
+    fast = model(ids, attention_mask=full_mask, past_key_values=cache, labels=labels, return_logits=False)
+    assert fast.logits is None and torch.allclose(fast.loss, loss, atol=1e-6)  # pads skipped, same loss
     loss.backward()
     assert queries.grad is not None and queries.grad.abs().sum() > 0
     assert model.bert.encoder.layer[0].crossattention.self.key.weight.grad.abs().sum() > 0

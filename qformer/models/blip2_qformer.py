@@ -277,6 +277,7 @@ class Blip2Qformer(nn.Module):
             attention_mask=torch.cat([query_atts, text_atts], dim=1),
             past_key_values=query_out.past_key_values,
             labels=labels,
+            return_logits=False,
         )
         loss = itc.loss + loss_itm + lm.loss
         return Blip2Output(loss=loss, loss_itc=itc.loss, loss_itm=loss_itm, loss_lm=lm.loss)

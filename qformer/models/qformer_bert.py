@@ -300,7 +300,7 @@ class BertOnlyMLMHead(nn.Module):
 @dataclass
 class LMOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 class BertLMHeadModel(nn.Module):
@@ -338,7 +338,9 @@ class BertLMHeadModel(nn.Module):
         past_key_values: KVCache | None = None,
         labels: torch.Tensor | None = None,
         query_embeds: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
+        """return_logits=False with labels: loss only, the vocabulary head skips pad positions."""
         if past_key_values is not None:
             query_embeds = None  # queries come from the cache
         out = self.bert(
@@ -351,6 +353,8 @@ class BertLMHeadModel(nn.Module):
         hidden = out.last_hidden_state
         if query_embeds is not None:
             hidden = hidden[:, query_embeds.shape[1] :]
+        if labels is not None and not return_logits:
+            return LMOutput(self.lm_loss.from_hidden(hidden, labels, self.cls), None)
         logits = self.cls(hidden)
         loss = self.lm_loss(logits, labels) if labels is not None else None
         return LMOutput(loss, logits)

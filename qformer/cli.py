@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("qformer.commands.tune", "hyper-parameter sweep (Ray Tune + ASHA) over a base experiment"),
     "bench": ("qformer.commands.bench", "benchmarks (data, step, train, cache, all) as JSON ratios"),
     "cache-features": ("qformer.commands.cache_features", "run the frozen ViT once per image/view into a feature cache"),
+    "export-hf": ("qformer.commands.export_hf", "export a checkpoint as a transformers BLIP-2 directory"),
 }
 
 

@@ -103,3 +103,32 @@ def test_export_hf_directory_loads_with_from_pretrained(model, tmp_path):
     assert torch.allclose(a, b, atol=1e-6)
     tok = transformers.BertTokenizer.from_pretrained(str(out))
     assert tok.bos_token == "[DEC]" and len(tok) == 30523
+
+
+def test_export_hf_command(tmp_path, minilm_path):
+    from qformer.cli import main
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        "model:\n  arch: blip2\n  model_type: tiny\n  vit_model: eva_clip_g\n"
+        "  vit_kwargs: {embed_dim: 16, depth: 1, num_heads: 2, mlp_ratio: 2.0, patch_size: 8}\n"
+        f"  image_size: 32\n  num_query_token: 2\n  bert_model: {minilm_path}\n"
+    )
+    from qformer.config import load_config
+
+    torch.manual_seed(3)
+    model = build_model(load_config(str(exp)).model)
+    torch.save({"model": model.trainable_state_dict(), "epoch": 0}, tmp_path / "ckpt.pth")
+    assert main(["export-hf", "--cfg-path", str(exp), "--checkpoint", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "hf"))
+    assert torch.equal(hf.itm_head.weight, model.itm_head.weight)
+    assert torch.equal(hf.qformer.encoder.layer[0].crossattention.attention.key.weight,
+                       model.Qformer.bert.encoder.layer[0].crossattention.self.key.weight)
+    # a timm encoder has no HF counterpart: the Q-Former body alone is written
+    opts = ["model.num_query_token=2", "model.vit_kwargs.depth=1", f"model.bert_model={minilm_path}"]
+    timm_model = build_model(load_config("experiments/demo/tiny_shapes.yaml", opts).model)
+    torch.save({"model": timm_model.trainable_state_dict()}, tmp_path / "timm.pth")
+    assert main(["export-hf", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--checkpoint", str(tmp_path / "timm.pth"),
+                 "--out", str(tmp_path / "hf_q"), "--options", *opts]) == 0
+    body = transformers.Blip2QFormerModel.from_pretrained(str(tmp_path / "hf_q"))
+    assert torch.equal(body.layernorm.weight, timm_model.Qformer.bert.embeddings.LayerNorm.weight)

@@ -26,6 +26,10 @@ def build_vision_encoder(
     For `eva_clip_g`/`clip_L`, `vit_kwargs` overrides sizes (embed_dim/depth/... or width/layers/...).
     """
     kwargs = dict(vit_kwargs or {})
+    if vit_model in ("eva_clip_g", "clip_L") and "img_size" in kwargs:
+        # model.image_size decides for the LAVIS encoders (a merged-in timm img_size must not clash)
+        if kwargs.pop("img_size") != img_size:
+            log.warning("model.vit_kwargs.img_size ignored for %s; using model.image_size=%d", vit_model, img_size)
     if vit_model == "eva_clip_g":
         return create_eva_vit_g(img_size, drop_path_rate, use_grad_checkpoint, **kwargs)
     if vit_model == "clip_L":

@@ -1,0 +1,195 @@
+"""Feature cache vs online ViT: epoch time at a ViT-B/16 encoder on CPU, FLOP projection at ViT-g.
+
+Both epochs run the real training step (qformer.train.step.train_step, the config's AMP policy) on
+the same images, model and batch size, in this process: online feeds uint8 eval views through
+the frozen ViT; cached reads the same view's fp16 features from a cache shard (the reader's
+ShardReader). Image decoding is excluded from both (it runs on CPU workers in parallel with
+training), so the measured ratio is the ViT's share of step compute, the part the cache removes.
+The ViT-g figure is analytic (qformer.features.flops), checked against FlopCounterMode here.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGET_SPEEDUP_VIT_G = 4.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="4 images, batch 2, one repeat (CI smoke run)")
+    parser.add_argument("--images", type=int, default=24, help="images per epoch")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved timed epochs per path (best kept)")
+    parser.add_argument("--vit", default="timm:vit_base_patch16_224", help="model.vit_model for the measurement")
+    parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
+
+
+def bench_config(vit: str, image_size: int = 224, queries: int = 32):
+    """The tiny model (MiniLM Q-Former) with a full-size timm ViT at 224 px, random weights."""
+    from qformer.config import load_config_dict
+
+    return load_config_dict({
+        "model": {"arch": "blip2", "model_type": "tiny", "vit_model": vit, "image_size": image_size,
+                  "vit_kwargs": {"img_size": image_size, "patch_size": 16, "depth": 12}, "num_query_token": queries},
+        "preprocess": {"vis_processor": {"train": {"name": "blip2_image_train", "image_size": image_size},
+                                         "eval": {"name": "blip_image_eval", "image_size": image_size}}},
+        "datasets": {"coco_caption": {"build_info": {"annotations": {"train": {"storage": "unused.json"}},
+                                                     "images": {"storage": "unused"}}}},
+        "run": {"init_lr": 1e-5, "warmup_steps": 0},
+    })
+
+
+def _state(cfg, model):
+    import torch
+
+    from qformer.train.amp import resolve_amp
+    from qformer.train.lr_schedule import build_lr_scheduler
+    from qformer.train.optim import build_optimizer
+    from qformer.train.step import TrainState
+
+    optimizer = build_optimizer(model, cfg.run)
+    return TrainState(model=model, optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, cfg.run),
+                      amp=resolve_amp(bool(cfg.run.amp), cfg.run.amp_dtype, "cpu"), device=torch.device("cpu"))
+
+
+def _epoch(state, batches: list[dict]) -> float:
+    from qformer.train.step import train_step
+
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        out = train_step(state, batch, epoch=0, iter_in_epoch=i)
+    float(out.losses["loss"])  # one sync at the end, as a log step would
+    return time.perf_counter() - start
+
+
+def _counted_flops(state, batch: dict) -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qformer.train.step import train_step
+
+    # The math SDPA backend decomposes attention into matmuls the counter sees (fused CPU kernels it misses).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        train_step(state, batch, epoch=0, iter_in_epoch=0)
+    return int(counter.get_total_flops())
+
+
+def _analytic(cfg, model, batch: int) -> dict[str, Any]:
+    from qformer.features.flops import QFormerDims, VitDims, cache_speedup
+
+    bert = model.Qformer.config
+    vit = model.visual_encoder.model
+    v = VitDims(image_size=int(cfg.model.image_size), patch=vit.patch_embed.patch_size[0], width=vit.num_features,
+                depth=len(vit.blocks), mlp=vit.blocks[0].mlp.fc1.out_features)
+    q = QFormerDims(hidden=bert.hidden_size, layers=bert.num_hidden_layers, intermediate=bert.intermediate_size,
+                    cross_attention_freq=int(cfg.model.cross_attention_freq), queries=int(cfg.model.num_query_token),
+                    text_len=int(cfg.model.max_txt_len), vocab=bert.vocab_size, embed_dim=int(cfg.model.embed_dim))
+    return {"vit": v, "qformer": q, **cache_speedup(v, q, batch)}
+
+
+def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int = 2) -> dict[str, Any]:
+    import torch
+
+    from qformer.data.normalize import normalize_uint8
+    from qformer.data.synth import write_synthetic
+    from qformer.data.images import load_rgb
+    from qformer.data.processors import BlipImageEvalProcessor
+    from qformer.data.tokenizer import tokenize
+    from qformer.features import store
+    from qformer.models import build_model
+    from qformer.seeding import setup_seeds
+
+    cfg = bench_config(vit)
+    size = int(cfg.model.image_size)
+    write_synthetic(work_dir / "synth", n_train=images, n_val=1, n_test=1, image_size=size, captions_per_image=1)
+    paths = sorted((work_dir / "synth" / "images" / "train").glob("*.jpg"))[:images]
+    eval_view = BlipImageEvalProcessor(size)
+    pixels = np.stack([eval_view(load_rgb(p)) for p in paths])
+    ids, atts = tokenize(str(cfg.model.bert_model), [f"a picture number {i}" for i in range(len(paths))],
+                         int(cfg.model.max_txt_len))
+    setup_seeds(0)
+    model = build_model(cfg.model).train()
+    spans = [slice(i, i + batch_size) for i in range(0, len(paths), batch_size) if i + batch_size <= len(paths)]
+    if not spans:
+        raise ValueError(f"--images {images} is smaller than --batch-size {batch_size}")
+    text = [{"text_ids": torch.from_numpy(ids[s]), "text_atts": torch.from_numpy(atts[s])} for s in spans]
+
+    # Build the cache (the one-off cost) with the model's own ViT, as the cache job's actors do.
+    cache = work_dir / "cache"
+    start = time.perf_counter()
+    rows = []
+    for s in spans:
+        with torch.inference_mode():
+            feats = model.vit_features(normalize_uint8(torch.from_numpy(pixels[s]))).float().numpy()
+        rows.append((store.write_shard(cache, feats[:, None], s.start), s))
+    build_s = time.perf_counter() - start
+    reader = store.ShardReader(cache)
+
+    def cached_batches() -> list[dict]:
+        out = []
+        for (name, s), t in zip(rows, text):
+            n = s.stop - s.start
+            feats = reader.gather(np.full(n, name), np.arange(n), np.zeros(n, dtype=np.int64))
+            out.append({"image_embeds": torch.from_numpy(feats).float(), **t})
+        return out
+
+    online = [{"image": torch.from_numpy(pixels[s]), **t} for s, t in zip(spans, text)]
+    state = _state(cfg, model)
+    _epoch(state, online[:1] + cached_batches()[:1])  # warm-up both paths (allocator, kernels)
+    times = {"online": [], "cached": []}
+    for _ in range(max(1, repeats)):  # interleaved, best kept: the machine may be shared
+        times["online"].append(_epoch(state, online))
+        times["cached"].append(_epoch(state, cached_batches()))  # includes reading the shards
+    two = lambda b: {k: v[:2] for k, v in b.items()}  # noqa: E731  (FLOPs per image need no full batch)
+    flops = {"online": _counted_flops(state, two(online[0])), "cached": _counted_flops(state, two(cached_batches()[0]))}
+    n_img = batch_size * len(spans)
+    best = {k: min(v) for k, v in times.items()}
+    analytic = _analytic(cfg, model, batch_size)
+    return {
+        "config": {"vit_model": vit, "image_size": size, "bert_model": str(cfg.model.bert_model),
+                   "num_query_token": int(cfg.model.num_query_token), "images_per_epoch": n_img,
+                   "batch_size": batch_size, "amp": state.amp.describe()},
+        "epoch_seconds": best, "epoch_seconds_all": times,
+        "speedup_measured": best["online"] / best["cached"],
+        "cache_build_seconds": build_s,
+        "counted_gflops_per_image": {k: v / 1e9 / 2 for k, v in flops.items()},
+        "speedup_counted_flops": flops["online"] / flops["cached"],
+        "speedup_analytic_same_config": analytic["projected_speedup"],
+        "analytic_gflops_per_image": {"vit_forward": analytic["vit_forward_gflops"],
+                                      "qformer_train": analytic["qformer_train_gflops"]},
+    }
+
+
+def projection() -> dict[str, Any]:
+    from qformer.features.flops import BERT_BASE_QFORMER, EVA_VIT_G, cache_speedup, qformer_forward_flops
+
+    now = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, batch=100)
+    reuse = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, batch=100, reuse_itm_kv=True)
+    passes = qformer_forward_flops(BERT_BASE_QFORMER, EVA_VIT_G.tokens, EVA_VIT_G.width, batch=100)
+    return {"encoder": "EVA ViT-g/14 (39 blocks, width 1408, 257 tokens) + BERT-base Q-Former, batch 100",
+            **now, "qformer_forward_gflops_by_pass": {k: v / 1e9 for k, v in passes.items()},
+            "projected_speedup_with_itm_kv_reuse": reuse["projected_speedup"],
+            "target": TARGET_SPEEDUP_VIT_G, "meets_target": now["projected_speedup"] >= TARGET_SPEEDUP_VIT_G}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from qformer.bench.common import write_result
+
+    images, batch, repeats = (4, 2, 1) if args.quick else (args.images, args.batch_size, args.repeats)
+    with tempfile.TemporaryDirectory(prefix="qformer-bench-cache-") as tmp:
+        measured = measure(images, batch, args.vit, Path(tmp), repeats)
+    payload = {"measured_cpu": measured, "projection_vit_g": projection(), "quick": bool(args.quick)}
+    path = write_result("cache", payload, args.out_dir)
+    proj = payload["projection_vit_g"]
+    print(f"cache vs online ViT, {measured['config']['vit_model']} on CPU: {measured['speedup_measured']:.2f}x "
+          f"measured ({measured['speedup_counted_flops']:.2f}x by counted FLOPs, "
+          f"{measured['speedup_analytic_same_config']:.2f}x analytic)")
+    print(f"projected at ViT-g: {proj['projected_speedup']:.2f}x "
+          f"({proj['projected_speedup_with_itm_kv_reuse']:.2f}x with ITM K/V reuse); target {TARGET_SPEEDUP_VIT_G}x")
+    print(f"wrote {path}")
+    return payload

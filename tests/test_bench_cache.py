@@ -1,0 +1,83 @@
+"""The FLOP model behind the ViT-g projection, checked against torch's FlopCounterMode, and the bench."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from qformer.features.flops import (
+    BERT_BASE_QFORMER, EVA_VIT_G, QFormerDims, VitDims, cache_speedup, qformer_train_flops, vit_forward_flops,
+)
+
+
+def test_vit_flops_match_flop_counter_on_a_timm_vit():
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64, patch_size=8,
+                            depth=3).eval()
+    # the math SDPA backend decomposes into counted matmuls (the fused CPU kernel is not counted)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        vit.forward_features(torch.zeros(2, 3, 64, 64))
+    dims = VitDims(image_size=64, patch=8, width=192, depth=3, mlp=768)
+    assert counter.get_total_flops() / 2 == pytest.approx(vit_forward_flops(dims), rel=0.02)
+
+
+def test_eva_vit_g_forward_is_about_half_a_teraflop():
+    # 39 blocks x (8*257*1408^2 + 4*257^2*1408 + 4*257*1408*6144) + patch embedding
+    assert vit_forward_flops(EVA_VIT_G) == pytest.approx(520.7e9, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from qformer.config import load_config_dict
+    from qformer.models import build_model
+
+    cfg = load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"}})
+    torch.manual_seed(0)
+    return cfg, build_model(cfg.model).train()
+
+
+def test_qformer_train_flops_match_flop_counter_on_the_real_model(tiny_model):
+    cfg, model = tiny_model
+    b = 4
+    ids = torch.randint(1000, 2000, (b, 32))
+    ids[:, 0] = 101
+    samples = {"image_embeds": torch.randn(b, 65, 192), "text_ids": ids, "text_atts": torch.ones(b, 32, dtype=torch.long)}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(samples).loss.backward()
+    bert = model.Qformer.config
+    q = QFormerDims(hidden=bert.hidden_size, layers=bert.num_hidden_layers, intermediate=bert.intermediate_size,
+                    queries=8, text_len=32, vocab=bert.vocab_size, embed_dim=256)
+    analytic = qformer_train_flops(q, n_img=65, d_img=192, batch=b)
+    assert counter.get_total_flops() / b == pytest.approx(analytic, rel=0.10)
+
+
+def test_projection_orders_and_kv_reuse_helps():
+    now = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER)
+    reuse = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, reuse_itm_kv=True)
+    assert 1.0 < now["projected_speedup"] < reuse["projected_speedup"]
+    assert now["vit_forward_gflops"] > now["qformer_train_gflops"]
+
+
+def test_bench_cache_quick_writes_a_result(tmp_path):
+    from qformer.bench import cache
+
+    parser = argparse.ArgumentParser()
+    cache.add_arguments(parser)
+    args = parser.parse_args(["--images", "4", "--batch-size", "2", "--vit", "timm:vit_tiny_patch16_224",
+                              "--out-dir", str(tmp_path)])
+    payload = cache.run(args)
+    written = json.loads((tmp_path / "cache-latest.json").read_text())
+    assert written["benchmark"] == "cache" and "machine" in written
+    measured = written["measured_cpu"]
+    assert measured["config"]["images_per_epoch"] == 4
+    assert set(measured["epoch_seconds"]) == {"online", "cached"}
+    # counted FLOPs, not time: the cached step skips exactly the ViT forward
+    assert measured["speedup_counted_flops"] > 1.0
+    assert measured["speedup_counted_flops"] == pytest.approx(measured["speedup_analytic_same_config"], rel=0.15)
+    assert payload["projection_vit_g"]["target"] == 4.0

@@ -12,7 +12,6 @@ trial runs -> results CSV, plot and best config on disk and on the parent run ->
 from __future__ import annotations
 
 import json
-import os
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ class SweepOutcome:
     tracking_uri: str | None = None  # the store (never the sweep's temporary server)
     experiment_id: str | None = None
     closed_orphans: list[str] = field(default_factory=list)
+    interrupted: bool = False  # Tune ended with unfinished trials (Ctrl+C, driver stop): resume with --resume
 
 
 def sweep_dir_for(spec: SweepSpec, base: DictConfig) -> Path:
@@ -54,9 +54,10 @@ def sweep_dir_for(spec: SweepSpec, base: DictConfig) -> Path:
 
 
 def tracking_uri_for(base: DictConfig) -> str:
-    from qformer.paths import default_tracking_uri
+    """The store `qformer train` would log to (run.mlflow.tracking_uri, MLFLOW_TRACKING_URI, embedded sqlite)."""
+    from qformer.tracking import resolve_tracking_uri
 
-    return base.run.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    return resolve_tracking_uri(base.run.mlflow.tracking_uri)
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, print_fn=print) -> SweepOutcome:
@@ -68,9 +69,14 @@ def run_sweep(spec: SweepSpec, resume: bool = False, print_fn=print) -> SweepOut
     mlflow_on = bool(base.run.mlflow.enabled)
     store_uri = tracking_uri_for(base) if mlflow_on else None
 
+    outcome = SweepOutcome(sweep_dir=sweep_dir, rows=[], best=None, tracking_uri=store_uri)
+    if mlflow_on:
+        from qformer.tracking import ensure_experiment
+
+        # Created before the server starts, by the same helper as `qformer train` (same artifact location).
+        outcome.experiment_id = ensure_experiment(store_uri, str(base.run.mlflow.experiment_name))
     with ExitStack() as stack:
         uri = stack.enter_context(_tracking(store_uri, sweep_dir)) if mlflow_on else None
-        outcome = SweepOutcome(sweep_dir=sweep_dir, rows=[], best=None, tracking_uri=store_uri)
         client = None
         if mlflow_on:
             from mlflow.tracking import MlflowClient
@@ -78,8 +84,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False, print_fn=print) -> SweepOut
             from qformer.tuning import mlflow_runs
 
             client = MlflowClient(tracking_uri=uri)
-            outcome.experiment_id = mlflow_runs.ensure_experiment(
-                client, base.run.mlflow.experiment_name, _artifact_root(store_uri))
             if state.get("parent_run_id"):
                 outcome.parent_run_id = state["parent_run_id"]
                 mlflow_runs.reopen_parent(client, outcome.parent_run_id)
@@ -97,6 +101,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, print_fn=print) -> SweepOut
                                                                          outcome.parent_run_id))
                 client.set_terminated(outcome.parent_run_id, "KILLED")
             raise
+        # On SIGINT Tune stops gracefully and fit() *returns*: unfinished trials tell the two apart.
+        outcome.interrupted = grid.num_terminated + grid.num_errors < len(grid)
         _report(spec, grid, outcome, client, print_fn)
     return outcome
 
@@ -140,14 +146,14 @@ def _tracking(store_uri: str, sweep_dir: Path):
 
 def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, parent_run_id: str | None,
          resume: bool):
-    import ray
     from ray import tune
 
+    from qformer.train.launcher import connect_ray
     from qformer.tuning.early_stop import EarlyStopMarker
+    from qformer.tuning.placement_groups import PlacementGroupReaper
     from qformer.tuning.trainable import TrialPlumbing, train_trial
 
-    if not ray.is_initialized():
-        ray.init(address=base.run.ray.address)  # None: a local Ray, or the one RAY_ADDRESS names
+    connect_ray(base)  # as `qformer train`: run.ray.address / RAY_ADDRESS / a job's cluster, else a local Ray
     plumbing = TrialPlumbing(parent_run_id=parent_run_id, tracking_uri=uri,
                              train_storage_path=base.run.ray.storage_path)
     trainable = tune.with_resources(tune.with_parameters(train_trial, spec=spec, plumbing=plumbing),
@@ -160,12 +166,13 @@ def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, pa
             param_space={key: dim.to_tune() for key, dim in spec.search_space.items()},
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                max_concurrent_trials=spec.max_concurrent_trials, scheduler=_scheduler(spec),
-                search_alg=_search_alg(spec), trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+                max_concurrent_trials=None if spec.seed is not None else spec.max_concurrent_trials,
+                scheduler=_scheduler(spec), search_alg=_search_alg(spec), trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(sweep_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                callbacks=[EarlyStopMarker(spec.scheduler.time_attr, spec.scheduler.max_t)], verbose=1),
+                callbacks=[EarlyStopMarker(spec.scheduler.time_attr, spec.scheduler.max_t), PlacementGroupReaper()],
+                verbose=1),
         )
     return tuner.fit()
 
@@ -176,8 +183,10 @@ def _scheduler(spec: SweepSpec):
     s = spec.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
+    # stop_last_trials=False: a trial that reaches max_t is not killed but ends on its own, so its
+    # training finishes normally (final evaluation, checkpoint, MLflow run FINISHED).
     return ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
+                         reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
 def _search_alg(spec: SweepSpec):
@@ -185,7 +194,9 @@ def _search_alg(spec: SweepSpec):
         return None
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=spec.seed)
+    # A search_alg instance makes Tune ignore TuneConfig.max_concurrent_trials: the limit must go here too,
+    # else every trial driver starts at once and their Train workers starve Ray Data of CPUs.
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials or 0)
 
 
 def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> None:
@@ -224,13 +235,17 @@ def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> N
         if outcome.best and outcome.best.mlflow_run_id:
             tags["best_run_id"] = outcome.best.mlflow_run_id
         errored = sum(r.status == "error" for r in rows)
+        status = "KILLED" if outcome.interrupted else ("FAILED" if rows and errored == len(rows) else "FINISHED")
         mlflow_runs.finish_parent(client, outcome.parent_run_id, list(outcome.files.values()), metrics, tags,
-                                  status="FAILED" if rows and errored == len(rows) else "FINISHED")
+                                  status=status)
 
-    print_fn(f"\nsweep {spec.name}: {len(rows)} trials, results in {out}")
+    state = "INTERRUPTED (partial results)" if outcome.interrupted else f"{len(rows)} trials"
+    print_fn(f"\nsweep {spec.name}: {state}, results in {out}")
     print_fn(results.format_table(rows, spec, outcome.best))
     if outcome.best is not None:
         print_fn(f"\nbest: trial {outcome.best.trial_id}, {spec.metric}={outcome.best.metric:.4g}")
         print_fn(f"retrain it with:\n  {retrain_command(outcome.files['best_config'])}")
     else:
         print_fn("\nno trial reported the metric " + spec.metric)
+    if outcome.interrupted:
+        print_fn(f"continue the sweep with:\n  qformer tune --cfg-path {spec.sweep_path} --resume")

@@ -22,8 +22,7 @@ def test_server_parent_children_and_orphans(tmp_path):
     with local_tracking_server(store, artifacts, tmp_path / "server.log") as uri:
         assert uri.startswith("http://127.0.0.1:")
         client = MlflowClient(tracking_uri=uri)
-        exp_id = mlflow_runs.ensure_experiment(client, "sweeps", artifacts)
-        assert mlflow_runs.ensure_experiment(client, "sweeps", artifacts) == exp_id
+        exp_id = client.create_experiment("sweeps", artifact_location=(artifacts / "sweeps").as_uri())
         parent = mlflow_runs.start_parent(client, exp_id, spec, tmp_path)
         # Children as the training code opens them: tagged with the parent's id.
         done = client.create_run(exp_id, run_name="t0", tags={mlflow_runs.PARENT_TAG: parent}).info.run_id

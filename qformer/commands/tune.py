@@ -26,4 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     outcome = run_sweep(load_sweep(args.cfg_path, args.options), resume=args.resume)
+    if outcome.interrupted:
+        return 130  # like a shell's Ctrl+C: the sweep can be resumed
     return 0 if outcome.best is not None else 1

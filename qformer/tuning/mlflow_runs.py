@@ -20,15 +20,6 @@ PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "qformer.sweep"
 
 
-def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
-    """Experiment id by name; created with artifacts under `artifact_root` (sqlite stores) if missing."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (artifact_root / name).as_uri() if artifact_root is not None else None
-    return client.create_experiment(name, artifact_location=location)
-
-
 def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, sweep_dir: Path) -> str:
     run = client.create_run(experiment_id, run_name=spec.name,
                             tags={SWEEP_TAG: spec.name, "qformer.sweep_dir": str(sweep_dir),

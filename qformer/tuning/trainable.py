@@ -6,6 +6,7 @@ here, inside the trial: outside a Tune session it raises) forwarding rank 0's re
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,9 @@ class MetricReportCallback(TuneReportCallback):
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         from ray.tune.utils import flatten_dict
 
-        if metrics and self._metric in flatten_dict(dict(metrics[0])):
+        value = flatten_dict(dict(metrics[0])).get(self._metric) if metrics else None
+        # Step checkpoints carry the score key as -inf (no evaluation ran): not a result to rank on.
+        if isinstance(value, (int, float)) and math.isfinite(value):
             super().after_report(run_context, metrics, checkpoint)
 
 
@@ -64,10 +67,13 @@ def train_trial(config: dict[str, Any], *, spec: SweepSpec, plumbing: TrialPlumb
     import ray.tune
 
     from qformer.config import load_config
-    from qformer.train.launcher import fit_trainer
+    from qformer.logging_setup import setup_logging
+    from qformer.train.launcher import launch_training
 
+    setup_logging()
     trial_id = ray.tune.get_context().get_trial_id()
     sampled = {key: config[key] for key in spec.search_space}
     cfg = load_config(str(spec.base_path), trial_options(spec, sampled, trial_id, plumbing))
-    fit_trainer(cfg, callbacks=[MetricReportCallback(spec.metric)], parent_run_id=plumbing.parent_run_id,
-                run_tags={"qformer.sweep": spec.name, "qformer.trial_id": trial_id})
+    # Exactly `qformer train`'s entry point; the trial's run name (run.ray.name) makes a retry resume, and
+    # its MLflow run is opened nested under the sweep's parent run.
+    launch_training(cfg, callbacks=[MetricReportCallback(spec.metric)], parent_run_id=plumbing.parent_run_id)

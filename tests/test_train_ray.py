@@ -134,3 +134,18 @@ def test_two_worker_ddp_sync_disjoint_data_and_failure_recovery(ray_cluster, sha
     assert run.info.status == "FINISHED" and run.data.tags["ray_num_workers"] == "2"
     assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == [2, 4]
     assert torch.isfinite(torch.tensor([m.value for m in client.get_metric_history(run.info.run_id, "loss")])).all()
+
+
+def test_iteration_based_runner_cycles_data_and_counts_inner_epochs(ray_cluster, shapes, tmp_path):
+    """runner_iter: max_iters / iters_per_inner_epoch inner epochs; the stream continues past a data pass."""
+    from qformer.train.launcher import launch_training
+
+    # 32 captions / batch 8 = 4 batches per pass; 2 inner epochs x 3 iterations cross the pass boundary
+    cfg = _cfg(shapes, tmp_path, "iters", {"batch_size_train": 8, "max_iters": 6, "iters_per_inner_epoch": 3,
+                                           "runner": "runner_iter", "log_freq": 1})
+    result = launch_training(cfg, local_mode=True)
+    assert result.metrics["step"] == 6 and result.metrics["epoch"] == 1
+    client = _client(cfg)
+    lr = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "lr")}
+    # inner epoch 0 warms up by in-epoch step; inner epoch 1 uses cosine with max_epoch = 6 / 3 = 2
+    assert lr == pytest.approx({1: 0.0, 2: 2.5e-5, 3: 5e-5, 4: _cos(1, 2), 5: _cos(1, 2), 6: _cos(1, 2)})

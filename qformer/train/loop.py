@@ -139,6 +139,7 @@ class _Runner:
         self.fail_marker = config.get("fail_marker")
         self.debug_dir = config.get("debug_dir")
         self.seen_batches: list[str] = []
+        self._streams: dict[str, Iterator[dict]] = {}
 
     # ---- epochs --------------------------------------------------------------------------------
     def epoch_length(self) -> int | None:
@@ -168,8 +169,15 @@ class _Runner:
 
     def _batches(self, epoch: int, begin: int) -> Iterator[dict]:
         cycling = self.iter_based or bool(self.ratios)
-        iters = {n: self._source(n, epoch, cycling) for n in self.names}
-        if not cycling and begin:
+        if cycling:
+            # runner_iter: one endless stream per source across inner epochs (LAVIS's IterLoader), not a
+            # fresh pass per inner epoch; closed in finish().
+            if not self._streams:
+                self._streams = {n: self._source(n, epoch, True) for n in self.names}
+            yield from self._draw(self._streams, epoch, begin)
+            return
+        iters = {n: self._source(n, epoch, False) for n in self.names}
+        if begin:
             log.info("resuming inside epoch %d: skipping %d batches of this epoch's data", epoch, begin)
             for _ in range(begin):
                 if next(iters["train"], None) is None:
@@ -316,6 +324,8 @@ class _Runner:
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 
     def finish(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
         run = self.run_cfg
         metrics: dict[str, float] = {}
         for split in run.test_splits:

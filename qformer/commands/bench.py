@@ -8,7 +8,8 @@ import argparse
 import importlib
 
 # suite -> module exposing add_arguments(parser) and run(args) -> dict (the written payload)
-SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.step", "cache": "qformer.bench.cache"}
+SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.step", "cache": "qformer.bench.cache",
+                          "train": "qformer.bench.train"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -113,7 +113,7 @@ class LoopbackRayHead:
                 proc.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        _, alive = psutil.wait_procs(procs, timeout=5)  # gcs_server and the monitor can ignore SIGTERM
         for proc in alive:
             try:
                 proc.kill()

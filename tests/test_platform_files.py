@@ -74,7 +74,9 @@ def test_dockerfile_installs_the_makefiles_torch_before_the_project():
     spec = re.search(r'^ARG TORCH_SPEC="(.+)"$', text, flags=re.M)
     assert spec and spec.group(1) == makefile_torch_spec(), "Dockerfile TORCH_SPEC must match the Makefile's"
     torch_install = text.index("${TORCH_SPEC}")
-    project_install = text.index('pip install ".[test]"')
+    project_install = text.index("pip install . ")
+    assert text.index("COPY qformer") > project_install, "dependency layer must not depend on the code"
+    assert "pip install --no-deps ." in text
     assert torch_install < project_install, "torch first, so the project's dependencies keep that build"
     # one image, two bases chosen by a build arg
     assert re.search(r"^ARG VARIANT=cuda$", text, flags=re.M)

@@ -160,3 +160,18 @@ def test_user_builder_and_ambiguous_eval_split(synth_data: Path) -> None:
     assert len(build_builder(cfg, "user_caps").train_samples()) == 240
     with pytest.raises(ConfigError, match="split 'val' is in several datasets"):
         build_eval_split(cfg, "val")
+
+
+def test_official_coco_val_file_as_retrieval_split(tmp_path: Path) -> None:
+    """Per-caption records are grouped per image for retrieval (one entry per image, all its captions)."""
+    ann = _write(tmp_path / "captions_val2017.json", {
+        "images": [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 285, "file_name": "000000000285.jpg"}],
+        "annotations": [{"image_id": 285, "id": 1, "caption": "A bear."}, {"image_id": 139, "id": 2, "caption": "A room!"},
+                        {"image_id": 285, "id": 3, "caption": "Big brown bear"}]})
+    ds = {"coco_caption": {"build_info": {"annotations": {"val": {"storage": str(ann)}},
+                                          "images": {"storage": str(tmp_path / "val2017")}}}}
+    split = build_builder(_cfg(ds), "coco_caption").retrieval_split("val")
+    assert split.image_paths == [str(tmp_path / "val2017/000000000285.jpg"), str(tmp_path / "val2017/000000000139.jpg")]
+    assert split.texts == ["a bear", "big brown bear", "a room"]
+    assert split.img2txt == [[0, 1], [2]] and split.txt2img == [0, 0, 1]
+    assert split.image_ids == ["000000000285", "000000000139"]

@@ -24,10 +24,10 @@ def _cfg(datasets: dict, **run) -> object:
     return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": datasets, "run": run})
 
 
-def _numbered(synth: Path, tmp: Path, n: int, name: str = "numbered.json", bad: int = 0) -> dict:
+def _numbered(synth: Path, tmp: Path, n: int, name: str = "numbered.json", bad: int = 0, word: str = "Item") -> dict:
     """n records over the synth images with unique captions 'item <i>'; `bad` extra broken records."""
     images = sorted(p.relative_to(synth / "images").as_posix() for p in (synth / "images" / "train").glob("*.jpg"))
-    recs = [{"image": images[i % len(images)], "caption": f"Item {i}."} for i in range(n)]
+    recs = [{"image": images[i % len(images)], "caption": f"{word} {i}."} for i in range(n)]
     (tmp / "zero.jpg").write_bytes(b"")
     recs += [{"image": str(tmp / "zero.jpg"), "caption": "broken"}, {"image": "train/missing.jpg", "caption": "gone"}][:bad]
     (tmp / name).write_text(json.dumps(recs))
@@ -98,14 +98,17 @@ def test_undecodable_images_are_skipped_and_counted(ray_cluster, synth_data: Pat
 
 
 def test_coco_and_vg_concatenated_into_one_stream(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
-    vg = _numbered(synth_data, tmp_path, 40, "vg.json")
+    vg = _numbered(synth_data, tmp_path, 40, "vg.json", word="Region")
     vg["vis_processor"] = {"train": {"name": "blip_image_train", "image_size": 64}}
     cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 40, "coco.json"), "vg_caption": vg})
     data = build_train_datasets(cfg)
     assert list(data.datasets) == ["train"] and data.num_rows == {"train": 80}
-    first = next(iter(data.datasets["train"].iter_batches(batch_size=40, batch_format="numpy")))
-    assert len(first["text_ids"]) == 40  # the first batch already mixes the two sources' rows
-    assert data.datasets["train"].count() == 80
+    tok = load_tokenizer(BERT)
+    batches = [[tok.decode(r, skip_special_tokens=True).split()[0] for r in b["text_ids"]]
+               for b in data.datasets["train"].iter_batches(batch_size=20, batch_format="numpy")]
+    assert sum(len(b) for b in batches) == 80
+    assert sorted(w for b in batches for w in b) == ["item"] * 40 + ["region"] * 40
+    assert all(set(b) == {"item", "region"} for b in batches)  # shuffled together: every batch mixes
 
 
 def test_ratios_give_one_dataset_per_source(ray_cluster, synth_data: Path, tmp_path: Path) -> None:

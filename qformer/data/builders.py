@@ -98,15 +98,18 @@ class CaptionBuilder:
             raise ConfigError(f"builder '{self.name}' has no evaluation splits", f"datasets.{self.name}")
         text_proc = self.processor("text_processor", "eval")
         vis_proc = self.processor("vis_processor", "eval")
+        # Group by image (first-appearance order): Karpathy val/test already have one record per image;
+        # per-caption files (official COCO captions_val2017.json, Karpathy-train style) are merged.
+        by_image: dict[str, tuple[CaptionRecord, list[str]]] = {}
+        for rec in self.records(split):
+            by_image.setdefault(self.image_path(rec), (rec, []))[1].extend(rec.captions)
         paths, texts, img2txt, txt2img, ids = [], [], [], [], []
-        for img_index, rec in enumerate(self.records(split)):
-            paths.append(self.image_path(rec))
+        for img_index, (path, (rec, captions)) in enumerate(by_image.items()):
+            paths.append(path)
             ids.append(coco_eval_image_id(rec.image))
-            img2txt.append([])
-            for caption in rec.captions:
-                img2txt[-1].append(len(texts))
-                texts.append(text_proc(caption))
-                txt2img.append(img_index)
+            img2txt.append(list(range(len(texts), len(texts) + len(captions))))
+            texts.extend(text_proc(c) for c in captions)
+            txt2img.extend([img_index] * len(captions))
         return RetrievalSplit(self.name, split, paths, texts, img2txt, txt2img, ids, vis_proc.image_size,
                               vis_processor=vis_proc, mean=vis_proc.mean, std=vis_proc.std)
 

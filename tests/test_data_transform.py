@@ -63,3 +63,20 @@ def test_bad_images_dropped_with_their_captions(tmp_path: Path) -> None:
 def test_tokenize_empty_list() -> None:
     ids, atts = tokenize(BERT, [], 8)
     assert ids.shape == atts.shape == (0, 8)
+
+
+def test_training_datasets_must_share_mean_std(synth_data: Path) -> None:
+    import pytest
+
+    from qformer.config import ConfigError, load_config_dict
+    from qformer.data.pipeline import build_train_datasets
+    from qformer.data.synth import coco_caption_section
+
+    coco = coco_caption_section(synth_data)["coco_caption"]
+    vg = {"build_info": {"annotations": {"train": coco["build_info"]["annotations"]["train"]},
+                         "images": coco["build_info"]["images"]},
+          "vis_processor": {"train": {"name": "blip_image_train", "image_size": 64, "mean": [0.5, 0.5, 0.5]}}}
+    cfg = load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"},
+                            "datasets": {"coco_caption": coco, "vg_caption": vg}})
+    with pytest.raises(ConfigError, match="datasets.vg_caption.vis_processor.train: mean/std differ"):
+        build_train_datasets(cfg)

@@ -64,5 +64,5 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
         raise ImageDecodeError(path, f"rejected by Pillow's decompression-bomb guard: {err}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated/corrupt data
-        raise ImageDecodeError(path, f"cannot decode: {err}") from None
+    except Exception as err:  # truncated/corrupt data; Pillow plugins raise many types (struct.error, ...)
+        raise ImageDecodeError(path, f"cannot decode: {type(err).__name__}: {err}") from None

@@ -48,6 +48,8 @@ class TrainData:
 
 
 def train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]]]]:
+    """[(dataset name, builder, [(image path, raw caption), ...])] for run.train_splits; reads and
+    validates every annotation file (AnnotationError names file and record)."""
     sources = []
     for name in cfg.datasets:
         builder = build_builder(cfg, name)
@@ -114,6 +116,10 @@ def build_train_datasets(cfg) -> TrainData:
     sources = train_sources(cfg)
     spec = train_transform(cfg, sources)
     mean, std = spec.vis_processors[0].mean, spec.vis_processors[0].std
+    for (name, _, _), proc in zip(sources, spec.vis_processors):
+        if (proc.mean, proc.std) != (mean, std):  # one normalisation per batch, on the device
+            raise ConfigError(f"mean/std differ from {sources[0][0]}'s; all training datasets must share them",
+                              f"datasets.{name}.vis_processor.train")
     frames = []
     for i, (_, _, samples) in enumerate(sources):
         df = pd.DataFrame(samples, columns=["path", "caption"])

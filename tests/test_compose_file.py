@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,13 @@ def test_every_compose_variable_is_documented_in_the_env_example():
     example = (REPO / "platform" / "compose.env.example").read_text()
     documented = set(re.findall(r"^#? ?([A-Z0-9_]+)=", example, flags=re.M))
     assert used - documented == set(), f"variables docker-compose.yml reads but the example omits: {used - documented}"
+
+
+def test_ensure_compose_script_is_a_no_op_when_compose_exists():
+    """make test runs it before pytest: with an implementation present it must change nothing."""
+    if not IMPLEMENTATIONS:
+        pytest.fail("no Docker Compose implementation found")
+    proc = subprocess.run(["bash", str(REPO / "platform" / "ci" / "ensure_compose.sh")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "VENV": str(Path(sys.executable).parents[1])})
+    assert proc.returncode == 0
+    assert "installing" not in proc.stderr, proc.stderr

@@ -1,8 +1,7 @@
 """Evaluate a checkpoint on retrieval splits (LAVIS RetrievalTask metrics) and log it as its own MLflow run.
 
 The checkpoint is one of ours (a Ray checkpoint directory or its checkpoint.pth) or a LAVIS .pth with
-{"model": state_dict}. Workers: run.ray.num_workers Ray Train workers, or this process when it is 0
-(`--options run.ray.num_workers=0`). Splits: --split (repeatable), else run.test_splits, else test.
+{"model": state_dict}. Workers: run.ray.num_workers Ray Train workers, or this process with --local (no Ray). Splits: --split (repeatable), else run.test_splits, else test.
 """
 from __future__ import annotations
 
@@ -14,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or Ray checkpoint directory")
     parser.add_argument("--split", action="append", default=None, help="split to evaluate (repeatable)")
     parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="overrides, e.g. run.k_test=128 run.ray.num_workers=0")
+                        help="overrides, e.g. run.k_test=128 run.ray.num_workers=2")
+    parser.add_argument("--local", action="store_true", help="evaluate in this process, without Ray")
     parser.add_argument("--no-mlflow", action="store_true", help="print the metrics only")
 
 
@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from qformer.evaluate.runner import evaluate_checkpoint
 
     try:
-        result = evaluate_checkpoint(cfg, args.checkpoint, args.split, track=not args.no_mlflow)
+        result = evaluate_checkpoint(cfg, args.checkpoint, args.split, track=not args.no_mlflow,
+                                     local=args.local)
     except (FileNotFoundError, ValueError) as err:
         print(f"qformer eval: {err}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ Checkpoints accepted: one of our Ray checkpoint directories (holding checkpoint.
 The model is built from the config first (so the frozen ViT comes from model.vit_weights, as LAVIS),
 then the checkpoint is loaded non-strictly and its missing/unexpected keys are reported.
 
-With run.ray.num_workers = N > 0 a TorchTrainer of N workers runs `evaluate_retrieval` in its process
-group (images, texts and the ITM re-rank are split across the workers); with 0 it runs here, no Ray.
+A TorchTrainer of run.ray.num_workers workers runs `evaluate_retrieval` in its process group (images,
+texts and the ITM re-rank are split across the workers); `local=True` (`qformer eval --local`) runs it
+in this process without Ray.
 Autocast follows run.amp / run.amp_dtype exactly as the training loop's evaluation does, so the numbers
 equal the ones the training run logged for the same weights.
 """
@@ -119,13 +120,16 @@ def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str]) -> dict[str, 
 
 
 def evaluate_checkpoint(cfg: Any, checkpoint: str | Path, splits: list[str] | None = None,
-                        track: bool = True) -> EvalResult:
-    """Metrics "<split>/<name>" of `checkpoint` on `splits` (default run.test_splits, else ["test"])."""
+                        track: bool = True, local: bool = False) -> EvalResult:
+    """Metrics "<split>/<name>" of `checkpoint` on `splits` (default run.test_splits, else ["test"]).
+
+    local=True (or run.ray.num_workers == 0) evaluates in this process without Ray.
+    """
     splits = list(splits or list(cfg.run.test_splits) or ["test"])
     checkpoint = str(checkpoint)
     if not Path(checkpoint).expanduser().exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    if int(cfg.run.ray.num_workers) > 0:
+    if not local and int(cfg.run.ray.num_workers) > 0:
         metrics = _evaluate_on_ray(cfg, checkpoint, splits)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,6 +14,9 @@ mixes neighbouring blocks with a local shuffle buffer (`run.data.shuffle_buffer`
 `iter_torch_batches(local_shuffle_buffer_size=...)`). Batches therefore differ every epoch but
 two samples from the same block are more likely than chance to share a batch.
 
+Paths: images are opened by whichever node runs a decode task, so on a multi-node cluster the data
+root must be a shared mount at the same path on every node (NFS, a bucket mount).
+
 Mixing: with `run.train_dataset_ratios` null, all train sources (COCO + VG) form ONE dataset
 "train" shuffled together, as LAVIS's ConcatDataset + DistributedSampler. With ratios, one dataset
 per source; the training loop picks one source per batch by ratio (LAVIS runner_iter behaviour).

@@ -55,7 +55,9 @@ class LoopbackRayHead:
         return f"http://127.0.0.1:{self.ports['dashboard-port']}"
 
     def start(self) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
+        # TOKENIZERS_PARALLELISM is left out so a job only has it from its runtime env (checked below).
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "TOKENIZERS_PARALLELISM"))}
         self.env.update(
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,
@@ -123,13 +125,17 @@ class LoopbackRayHead:
         return [p.pid for p in self.processes()]
 
     def submit(self, entrypoint: list[str], env_vars: dict[str, str] | None = None, timeout: int = 900,
-               client_auth: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+               client_auth: dict[str, str] | None = None, runtime_env_file: Path | None = None,
+               ) -> subprocess.CompletedProcess:
         """`ray job submit` as a user runs it; blocks until the job ends (exit 0 only if it SUCCEEDED).
 
         client_auth replaces the submitting client's RAY_AUTH_* variables (default: the cluster's token).
+        runtime_env_file (--runtime-env) replaces env_vars (--runtime-env-json); --working-dir wins over its working_dir.
         """
+        runtime_env = (["--runtime-env", str(runtime_env_file)] if runtime_env_file
+                       else ["--runtime-env-json", json.dumps({"env_vars": env_vars or {}})])
         cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
-               "--runtime-env-json", json.dumps({"env_vars": env_vars or {}}), "--", *entrypoint]
+               *runtime_env, "--", *entrypoint]
         env = self.env
         if client_auth is not None:
             env = {k: v for k, v in self.env.items() if not k.startswith("RAY_AUTH")} | client_auth
@@ -166,14 +172,17 @@ def ray_head():
 
 def test_job_runs_the_venv_python_with_stdlib_platform_and_submitted_code(ray_head):
     """The repo's platform/ dir travels with --working-dir and sits first on PYTHONPATH; with no
-    __init__.py it must not shadow the stdlib module that Ray and MLflow import."""
-    probe = ("import platform, sys, qformer; platform.machine(); "
-             "print('PROBE', platform.__file__, sys.executable, qformer.__file__, sep='|')")
-    proc = ray_head.submit(["python", "-c", probe])
+    __init__.py it must not shadow the stdlib module that Ray and MLflow import. Submitted with the
+    project's job runtime env file, as docs/cluster.md shows."""
+    probe = ("import os, platform, sys, qformer; platform.machine(); "
+             "print('PROBE', platform.__file__, sys.executable, qformer.__file__, "
+             "os.environ.get('TOKENIZERS_PARALLELISM'), sep='|')")
+    proc = ray_head.submit(["python", "-c", probe], runtime_env_file=REPO / "platform" / "ray" / "runtime_env.yaml")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     line = next(l for l in output.splitlines() if l.startswith("PROBE|"))
-    platform_file, executable, qformer_file = line.split("|")[1:]
+    platform_file, executable, qformer_file, tokenizers_env = line.split("|")[1:]
+    assert tokenizers_env == "false", "platform/ray/runtime_env.yaml's env_vars reach the job"
     assert Path(platform_file).parent == Path(sysconfig.get_paths()["stdlib"])
     assert Path(executable).parent == VENV_BIN, "job drivers inherit the head's environment: start ray from the venv"
     assert "working_dir_files" in qformer_file and ray_head.temp_dir in qformer_file, "submitted code wins"

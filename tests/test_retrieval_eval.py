@@ -179,3 +179,14 @@ def test_two_gloo_workers_equal_one_process(tmp_path, n_images, corrupt):
         np.testing.assert_array_equal(got["t2i"], single.t2i)
         assert got["skipped"] == single.skipped_images
         assert got["metrics"] == retrieval_metrics(single.i2t, single.t2i, single.img2txt, single.txt2img)
+
+
+def test_autocast_applies_to_model_calls_only(tmp_path):
+    split = _write_split(tmp_path, 6)
+    model = ToyRetrievalModel()
+    full = compute_score_matrices(model, split, k_test=2, batch_size=4, device="cpu")
+    half = compute_score_matrices(model, split, k_test=2, batch_size=4, device="cpu", autocast_dtype=torch.bfloat16)
+    assert half.i2t.dtype == np.float32
+    assert not torch.is_autocast_enabled("cpu")
+    ranked = full.i2t != -100.0
+    np.testing.assert_allclose(half.i2t[ranked], full.i2t[ranked], atol=0.1)  # bf16 model maths, fp32 sums

@@ -111,11 +111,14 @@ def compute_score_matrices(
         raise ValueError("eval split: img2txt/txt2img lengths do not match image_paths/texts")
     mean = getattr(split, "mean", CLIP_MEAN)
     std = getattr(split, "std", CLIP_STD)
-    autocast = (
-        torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-    )
 
-    with _eval_mode(core), autocast:
+    def cast() -> contextlib.AbstractContextManager:
+        # autocast only around model calls; similarities and score sums stay fp32 (LAVIS has no autocast here)
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
+    with _eval_mode(core):
         # 1. texts: every rank tokenises all (ITM may pair any text with its images), encodes its share
         ids_l, atts_l = [], []
         for lo in range(0, n_txt, batch_size):
@@ -126,7 +129,8 @@ def compute_score_matrices(
         my_txt = shard_range(n_txt, rank, world_size)
         local_text: list[torch.Tensor | None] = []
         for lo, hi in _batches(my_txt, batch_size):
-            local_text.extend(core.encode_text(text_ids[lo:hi].to(device), text_atts[lo:hi].to(device)).float())
+            with cast():
+                local_text.extend(core.encode_text(text_ids[lo:hi].to(device), text_atts[lo:hi].to(device)).float())
         text_feats = gather_shards(_stack_rows(local_text, device), n_txt, world_size)
 
         # 2. images: this rank's share; ln_vision tokens stay on the CPU (as LAVIS), one batch on device at a time
@@ -137,7 +141,8 @@ def compute_score_matrices(
             if len(idx) == 0:
                 continue
             image = normalize_uint8(torch.as_tensor(images).to(device), mean, std)
-            feats, embeds_ln = core.encode_image(image=image)
+            with cast():
+                feats, embeds_ln = core.encode_image(image=image)
             for j, row in enumerate(idx):
                 feats_by_row[int(row) - my_img.start] = feats[j].float()
             local_vit.append(embeds_ln.cpu())
@@ -160,9 +165,10 @@ def compute_score_matrices(
 
         def itm_scorer(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
             img_idx, txt_idx = img_idx.cpu(), txt_idx.cpu()
-            return core.itm_logit(
-                vit[img_idx - owned.start].to(device), text_ids[txt_idx].to(device), text_atts[txt_idx].to(device)
-            )
+            with cast():
+                return core.itm_logit(
+                    vit[img_idx - owned.start].to(device), text_ids[txt_idx].to(device), text_atts[txt_idx].to(device)
+                ).float()
 
         entries = itm_rerank(sims, k_test, itm_scorer, owned_images=owned, batch_size=itm_batch_size or batch_size)
     i2t, t2i = gather_entries(entries, world_size).to_dense(*sims.shape)

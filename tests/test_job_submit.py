@@ -263,5 +263,11 @@ def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
     assert all(m.value == m.value and m.value > 0 for m in history), "finite positive losses"
     # checkpoint: LAVIS layout in an artifact, or its URI as a tag when storage is remote
     artifacts = artifact_paths(client, run.info.run_id)
-    checkpoints = [a for a in artifacts if "checkpoint" in a.lower()]
+    checkpoints = [a for a in artifacts if "checkpoint" in a.lower() and a.endswith(".pth")]
     assert checkpoints, f"no checkpoint artifact among {artifacts}"
+    import torch
+
+    local = client.download_artifacts(run.info.run_id, checkpoints[0], str(tmp_path / "downloaded"))
+    state = torch.load(local, map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(state), sorted(state)  # LAVIS layout
+    assert state["model"] and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())

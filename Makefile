@@ -24,6 +24,7 @@ demo: venv
 	$(VENV)/bin/qformer demo
 
 test: venv
+	@VENV=$(VENV) bash platform/ci/ensure_compose.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv

@@ -174,7 +174,45 @@ def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, pa
                 callbacks=[EarlyStopMarker(spec.scheduler.time_attr, spec.scheduler.max_t), PlacementGroupReaper()],
                 verbose=1),
         )
-    return tuner.fit()
+    counter = _shared_skip_counter()
+    try:
+        return tuner.fit()
+    finally:
+        if counter is not None:
+            import ray
+
+            ray.kill(counter)
+        _release_after_fit()
+
+
+def _release_after_fit(watch_s: float = 3.0) -> None:
+    """The last stopped trials' controllers die just after fit() returns: keep releasing for a moment,
+    so a driver that goes on using the cluster (a notebook, a test session) gets its CPUs back."""
+    import time
+
+    from qformer.tuning.placement_groups import release_orphaned_placement_groups
+
+    deadline = time.monotonic() + watch_s
+    while True:
+        try:
+            release_orphaned_placement_groups()
+        except Exception as err:  # noqa: BLE001 - clean-up must not hide the sweep's result
+            log.warning("placement group clean-up failed: %s", err)
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.5)
+
+
+def _shared_skip_counter():
+    """Create the data pipeline's skipped-image counter (a named actor) up front, detached, for all trials.
+
+    Otherwise the first trial creates it owned by its own process; it dies with that trial (or when the
+    trial drops its handle) while other trials still look it up by name. Killed after the sweep.
+    """
+    from qformer.data import stats
+
+    return stats._get_actor(create=True, detached=True)
 
 
 def _scheduler(spec: SweepSpec):

@@ -13,7 +13,7 @@ from qformer.tuning.best_config import resolve_trial_config, retrain_command, wr
 from qformer.tuning.early_stop import FLAG, EarlyStopMarker
 from qformer.tuning.results import TrialRow
 from qformer.tuning.spec import load_sweep
-from qformer.tuning.trainable import TrialPlumbing, train_run_name, trial_options
+from qformer.tuning.trainable import TrialPlumbing, carries_metric, train_run_name, trial_options
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"
@@ -102,3 +102,11 @@ def test_early_stop_marker_flags_only_scheduler_stops_before_max_t():
     for result in (stopped, running, at_max):
         marker.on_trial_result(0, [], None, result)
     assert stopped.get(FLAG) is True and FLAG not in running and FLAG not in at_max
+
+
+def test_only_evaluation_reports_reach_tune():
+    assert carries_metric({"epoch": 0, "val/r_mean": 41.5}, "val/r_mean")
+    assert carries_metric({"val": {"r_mean": 41.5}}, "val/r_mean")  # nested, as Tune flattens it
+    assert not carries_metric({"step": 10, "loss": 3.0}, "val/r_mean")  # a plain step report
+    assert not carries_metric({"step": 10, "val/r_mean": float("-inf")}, "val/r_mean")  # step checkpoint
+    assert not carries_metric({"val/r_mean": float("nan")}, "val/r_mean")

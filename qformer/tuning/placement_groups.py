@@ -25,7 +25,7 @@ log = get_logger(__name__)
 
 
 def release_orphaned_placement_groups() -> list[str]:
-    """Remove live placement groups whose creator actor died; return their ids (hex)."""
+    """Remove live placement groups whose creator *actor* died; return their ids (hex)."""
     from ray._private import state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -35,7 +35,7 @@ def release_orphaned_placement_groups() -> list[str]:
             gcs_pb2.PlacementGroupTableData.CREATED, gcs_pb2.PlacementGroupTableData.RESCHEDULING)
     for raw in state.state._connect_and_get_accessor().get_placement_group_table():
         info = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if info.state in live and info.creator_actor_dead and not info.is_detached:
+        if info.state in live and _created_by_an_actor(info) and info.creator_actor_dead and not info.is_detached:
             import ray
 
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(info.placement_group_id)))
@@ -43,6 +43,12 @@ def release_orphaned_placement_groups() -> list[str]:
     if removed:
         log.info("released %d placement group(s) left by stopped trials: %s", len(removed), ", ".join(removed))
     return removed
+
+
+def _created_by_an_actor(info) -> bool:
+    """Driver-created groups (Tune's own trial reservations) have a nil creator actor, reported as dead."""
+    actor_id = bytes(info.creator_actor_id)
+    return bool(actor_id) and actor_id != b"\xff" * len(actor_id) and actor_id != b"\x00" * len(actor_id)
 
 
 class PlacementGroupReaper(Callback):

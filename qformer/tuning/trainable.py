@@ -38,12 +38,19 @@ class MetricReportCallback(TuneReportCallback):
         self._metric = metric
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        from ray.tune.utils import flatten_dict
-
-        value = flatten_dict(dict(metrics[0])).get(self._metric) if metrics else None
-        # Step checkpoints carry the score key as -inf (no evaluation ran): not a result to rank on.
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if metrics and carries_metric(metrics[0], self._metric):
             super().after_report(run_context, metrics, checkpoint)
+
+
+def carries_metric(report: dict[str, Any], metric: str) -> bool:
+    """Whether a rank-0 report holds a finite value of `metric` (nested dicts read as "a/b").
+
+    Step checkpoints carry the checkpoint score key as -inf (no evaluation ran): not a result to rank on.
+    """
+    from ray.tune.utils import flatten_dict
+
+    value = flatten_dict(dict(report)).get(metric)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def train_run_name(spec: SweepSpec, trial_id: str) -> str:

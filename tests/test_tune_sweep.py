@@ -1,0 +1,159 @@
+"""End to end: a 4-trial ASHA sweep of the tiny config on synthetic data, on the session's local Ray.
+
+Trials train through `qformer train`'s launcher (1 Train worker at half a CPU + a quarter-CPU trial
+driver, 2 trials at a time). The learning rates are a grid so the outcome does not hang on luck:
+the two trials that start first learn (1e-3), the two that start later barely move (1e-8), so when
+they reach ASHA's first rung (after epoch 0) both earlier results are already recorded and better.
+The metric is the epoch's mean training loss (min): continuous, so no ties at the rung.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from qformer.config import ConfigError, load_config
+from qformer.tune import run_sweep
+from qformer.tuning.spec import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SWEEP = REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def sweep_options(root: Path) -> list[str]:
+    return [
+        f"run.data_root={root / 'data'}",
+        f"run.mlflow.tracking_uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
+        "run.mlflow.experiment_name=tune-test",
+        f"tune.storage_path={root / 'sweeps'}",
+        "tune.metric=train_epoch/loss", "tune.mode=min",
+        "tune.search_space.run.init_lr={grid: [1.0e-3, 1.0e-3, 1.0e-8, 1.0e-8]}",
+        "tune.num_samples=1",
+        "run.max_epoch=2", "tune.scheduler.max_t=2",
+        "run.warmup_lr=-1",  # the first step already trains at the sampled lr
+        "run.test_splits=[]",
+    ]
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_cluster, tmp_path_factory):
+    from qformer.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("tune_e2e")
+    write_synthetic(root / "data" / "synth_shapes", n_train=16, n_val=8, n_test=4, seed=0, image_size=64)
+    spec = load_sweep(TINY_SWEEP, sweep_options(root))
+    printed: list[str] = []
+    outcome = run_sweep(spec, print_fn=printed.append)
+    return spec, outcome, "\n".join(printed), root
+
+
+def test_asha_stops_a_late_weak_trial_early(sweep):
+    spec, outcome, _, _ = sweep
+    assert len(outcome.rows) == 4
+    assert all(r.status == "ok" for r in outcome.rows), [(r.trial_id, r.status) for r in outcome.rows]
+    early = [r for r in outcome.rows if r.stopped_early]
+    assert early, "ASHA stopped no trial"
+    assert all(r.iterations == 1 for r in early)
+    late = [r for r in outcome.rows if int(r.trial_id.rsplit("_", 1)[1]) >= 2]  # grid order: the 1e-8 trials
+    assert all(r.sampled["run.init_lr"] == pytest.approx(1e-8) and r.stopped_early for r in late)
+    full = [r for r in outcome.rows if not r.stopped_early]
+    assert full and all(r.iterations == 2 for r in full)
+    assert not outcome.interrupted
+    assert outcome.best is not None and outcome.best.sampled["run.init_lr"] == pytest.approx(1e-3)
+    assert outcome.best.metric == min(r.metric for r in outcome.rows)
+
+
+def test_mlflow_parent_and_one_child_per_trial(sweep):
+    spec, outcome, _, _ = sweep
+    client = MlflowClient(tracking_uri=outcome.tracking_uri)  # the sqlite store itself: the server is gone
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["metric"] == "train_epoch/loss"
+    assert {a.path for a in client.list_artifacts(outcome.parent_run_id, "sweep")} == {
+        "sweep/results.csv", "sweep/metric_vs_lr.png", "sweep/best_config.yaml"}
+    children = client.search_runs([outcome.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    assert len(children) == 4
+    by_id = {c.info.run_id: c for c in children}
+    for row in outcome.rows:
+        child = by_id[row.mlflow_run_id]
+        assert float(child.data.params["run.init_lr"]) == pytest.approx(row.sampled["run.init_lr"])
+        assert int(child.data.params["model.num_query_token"]) == row.sampled["model.num_query_token"]
+        assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
+        assert "train_epoch/loss" in child.data.metrics  # the trial's own training metrics
+    assert set(outcome.closed_orphans) == {r.mlflow_run_id for r in outcome.rows if r.stopped_early}
+
+
+def test_results_on_disk_and_printed(sweep):
+    spec, outcome, printed, _ = sweep
+    results_dir = outcome.sweep_dir / "results"
+    assert (results_dir / "results.csv").read_text().count("\n") == 5
+    assert (results_dir / "metric_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert "stopped early" in printed and "init_lr" in printed and "num_query_token" in printed
+    assert f"qformer train --cfg-path {results_dir / 'best_config.yaml'}" in printed
+
+
+def test_best_config_loads_and_trains(sweep, tmp_path):
+    from qformer.train.launcher import launch_training
+
+    spec, outcome, _, root = sweep
+    path = outcome.files["best_config"]
+    cfg = load_config(str(path))
+    assert cfg.run.init_lr == pytest.approx(outcome.best.sampled["run.init_lr"])
+    assert cfg.model.num_query_token == outcome.best.sampled["model.num_query_token"]
+    short = load_config(str(path), ["run.max_epoch=1", "run.max_steps_per_epoch=1", "run.valid_splits=[]",
+                                    f"run.ray.storage_path={tmp_path}", "run.ray.name=retrain_best"])
+    result = launch_training(short)
+    assert result.error is None and result.metrics["step"] == 1
+
+
+def test_existing_sweep_needs_resume_and_resume_restores(sweep):
+    spec, outcome, _, root = sweep
+    with pytest.raises(ConfigError, match="--resume"):
+        run_sweep(load_sweep(TINY_SWEEP, sweep_options(root)))
+    again = run_sweep(load_sweep(TINY_SWEEP, sweep_options(root)), resume=True, print_fn=lambda *_: None)
+    assert again.parent_run_id == outcome.parent_run_id  # the same parent run, reopened and finished again
+    assert sorted(r.trial_id for r in again.rows) == sorted(r.trial_id for r in outcome.rows)
+    assert [r.iterations for r in again.rows] == [r.iterations for r in outcome.rows]  # nothing re-ran
+
+
+def test_invalid_search_space_key_fails_before_any_trial(tmp_path):
+    options = [*sweep_options(tmp_path), "tune.search_space.run.init_lrr={loguniform: [1e-5, 1e-3]}"]
+    with pytest.raises(ConfigError, match=r"tune\.search_space\.run\.init_lrr.*did you mean run\.init_lr"):
+        run_sweep(load_sweep(TINY_SWEEP, options))
+    assert not (tmp_path / "sweeps").exists()  # no Tune experiment
+    assert not (tmp_path / "mlflow").exists()  # no MLflow run
+
+
+def test_placement_group_of_a_killed_creator_is_released(ray_cluster):
+    """What an ASHA-stopped trial leaves: a placement group whose creator (the Train controller) is dead."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from qformer.tuning.placement_groups import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def reserve(self) -> str:
+            pg = placement_group([{"CPU": 0.01}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    creator = Creator.remote()
+    orphan = ray.get(creator.reserve.remote())
+    kept = placement_group([{"CPU": 0.01}])  # created by this driver: must survive
+    ray.get(kept.ready())
+    ray.kill(creator)
+    import time
+
+    released: list[str] = []
+    for _ in range(50):  # the GCS learns of the death asynchronously
+        released += release_orphaned_placement_groups()
+        if orphan in released:
+            break
+        time.sleep(0.2)
+    assert orphan in released
+    assert ray.util.placement_group_table(kept)["state"] == "CREATED"
+    ray.util.remove_placement_group(kept)

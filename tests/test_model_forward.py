@@ -79,6 +79,8 @@ def test_forward_gradients_only_reach_trainable_parts(model):
     with_grad = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {"Qformer", "ln_vision", "vision_proj", "text_proj", "itm_head", "temp", "query_tokens"}
     assert all(not p.requires_grad and p.grad is None for p in model.visual_encoder.parameters())
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []  # DDP(find_unused_parameters=False) needs every trainable parameter used
     cross = model.Qformer.bert.encoder.layer[0].crossattention.self.key.weight
     assert cross.grad is not None and cross.grad.abs().sum() > 0
 
@@ -92,6 +94,14 @@ def test_text_ids_input_equals_text_input(model):
     torch.manual_seed(1)
     b = model({"image_embeds": embeds, "text_ids": ids, "text_atts": atts})
     assert torch.allclose(a.loss, b.loss)
+
+
+def test_fp16_cached_features_run_on_cpu(model):
+    model.eval()
+    embeds = model.vit_features(torch.randn(2, 3, 32, 32))
+    ids, atts = model.tokenize(TEXTS[:2])
+    out = model({"image_embeds": embeds.half(), "text_ids": ids, "text_atts": atts})
+    assert torch.isfinite(out.loss)
 
 
 def test_bad_samples_raise_clear_errors(model):

@@ -211,6 +211,8 @@ class Blip2Qformer(nn.Module):
             if image is None:
                 raise ValueError("need samples['image'] or samples['image_embeds']")
             image_embeds = self.vit_features(image)
+        else:  # cached features (often fp16 on disk): ln_vision computes in its own dtype
+            image_embeds = image_embeds.to(self.device, self.ln_vision.weight.dtype)
         return self.ln_vision(image_embeds)
 
     def _query_pass(self, image_embeds_ln: torch.Tensor, use_cache: bool = False):

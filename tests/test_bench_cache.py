@@ -69,8 +69,8 @@ def test_bench_cache_quick_writes_a_result(tmp_path):
 
     parser = argparse.ArgumentParser()
     cache.add_arguments(parser)
-    args = parser.parse_args(["--images", "4", "--batch-size", "2", "--vit", "timm:vit_tiny_patch16_224",
-                              "--out-dir", str(tmp_path)])
+    args = parser.parse_args(["--images", "4", "--batch-size", "2", "--repeats", "1", "--vit", "timm:vit_tiny_patch16_224",
+                              "--image-size", "64", "--queries", "8", "--out-dir", str(tmp_path)])
     payload = cache.run(args)
     written = json.loads((tmp_path / "cache-latest.json").read_text())
     assert written["benchmark"] == "cache" and "machine" in written

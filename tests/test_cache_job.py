@@ -77,6 +77,20 @@ def test_reader_refuses_a_cache_made_by_another_vit(cache):
         dataset(load_config_dict(_cfg_dict(root, vision_cache=str(out / "nope"))))
 
 
+def test_check_model_accepts_the_seeded_vit_and_refuses_another(cache):
+    from qformer.features import check_model
+    from qformer.models import build_model
+    from qformer.seeding import setup_seeds
+
+    root, out, _, _ = cache
+    cfg = load_config_dict(_cfg_dict(root, vision_cache=str(out)))
+    setup_seeds(int(cfg.run.seed), 0)
+    check_model(build_model(cfg.model), cfg)
+    setup_seeds(int(cfg.run.seed) + 1, 0)  # another random ViT
+    with pytest.raises(ConfigError, match=r"run\.vision_cache.*ViT weights differ"):
+        check_model(build_model(cfg.model), cfg)
+
+
 def _loss(model, samples) -> float:
     torch.manual_seed(0)  # same ITM negatives on both paths
     with torch.no_grad():

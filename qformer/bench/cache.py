@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved timed epochs per path (best kept)")
     parser.add_argument("--vit", default="timm:vit_base_patch16_224", help="model.vit_model for the measurement")
+    parser.add_argument("--image-size", type=int, default=224, help="model.image_size (patch 16)")
+    parser.add_argument("--queries", type=int, default=32, help="model.num_query_token (LAVIS: 32)")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
 
 
@@ -68,14 +70,19 @@ def _epoch(state, batches: list[dict]) -> float:
 
 
 def _counted_flops(state, batch: dict) -> int:
+    """Matmul FLOPs of one forward + backward as torch counts them (no optimiser step: not matmuls)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from qformer.train.step import train_step
+    from qformer.train.step import prepare_samples
 
+    samples = prepare_samples(batch, state.device)
     # The math SDPA backend decomposes attention into matmuls the counter sees (fused CPU kernels it misses).
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        train_step(state, batch, epoch=0, iter_in_epoch=0)
+        with state.amp.autocast():
+            loss = state.model(samples).loss
+        loss.backward()
+    state.optimizer.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
 
@@ -92,7 +99,8 @@ def _analytic(cfg, model, batch: int) -> dict[str, Any]:
     return {"vit": v, "qformer": q, **cache_speedup(v, q, batch)}
 
 
-def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int = 2) -> dict[str, Any]:
+def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int = 2, image_size: int = 224,
+            queries: int = 32) -> dict[str, Any]:
     import torch
 
     from qformer.data.normalize import normalize_uint8
@@ -104,7 +112,7 @@ def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int
     from qformer.models import build_model
     from qformer.seeding import setup_seeds
 
-    cfg = bench_config(vit)
+    cfg = bench_config(vit, image_size, queries)
     size = int(cfg.model.image_size)
     write_synthetic(work_dir / "synth", n_train=images, n_val=1, n_test=1, image_size=size, captions_per_image=1)
     paths = sorted((work_dir / "synth" / "images" / "train").glob("*.jpg"))[:images]
@@ -182,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     images, batch, repeats = (4, 2, 1) if args.quick else (args.images, args.batch_size, args.repeats)
     with tempfile.TemporaryDirectory(prefix="qformer-bench-cache-") as tmp:
-        measured = measure(images, batch, args.vit, Path(tmp), repeats)
+        measured = measure(images, batch, args.vit, Path(tmp), repeats, args.image_size, args.queries)
     payload = {"measured_cpu": measured, "projection_vit_g": projection(), "quick": bool(args.quick)}
     path = write_result("cache", payload, args.out_dir)
     proj = payload["projection_vit_g"]

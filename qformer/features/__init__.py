@@ -7,6 +7,7 @@ Entry points (imported lazily: this package is imported by light CLI code):
     cache_features(cfg, out_dir, views)  -> manifest     (writer.py, needs a Ray cluster)
     dataset(cfg, epoch=None, view=None)  -> TrainData     (reader.py)
     open_cache(cfg) -> (dir, manifest)                     raises ConfigError on a mismatching cache
+    check_model(model, cfg)                                raises ConfigError if the model's ViT differs
 """
 from __future__ import annotations
 
@@ -31,4 +32,10 @@ def open_cache(cfg: Any):
     return impl(cfg)
 
 
-__all__ = ["cache_features", "dataset", "open_cache"]
+def check_model(model: Any, cfg: Any) -> None:
+    from qformer.features.guard import check_model as impl
+
+    impl(model, cfg)
+
+
+__all__ = ["cache_features", "check_model", "dataset", "open_cache"]

@@ -77,7 +77,7 @@ def train_sources(cfg: Any) -> list[str]:
 
 
 def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str, *, view: int | None = None,
-                   seed: int = 0, batch_size: int = 64, actors: int = 1):
+                   seed: int = 0, batch_size: int = 64, actors: int | tuple[int, int] = 1):
     """One source's records as a Ray Dataset of cached features -> (dataset, number of records).
 
     Shuffling as the image pipeline does it: records permuted once with `seed`, cut into blocks
@@ -94,9 +94,25 @@ def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str,
     ds = ray.data.from_arrow(blocks).randomize_block_order(
         seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
     ds = ds.map_batches(FeatureLoader, fn_constructor_args=(str(cache_dir), manifest["views"], view, None),
-                        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                        batch_size=batch_size, compute=_pool(actors),
                         batch_format="numpy")
     return ds, table.num_rows
+
+
+def _pool(actors: int | tuple[int, int]):
+    import ray.data
+
+    if isinstance(actors, int):
+        return ray.data.ActorPoolStrategy(size=actors)
+    return ray.data.ActorPoolStrategy(min_size=int(actors[0]), max_size=int(actors[1]))
+
+
+def loader_actors(cfg: Any) -> int | tuple[int, int]:
+    """run.data.concurrency when set, else an autoscaling pool of 1..num_workers loader actors."""
+    value = cfg.run.data.concurrency
+    if value is None:
+        return (1, max(1, int(cfg.run.ray.num_workers)))
+    return int(value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 
 def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
@@ -115,14 +131,16 @@ def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
                           f"(it holds {sorted(manifest['sources'])}); rebuild it", key="run.vision_cache")
     if view is None and epoch is not None:
         view = train_view_for(epoch, manifest["views"], int(cfg.run.seed))
-    batch_size, seed = int(cfg.run.data.batch_size), int(cfg.run.seed)
+    batch_size, seed, actors = int(cfg.run.data.batch_size), int(cfg.run.seed), loader_actors(cfg)
     ratios = cfg.run.train_dataset_ratios
     if ratios:
-        built = {s: source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size)
+        built = {s: source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size,
+                                    actors=actors)
                  for s in sources}
         return TrainData({s: ds for s, (ds, _) in built.items()}, {str(k): float(v) for k, v in ratios.items()},
                          {s: n for s, (_, n) in built.items()})
     # One dataset over all sources, shuffled together (as the image pipeline's "train").
-    built = [source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size) for s in sources]
+    built = [source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size, actors=actors)
+             for s in sources]
     first, *rest = [ds for ds, _ in built]
     return TrainData({"train": first.union(*rest) if rest else first}, None, {"train": sum(n for _, n in built)})

@@ -284,7 +284,7 @@ class _Runner:
             metrics["skipped_images"] = float(_skipped_images())
             metrics.update(memory_metrics(self.state.device))
             if self.tracker is not None:
-                self.tracker.log_metrics(metrics, step=self.state.global_step)
+                _safe(self.tracker.log_metrics, metrics, step=self.state.global_step)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{out.lr:.2e}", refresh=False)
             of = f"/{length}" if length else ""
             log.info("epoch %d iter %d%s step %d | loss %.4f (itc %.4f itm %.4f lm %.4f) | lr %.3e | %.1f samples/s | "
@@ -303,11 +303,8 @@ class _Runner:
             for split in run.valid_splits:
                 metrics.update({f"{split}/{k}": v for k, v in self.evaluate(split).items()})
         if self.rank == 0 and self.tracker is not None:
-            self.tracker.log_metrics(metrics, step=self.state.global_step)
-            try:
-                self.tracker.log_loss_curve()
-            except Exception as err:  # a plot must never stop training
-                log.warning("loss curve not updated: %s", err)
+            _safe(self.tracker.log_metrics, metrics, step=self.state.global_step)
+            _safe(self.tracker.log_loss_curve)
         if self.rank == 0:
             log.info("epoch %d done: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         self.save(epoch, iters, epoch_complete=True, metrics=metrics)
@@ -332,7 +329,7 @@ class _Runner:
             metrics.update({f"{split}/{k}": v for k, v in self.evaluate(split).items()})
         if metrics:
             if self.rank == 0 and self.tracker is not None:
-                self.tracker.log_metrics(metrics, step=self.state.global_step)
+                _safe(self.tracker.log_metrics, metrics, step=self.state.global_step)
             import ray.train
 
             ray.train.report({"step": self.state.global_step, **metrics})
@@ -368,7 +365,7 @@ class _Runner:
                 ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
             persisted = _persisted_path(name)
         if self.tracker is not None:
-            self.tracker.set_tags({"last_checkpoint": persisted})
+            _safe(self.tracker.set_tags, {"last_checkpoint": persisted})
 
     def _maybe_inject_failure(self) -> None:
         if not self.fail_at or self.state.global_step != int(self.fail_at) or self.rank != 0:
@@ -390,6 +387,14 @@ class _Runner:
                   "optimizer_steps": self.state.optimizer_steps, "lr": self.state.optimizer.param_groups[0]["lr"],
                   "batches": self.seen_batches, "weights": weights}
         (out / f"rank{self.rank}.json").write_text(json.dumps(record))
+
+
+def _safe(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Tracking calls must not end a long run: a tracking-server outage costs metrics, not the training."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:
+        log.warning("MLflow %s failed: %s", getattr(fn, "__name__", "call"), err)
 
 
 def _fingerprint(batch: dict) -> str:

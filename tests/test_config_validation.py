@@ -156,7 +156,7 @@ def test_choice_typo_gets_a_suggestion():
     ("run.weight_decay=-0.1", "must be >= 0"),
     ("run.beta2=1.0", "must be < 1"),
     ("run.warmup_steps=-5", "must be >= 0"),
-    ("run.ray.num_workers=0", "must be >= 1"),
+    ("run.ray.num_workers=-1", "must be >= 0"),
     ("model.drop_path_rate=1.0", "must be < 1"),
     ("run.warmup_lr=-0.5", "or -1"),
     ("run.init_lr=.inf", "must be a finite number"),

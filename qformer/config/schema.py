@@ -153,7 +153,7 @@ SCHEMA: dict[str, Key] = {
     "run.skip_nonfinite":           Bool(False),
     "run.vision_cache":             Str(None, doc="directory from `qformer cache-features`: train on cached ViT features"),
     "run.max_steps_per_epoch":      Int(None, ge=1, doc="cap for smoke runs and the demo"),
-    "run.ray.num_workers":          Int(1, ge=1),
+    "run.ray.num_workers":          Int(1, ge=0, doc="0: Train local mode (one process, no worker actors)"),
     "run.ray.use_gpu":              Key("str|bool", "auto", choices=("auto", True, False)),
     "run.ray.resources_per_worker": Map(None),
     "run.ray.storage_path":         Str(None, doc="null: <output_dir>/ray_results"),

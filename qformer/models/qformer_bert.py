@@ -246,9 +246,11 @@ class BertModel(nn.Module):
         hidden = self.embeddings(input_ids, query_embeds, past_length)
         b, seq = hidden.shape[:2]
         cached = past_key_values[0][0].shape[2] if past_key_values else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(b, seq + cached, dtype=torch.long, device=hidden.device)
-        if is_decoder:
+        if attention_mask is None and not is_decoder:
+            mask = None  # nothing to mask (query pass): lets SDPA pick its fastest kernel
+        elif is_decoder:
+            if attention_mask is None:
+                attention_mask = torch.ones(b, seq + cached, dtype=torch.long, device=hidden.device)
             if input_ids is None:
                 raise ValueError("decoder mode needs input_ids")
             mask = extended_attention_mask(attention_mask, input_ids.shape[1], True, query_embeds is not None)

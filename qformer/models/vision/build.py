@@ -35,7 +35,7 @@ def build_vision_encoder(
     if vit_model == "clip_L":
         return create_clip_vit_L(img_size, use_grad_checkpoint, **kwargs)
     if vit_model.startswith("timm:"):
-        return TimmEncoder(vit_model[5:], drop_path_rate=drop_path_rate, **kwargs)
+        return TimmEncoder(vit_model[5:], drop_path_rate=drop_path_rate, use_grad_checkpoint=use_grad_checkpoint, **kwargs)
     raise ValueError(f"model.vit_model={vit_model!r}: expected eva_clip_g, clip_L or timm:<name>")
 
 

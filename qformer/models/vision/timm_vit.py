@@ -8,7 +8,7 @@ from torch import nn
 class TimmEncoder(nn.Module):
     """Wraps `timm.create_model(name, pretrained=False, num_classes=0, **kwargs)`; returns all tokens."""
 
-    def __init__(self, name: str, drop_path_rate: float = 0.0, **kwargs):
+    def __init__(self, name: str, drop_path_rate: float = 0.0, use_grad_checkpoint: bool = False, **kwargs):
         super().__init__()
         import timm
 
@@ -17,6 +17,8 @@ class TimmEncoder(nn.Module):
         except (RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"model.vit_model='timm:{name}' with model.vit_kwargs={kwargs}: {err}") from err
         self.num_features = self.model.num_features
+        if use_grad_checkpoint and hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)  # only matters for an unfrozen ViT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model.forward_features(x)

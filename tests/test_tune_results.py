@@ -110,3 +110,12 @@ def test_only_evaluation_reports_reach_tune():
     assert not carries_metric({"step": 10, "loss": 3.0}, "val/r_mean")  # a plain step report
     assert not carries_metric({"step": 10, "val/r_mean": float("-inf")}, "val/r_mean")  # step checkpoint
     assert not carries_metric({"val/r_mean": float("nan")}, "val/r_mean")
+
+
+def test_driver_callbacks_override_real_tune_hooks():
+    from ray.tune import Callback
+
+    from qformer.tuning.placement_groups import PlacementGroupReaper
+
+    for cls, hook in ((PlacementGroupReaper, "on_step_end"), (EarlyStopMarker, "on_trial_result")):
+        assert hasattr(Callback, hook) and getattr(cls, hook) is not getattr(Callback, hook)

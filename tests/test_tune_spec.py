@@ -146,3 +146,16 @@ def test_sampled_values_round_trip_through_load_config():
     import numpy as np
 
     assert format_value(np.float64(1e-4)) == "0.0001" and format_value(np.int64(8)) == "8"
+
+
+def test_cli_reports_a_bad_search_space_key_without_starting_anything(tmp_path, capsys):
+    from qformer.cli import main
+
+    code = main(["tune", "--cfg-path", str(REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"),
+                 "--options", "tune.search_space.model.num_query_tokens={choice: [4, 8]}",
+                 f"tune.storage_path={tmp_path / 'sweeps'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "qformer tune:" in err and "tune.search_space.model.num_query_tokens" in err
+    assert "did you mean model.num_query_token" in err
+    assert not (tmp_path / "sweeps").exists()

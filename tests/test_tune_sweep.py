@@ -8,6 +8,8 @@ The metric is the epoch's mean training loss (min): continuous, so no ties at th
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ def sweep_options(root: Path) -> list[str]:
         f"run.mlflow.tracking_uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
         "run.mlflow.experiment_name=tune-test",
         f"tune.storage_path={root / 'sweeps'}",
+        f"run.ray.storage_path={root / 'train'}",
         "tune.metric=train_epoch/loss", "tune.mode=min",
         "tune.search_space.run.init_lr={grid: [1.0e-3, 1.0e-3, 1.0e-8, 1.0e-8]}",
         "tune.num_samples=1",
@@ -38,15 +41,18 @@ def sweep_options(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_cluster, tmp_path_factory):
+def sweep(ray_cluster):
     from qformer.data.synth import write_synthetic
 
-    root = tmp_path_factory.mktemp("tune_e2e")
+    # Not a pytest tmp dir: on a machine shared by several pytest sessions, their basetemp rotation
+    # (keep the 3 newest) can delete it under a sweep that runs for minutes.
+    root = Path(tempfile.mkdtemp(prefix="qformer_tune_e2e_"))
     write_synthetic(root / "data" / "synth_shapes", n_train=16, n_val=8, n_test=4, seed=0, image_size=64)
     spec = load_sweep(TINY_SWEEP, sweep_options(root))
     printed: list[str] = []
     outcome = run_sweep(spec, print_fn=printed.append)
-    return spec, outcome, "\n".join(printed), root
+    yield spec, outcome, "\n".join(printed), root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_asha_stops_a_late_weak_trial_early(sweep):

@@ -58,7 +58,7 @@ class PlacementGroupReaper(Callback):
         self.interval_s = interval_s
         self._last = 0.0
 
-    def on_step(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now

@@ -13,6 +13,7 @@ equal the ones the training run logged for the same weights.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -89,7 +90,13 @@ def _eval_worker(config: dict) -> None:
     cfg = OmegaConf.create(config["cfg"])
     device = ray.train.torch.get_device()
     metrics = _evaluate_here(cfg, config["checkpoint"], config["splits"], device)
-    ray.train.report(metrics)
+    # Train V2's Result.metrics are those of the latest *checkpoint* report, so rank 0 attaches a tiny one.
+    if ray.train.get_context().get_world_rank() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
 
 
 def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str]) -> dict[str, float]:
@@ -116,6 +123,8 @@ def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str]) -> dict[str, 
         result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if not result.metrics:
+        raise RuntimeError("the evaluation workers reported no metrics")
     return {k: float(v) for k, v in result.metrics.items()}
 
 

@@ -1,0 +1,109 @@
+"""Evaluating a saved checkpoint reproduces the end-of-run evaluation of the training that wrote it.
+
+Real Ray Train (the training in Train local mode; `qformer eval` on one Ray Train worker), real MLflow
+(sqlite), the tiny model and a small synthetic shapes set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qformer.config import load_config_dict
+
+pytestmark = pytest.mark.ray
+
+METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean",
+               "agg_metrics")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from qformer.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("shapes_eval")
+    write_synthetic(root, n_train=16, n_val=4, n_test=6, image_size=64, captions_per_image=2)
+    return root
+
+
+def _cfg(shapes: Path, tmp_path: Path, **run):
+    from qformer.data.synth import coco_caption_section
+
+    base = {
+        "batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-3, "warmup_steps": 0, "max_epoch": 1,
+        "max_steps_per_epoch": 3, "log_freq": 1, "k_test": 3, "output_dir": str(tmp_path / "run"),
+        "valid_splits": [], "test_splits": ["test"], "amp": False,
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "test-eval"},
+        "data": {"batch_size": 8},
+        **run,
+    }
+    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 4, "max_txt_len": 16},
+                             "datasets": coco_caption_section(shapes), "run": base})
+
+
+def _latest_checkpoint(run_dir: Path) -> str:
+    """Local-mode training's newest checkpoint dir (its final report carries test metrics, no checkpoint)."""
+    from qformer.train.checkpoint import read_meta
+
+    dirs = [m.parent for m in run_dir.rglob("meta.json")]
+    assert dirs, f"no checkpoint under {run_dir}"
+    return str(max(dirs, key=lambda d: int(read_meta(d).get("step") or 0)))
+
+
+def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from qformer.cli import main
+    from qformer.evaluate.runner import evaluate_checkpoint
+    from qformer.train.launcher import launch_training
+
+    cfg = _cfg(shapes, tmp_path)
+    trained = launch_training(cfg, local_mode=True)
+    assert trained.error is None
+    checkpoint = trained.checkpoint_path or _latest_checkpoint(Path(trained.storage_path) / trained.name)
+    at_end = {k: trained.metrics[f"test/{k}"] for k in METRIC_KEYS}
+
+    # in this process, from the Ray checkpoint directory and from the .pth inside it
+    for source in (checkpoint, str(Path(checkpoint) / "checkpoint.pth")):
+        got = evaluate_checkpoint(cfg, source, ["test"], track=False, local=True).metrics
+        assert {k: got[f"test/{k}"] for k in METRIC_KEYS} == pytest.approx(at_end, abs=1e-9)
+
+    # `qformer eval` on a Ray Train worker, logged as its own MLflow run
+    yaml_path = tmp_path / "exp.yaml"
+    from omegaconf import OmegaConf
+
+    yaml_path.write_text(OmegaConf.to_yaml(cfg))
+    rc = main(["eval", "--cfg-path", str(yaml_path), "--checkpoint", checkpoint,
+               "--options", "run.ray.num_workers=1", "run.ray.resources_per_worker={CPU: 0.5}"])
+    assert rc == 0
+    client = MlflowClient(tracking_uri=cfg.run.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("test-eval")
+    evals = client.search_runs([exp.experiment_id], filter_string="tags.`qformer.kind` = 'eval'")
+    assert len(evals) == 1
+    run = evals[0]
+    assert run.info.run_id != trained.mlflow_run_id and run.info.status == "FINISHED"
+    assert run.data.tags["qformer.checkpoint"] == str(Path(checkpoint).resolve())
+    assert {k: run.data.metrics[f"test/{k}"] for k in METRIC_KEYS} == pytest.approx(at_end, abs=1e-9)
+    assert run.data.params["run.k_test"] == "3"
+
+
+def test_bad_checkpoints_are_named_and_lavis_style_files_load(shapes, tmp_path):
+    from qformer.evaluate.runner import evaluate_checkpoint
+    from qformer.models import build_model
+
+    cfg = _cfg(shapes, tmp_path)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"model": {"some.other.weight": torch.zeros(2)}}, wrong)
+    with pytest.raises(ValueError, match="matches none"):
+        evaluate_checkpoint(cfg, wrong, ["test"], track=False, local=True)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        evaluate_checkpoint(cfg, tmp_path / "nope.pth", ["test"], track=False, local=True)
+
+    # a LAVIS-style file ({"model": trainable state dict} only) loads and evaluates
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    lavis_file = tmp_path / "lavis_style.pth"
+    torch.save({"model": model.trainable_state_dict(), "epoch": 9}, lavis_file)
+    got = evaluate_checkpoint(cfg, lavis_file, ["test"], track=False, local=True).metrics
+    assert set(got) == {f"test/{k}" for k in METRIC_KEYS}

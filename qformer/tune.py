@@ -254,6 +254,7 @@ def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> N
             if run is not None:
                 row.mlflow_run_id = run.info.run_id
                 row.mlflow_status = "KILLED" if run.info.run_id in outcome.closed_orphans else run.info.status
+                mlflow_runs.tag_trial(client, run.info.run_id, row)
     outcome.rows = rows
     outcome.best = results.best_row(rows, spec.mode)
     out = outcome.sweep_dir / RESULTS_DIR

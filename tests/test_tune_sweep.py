@@ -89,6 +89,9 @@ def test_mlflow_parent_and_one_child_per_trial(sweep):
         assert int(child.data.params["model.num_query_token"]) == row.sampled["model.num_query_token"]
         assert child.info.status == ("KILLED" if row.stopped_early else "FINISHED")
         assert "train_epoch/loss" in child.data.metrics  # the trial's own training metrics
+        assert child.data.tags["qformer.trial_id"] == row.trial_id
+        assert child.data.tags["qformer.stopped_early"] == str(row.stopped_early).lower()
+        assert child.data.tags["qformer.last_checkpoint"]  # every trial reported an epoch-end checkpoint
     assert set(outcome.closed_orphans) == {r.mlflow_run_id for r in outcome.rows if r.stopped_early}
 
 

@@ -62,6 +62,16 @@ def close_orphans(client: MlflowClient, runs: list[Run]) -> list[str]:
     return closed
 
 
+def tag_trial(client: MlflowClient, run_id: str, row: Any) -> None:
+    """What the sweep knows about a trial, on its run: id, early stop, last checkpoint (a stopped trial's
+    run never reaches the training's own end-of-run checkpoint logging)."""
+    tags = {"qformer.trial_id": row.trial_id, "qformer.stopped_early": str(row.stopped_early).lower()}
+    if row.checkpoint_path:
+        tags["qformer.last_checkpoint"] = str(row.checkpoint_path)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
 def finish_parent(client: MlflowClient, run_id: str, files: list[Path], metrics: dict[str, float],
                   tags: dict[str, Any], status: str = "FINISHED") -> None:
     for path in files:

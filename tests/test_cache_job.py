@@ -1,6 +1,8 @@
 """The Ray Data cache job end to end on the session's Ray, and loss equality with the online ViT."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,23 @@ def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache):
     other = reader.gather(np.array([index[p][0] for p in paths]), np.array([index[p][1] for p in paths]),
                           np.full(len(paths), 1))
     assert _loss(model, {"image_embeds": torch.from_numpy(other).float(), **text}) != pytest.approx(online, abs=2e-3)
+
+
+def test_training_streams_cached_features_end_to_end(cache, tmp_path):
+    """`run.vision_cache` through the same launcher as `qformer train`: the workers get image_embeds
+    rows (no image decoding), the ViT guard passes, and the run logs finite losses to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from qformer.train.launcher import launch_training
+
+    root, out, _, _ = cache
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = load_config_dict(_cfg_dict(
+        root, vision_cache=str(out), batch_size_train=4, max_epoch=1, log_freq=1, amp=False,
+        output_dir=str(tmp_path / "run"), valid_splits=[], test_splits=[],
+        ray={"num_workers": 0}, mlflow={"tracking_uri": uri, "experiment_name": "cache-train"}))
+    result = launch_training(cfg)
+    assert result.error is None
+    history = MlflowClient(uri).get_metric_history(result.mlflow_run_id, "loss")
+    assert [m.step for m in history] == [1, 2]                   # 10 cached captions // batch 4, drop_last
+    assert all(math.isfinite(m.value) and m.value > 0 for m in history)

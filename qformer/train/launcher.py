@@ -150,7 +150,12 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
     else:
         resume_run_id = _ray_latest_run_id(run_dir)
 
-    data = build_train_datasets(cfg)
+    if cfg.run.get("vision_cache"):  # cached frozen-ViT features instead of images (qformer cache-features)
+        from qformer.features import dataset as cached_train_datasets
+
+        data = cached_train_datasets(cfg)  # ConfigError naming run.vision_cache if the cache doesn't match
+    else:
+        data = build_train_datasets(cfg)
     tracker = start_tracking(cfg, name, storage, resume_run_id, parent_run_id, num_workers, use_gpu)
 
     score_key = _score_key(cfg)

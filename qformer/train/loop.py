@@ -64,6 +64,10 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("restored model from %s", source)
     model = ray.train.torch.prepare_model(model)  # moves to device; DDP only when world > 1
     unwrapped = getattr(model, "module", model)
+    if run.get("vision_cache"):  # after prepare_model: DDP has broadcast rank 0's (seeded) ViT
+        from qformer.features import check_model
+
+        check_model(unwrapped, cfg)
 
     optimizer = build_optimizer(unwrapped, run)
     scheduler = build_lr_scheduler(optimizer, run)
@@ -212,6 +216,7 @@ class _Runner:
                 batch_size=self.batch_size, drop_last=True, prefetch_batches=int(data.prefetch_batches),
                 local_shuffle_buffer_size=buffer or None,
                 local_shuffle_seed=(int(self.run_cfg.seed) * 1000 + epoch * 31 + round_) if buffer else None,
+                pin_memory=torch.cuda.is_available(),  # makes the host->GPU copy asynchronous
             ):
                 seen = True
                 yield batch

@@ -150,3 +150,25 @@ def test_unfrozen_vit_gets_per_layer_lr_scale(minilm_path):
     assert groups["decay"]["lr_scale"] == 1.0
     model.train()
     assert model.visual_encoder.training  # unfrozen ViT follows train()
+
+
+def test_training_checkpoint_carries_a_random_vit_but_not_one_from_a_weight_file(minilm_path, tmp_path):
+    """A ViT with no weight file (the tiny config's random encoder) cannot be rebuilt from disk, so the
+    training checkpoint stores it; one loaded from `model.vit_weights` is left out, as LAVIS does."""
+    torch.manual_seed(0)
+    random_vit = build_model(_tiny(minilm_path))
+    state = random_vit.checkpoint_state_dict()
+    vit_keys = {k for k in state if k.startswith("visual_encoder.")}
+    assert vit_keys == {f"visual_encoder.{k}" for k in random_vit.visual_encoder.state_dict()}
+    assert set(state) - vit_keys == set(random_vit.trainable_state_dict())
+
+    torch.manual_seed(1)  # another random init: loading the checkpoint restores the original encoder
+    other = build_model(_tiny(minilm_path))
+    assert other.load_checkpoint({"model": state})["missing"] == []
+    image = torch.randn(2, 3, 32, 32)
+    assert torch.equal(other.vit_features(image), random_vit.vit_features(image))
+
+    weights = tmp_path / "vit.pth"
+    torch.save(random_vit.visual_encoder.state_dict(), weights)
+    from_file = build_model(_tiny(minilm_path, vit_weights=str(weights)))
+    assert not any(k.startswith("visual_encoder.") for k in from_file.checkpoint_state_dict())

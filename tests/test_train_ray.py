@@ -84,7 +84,7 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, shapes
     for key in ("loss_itc", "loss_itm", "loss_lm", "temp", "samples_per_s", "data_wait_frac", "skipped_images",
                 "grad_norm", "cpu_rss_gb"):
         assert client.get_metric_history(run.info.run_id, key), key
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/r_mean")] == [3, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/r_mean")] == [0, 1]  # step = epoch
     artifacts = {a.path for d in ("config", "plots", "checkpoints/final")
                  for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config/resolved.yaml", "plots/loss_curve.png", "checkpoints/final/checkpoint.pth"} <= artifacts
@@ -96,7 +96,8 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, shapes
     assert state["epoch"] == 1 and state["step"] == 6 and state["epoch_complete"]
     assert state["mlflow_run_id"] == result.mlflow_run_id
     assert state["scheduler"]["cur_epoch"] == 1 and state["config"]["run"]["init_lr"] == 1e-4
-    assert not any(k.startswith("visual_encoder.") for k in state["model"])  # frozen ViT not re-saved
+    # the tiny config's ViT is random (no weight file), so it travels with the checkpoint
+    assert any(k.startswith("visual_encoder.") for k in state["model"])
     assert "query_tokens" in state["model"] and "ln_vision.weight" in state["model"]
 
 

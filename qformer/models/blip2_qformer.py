@@ -79,6 +79,7 @@ class Blip2Qformer(nn.Module):
         self.visual_encoder = build_vision_encoder(vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_kwargs)
         if vit_weights:
             load_vision_weights(self.visual_encoder, str(vit_weights))
+        self.vit_from_file = bool(vit_weights)
         self.vit_fp16 = maybe_fp16(self.visual_encoder, vit_precision)
         self.freeze_vit = freeze_vit
         if freeze_vit:
@@ -155,6 +156,15 @@ class Blip2Qformer(nn.Module):
         """state_dict without frozen parameters (buffers and tied aliases kept), as LAVIS saves it."""
         frozen = {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint stores: LAVIS's trainable state, plus the frozen ViT only when no
+        weight file defines it (a randomly initialised encoder, e.g. the tiny config) — otherwise the
+        checkpoint could not be evaluated or resumed without re-deriving that random init."""
+        if self.vit_from_file or not self.freeze_vit:
+            return self.trainable_state_dict()
+        return {**self.trainable_state_dict(),
+                **{f"visual_encoder.{k}": v for k, v in self.visual_encoder.state_dict().items()}}
 
     # ---- modes / optimiser ------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Blip2Qformer":

@@ -40,7 +40,7 @@ class ResumePoint:
 def build_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 scaler: torch.amp.GradScaler | None, config: dict, *, epoch: int, step: int, iters_in_epoch: int,
                 epoch_complete: bool, mlflow_run_id: str | None) -> dict:
-    trainable = getattr(model, "trainable_state_dict", None)
+    trainable = getattr(model, "checkpoint_state_dict", None)
     model_state = trainable() if callable(trainable) else {
         k: v for k, v in model.state_dict().items() if k not in _frozen_param_names(model)}
     return {

@@ -142,6 +142,7 @@ class _Runner:
         self.fail_at = config.get("fail_once_at_step")
         self.fail_marker = config.get("fail_marker")
         self.debug_dir = config.get("debug_dir")
+        self.tested = False  # test splits evaluated (at the last epoch end, or in finish())
         self.seen_batches: list[str] = []
         self._streams: dict[str, Iterator[dict]] = {}
 
@@ -307,8 +308,10 @@ class _Runner:
         if list(run.valid_splits) and epoch % max(1, int(run.val_freq)) == 0:
             for split in run.valid_splits:
                 metrics.update({f"{split}/{k}": v for k, v in self.evaluate(split).items()})
+        if epoch == self.max_epoch - 1:  # test metrics ride on the final checkpoint's report (Ray keeps
+            metrics.update(self.test_metrics())  # only metrics reported together with a checkpoint)
         if self.rank == 0 and self.tracker is not None:
-            _safe(self.tracker.log_metrics, metrics, step=self.state.global_step)
+            _safe(self.tracker.log_metrics, metrics, step=epoch)  # per-epoch metrics: the epoch is the step
             _safe(self.tracker.log_loss_curve)
         if self.rank == 0:
             log.info("epoch %d done: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -325,16 +328,17 @@ class _Runner:
         self.state.model.train()
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 
+    def test_metrics(self) -> dict[str, float]:
+        self.tested = True
+        return {f"{split}/{k}": v for split in self.run_cfg.test_splits for k, v in self.evaluate(split).items()}
+
     def finish(self) -> None:
         for stream in self._streams.values():
             stream.close()
-        run = self.run_cfg
-        metrics: dict[str, float] = {}
-        for split in run.test_splits:
-            metrics.update({f"{split}/{k}": v for k, v in self.evaluate(split).items()})
+        metrics = {} if self.tested else self.test_metrics()  # resumed after the last epoch's checkpoint
         if metrics:
             if self.rank == 0 and self.tracker is not None:
-                _safe(self.tracker.log_metrics, metrics, step=self.state.global_step)
+                _safe(self.tracker.log_metrics, metrics, step=self.max_epoch - 1)
             import ray.train
 
             ray.train.report({"step": self.state.global_step, **metrics})

@@ -171,7 +171,7 @@ def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, pa
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(sweep_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                callbacks=[EarlyStopMarker(spec.scheduler.time_attr, spec.scheduler.max_t), PlacementGroupReaper()],
+                callbacks=[EarlyStopMarker(), PlacementGroupReaper()],
                 verbose=1),
         )
     counter = _shared_skip_counter()

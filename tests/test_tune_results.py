@@ -94,14 +94,14 @@ def test_trial_options_are_deterministic_and_carry_plumbing(spec):
     assert cfg.run.init_lr == pytest.approx(1e-4) and cfg.model.num_query_token == 4
 
 
-def test_early_stop_marker_flags_only_scheduler_stops_before_max_t():
-    marker = EarlyStopMarker("training_iteration", max_t=3)
-    stopped = {"training_iteration": 1, "done": True}
+def test_early_stop_marker_flags_scheduler_stops():
+    marker = EarlyStopMarker()
+    stopped = {"training_iteration": 1, "done": True}  # a STOP decision sets done before callbacks run
+    last_rung = {"training_iteration": 3, "done": True}  # cut at the top rung: killed before it ended
     running = {"training_iteration": 1, "done": False}
-    at_max = {"training_iteration": 3, "done": True}
-    for result in (stopped, running, at_max):
+    for result in (stopped, last_rung, running):
         marker.on_trial_result(0, [], None, result)
-    assert stopped.get(FLAG) is True and FLAG not in running and FLAG not in at_max
+    assert stopped.get(FLAG) is True and last_rung.get(FLAG) is True and FLAG not in running
 
 
 def test_only_evaluation_reports_reach_tune():

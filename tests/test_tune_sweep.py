@@ -61,9 +61,10 @@ def test_asha_stops_a_late_weak_trial_early(sweep):
     assert all(r.status == "ok" for r in outcome.rows), [(r.trial_id, r.status) for r in outcome.rows]
     early = [r for r in outcome.rows if r.stopped_early]
     assert early, "ASHA stopped no trial"
-    assert all(r.iterations == 1 for r in early)
+    assert all(r.iterations <= 2 for r in early)  # a 1e-3 trial may also be cut at the top rung (2)
     late = [r for r in outcome.rows if int(r.trial_id.rsplit("_", 1)[1]) >= 2]  # grid order: the 1e-8 trials
-    assert all(r.sampled["run.init_lr"] == pytest.approx(1e-8) and r.stopped_early for r in late)
+    assert all(r.sampled["run.init_lr"] == pytest.approx(1e-8) and r.stopped_early and r.iterations == 1
+               for r in late)
     full = [r for r in outcome.rows if not r.stopped_early]
     assert full and all(r.iterations == 2 for r in full)
     assert not outcome.interrupted

@@ -1,36 +1,18 @@
 """A few AdamW steps on one small batch lower each of ITC, ITM and LM (tiny model, CPU).
 
-The BERT is the shipped MiniLM cut to its first 2 layers, written as a real checkpoint directory
-(config.json, vocab.txt, model.safetensors), so steps stay cheap on a shared 2-core box.
+The BERT is the shipped 6-layer MiniLM. 20 steps at lr 3e-4 lowered all three losses for each of
+seeds 0-5 (with a 2-layer cut of it, or 8 steps, ITC rose for some seeds: the LM loss, ~10 at the
+start, dominates the shared Q-Former's first updates).
 """
 from __future__ import annotations
 
-import json
-import shutil
-
-import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
-
 
 from qformer.models import build_model
 
 TEXTS = ["a red circle on the left", "a blue square at the top", "two green triangles", "a small yellow star"]
-
-
-@pytest.fixture(scope="module")
-def small_bert(tmp_path_factory, minilm_path) -> str:
-    d = tmp_path_factory.mktemp("small_bert")
-    config = json.loads(open(f"{minilm_path}/config.json").read())
-    (d / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
-    for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(f"{minilm_path}/{f}", d / f)
-    state = load_file(f"{minilm_path}/model.safetensors")
-    keep = {k: v for k, v in state.items() if not k.startswith("encoder.layer.") or int(k.split(".")[2]) < 2}
-    save_file(keep, str(d / "model.safetensors"))
-    return str(d)
 
 
 def _losses(model, samples) -> dict[str, float]:
@@ -48,19 +30,21 @@ def _losses(model, samples) -> dict[str, float]:
     return {"loss_itc": float(out.loss_itc), "loss_itm": float(itm), "loss_lm": float(out.loss_lm)}
 
 
-def test_adamw_steps_lower_every_loss(small_bert):
+def test_adamw_steps_lower_every_loss(minilm_path):
     torch.manual_seed(0)
     cfg = OmegaConf.create({
         "arch": "blip2", "load_pretrained": False, "vit_model": "timm:vit_tiny_patch16_224",
         "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}, "image_size": 32, "vit_precision": "fp32",
-        "num_query_token": 4, "bert_model": small_bert, "max_txt_len": 12, "embed_dim": 32,
+        "num_query_token": 4, "bert_model": minilm_path, "max_txt_len": 12, "embed_dim": 32,
     })
     model = build_model(cfg)
     ids, atts = model.tokenize(TEXTS)
-    samples = {"image_embeds": model.vit_features(torch.randn(4, 3, 32, 32)), "text_ids": ids, "text_atts": atts}
+    # four clearly different images (distinct brightness + noise): features the Q-Former can tell apart
+    images = torch.randn(4, 3, 32, 32) * 0.3 + torch.tensor([-1.5, -0.5, 0.5, 1.5]).view(4, 1, 1, 1)
+    samples = {"image_embeds": model.vit_features(images), "text_ids": ids, "text_atts": atts}
     before = _losses(model, samples)
     opt = torch.optim.AdamW(model.get_optimizer_params(weight_decay=0.05), lr=3e-4)
-    for _ in range(8):
+    for _ in range(20):
         model.train()
         model(samples).loss.backward()
         opt.step()

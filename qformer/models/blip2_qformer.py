@@ -238,11 +238,15 @@ class Blip2Qformer(nn.Module):
         return F.normalize(self.vision_proj(out.last_hidden_state), dim=-1), embeds_ln
 
     def encode_text(self, text_ids: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+        return self._encode_text(*trim_padding(text_ids, text_atts))
+
+    def _encode_text(self, text_ids: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
         out = self.Qformer.bert(text_ids, attention_mask=text_atts)
         return F.normalize(self.text_proj(out.last_hidden_state[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds_ln: torch.Tensor, text_ids: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
         """[n, 2]: itm_head on every query output, averaged over queries (spec §4.3)."""
+        text_ids, text_atts = trim_padding(text_ids, text_atts)
         n, q = text_ids.shape[0], self.query_tokens.shape[1]
         query_tokens = self.query_tokens.expand(n, -1, -1)
         query_atts = torch.ones(n, q, dtype=text_atts.dtype, device=text_atts.device)
@@ -277,22 +281,34 @@ class Blip2Qformer(nn.Module):
 
         query_out = self._query_pass(embeds_ln, use_cache=True)
         image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)
-        text_feat = self.encode_text(text_ids, text_atts)
+        local_ids, local_atts = trim_padding(text_ids, text_atts)  # text and LM passes: no padding columns
+        text_feat = self._encode_text(local_ids, local_atts)
 
         itc = self.itc_loss(image_feats, text_feat, self.temp)
         loss_itm = self.itm_loss(self.itm_logits, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i)
 
-        decoder_ids, labels = lm_inputs(text_ids, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
-        query_atts = torch.ones(b, self.query_tokens.shape[1], dtype=text_atts.dtype, device=text_atts.device)
+        decoder_ids, labels = lm_inputs(local_ids, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
+        query_atts = torch.ones(b, self.query_tokens.shape[1], dtype=local_atts.dtype, device=local_atts.device)
         lm = self.Qformer(
             decoder_ids,
-            attention_mask=torch.cat([query_atts, text_atts], dim=1),
+            attention_mask=torch.cat([query_atts, local_atts], dim=1),
             past_key_values=query_out.past_key_values,
             labels=labels,
             return_logits=False,
         )
         loss = itc.loss + loss_itm + lm.loss
         return Blip2Output(loss=loss, loss_itc=itc.loss, loss_itm=loss_itm, loss_lm=lm.loss)
+
+
+def trim_padding(text_ids: torch.Tensor, text_atts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop trailing columns that are padding in every row. Pads are masked out of attention and ignored
+    by the LM loss, so every output that is used is unchanged; only the wasted work goes (LAVIS pads
+    to max_length, 32/35 tokens, while COCO captions average ~12). Local passes only: the ITM negatives
+    are gathered across ranks at full width first. One host sync (the new width) per call."""
+    width = int(text_atts.any(dim=0).sum())  # right padding (BERT tokenizers): used columns are a prefix
+    if 0 < width < text_atts.shape[1]:
+        return text_ids[:, :width], text_atts[:, :width]
+    return text_ids, text_atts
 
 
 def _checkpoint_source(cfg: Mapping[str, Any]) -> str | None:

@@ -37,10 +37,14 @@ def evaluate_untrained(cfg: Any, split: str) -> dict[str, float]:
     from qformer.models import build_model
     from qformer.seeding import setup_seeds
 
+    from qformer.train.amp import resolve_amp
+
     setup_seeds(int(cfg.run.seed), 0)
     model = build_model(cfg.model)
+    device = torch.device("cpu")
+    amp = resolve_amp(bool(cfg.run.amp), str(cfg.run.amp_dtype), device)  # the precision the loop evaluates in
     return evaluate_retrieval(model, build_eval_split(cfg, split), k_test=int(cfg.run.k_test),
-                              batch_size=int(cfg.run.batch_size_eval), device=torch.device("cpu"))
+                              batch_size=int(cfg.run.batch_size_eval), device=device, autocast_dtype=amp.dtype)
 
 
 def run_demo(cfg_path: str | None = None, options: list[str] | None = None) -> dict:

@@ -159,6 +159,7 @@ SCHEMA: dict[str, Key] = {
     "run.ray.storage_path":         Str(None, doc="null: <output_dir>/ray_results"),
     "run.ray.max_failures":         Int(0, ge=-1, doc="-1: retry forever"),
     "run.ray.address":              Str(None, doc="null: a local Ray (or RAY_ADDRESS)"),
+    "run.ray.torch_threads":        Int(None, ge=1, doc="torch threads per training worker (null: Ray's, the worker's CPUs)"),
     "run.ray.name":                 Str(None),
     "run.mlflow.tracking_uri":      Str(None, doc="else MLFLOW_TRACKING_URI, else sqlite under QFORMER_HOME"),
     "run.mlflow.experiment_name":   Str("qformer-stage1", check=checks.non_empty),

@@ -63,7 +63,8 @@ def connect_ray(cfg: DictConfig) -> None:
     if address:
         ray.init(address=address)
         return
-    ray.init(address="local", include_dashboard=False)
+    # dashboard on loopback: users get the Ray UI, and Train's placement-group cleaner its State API
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")  # prints the dashboard URL
 
 
 def _use_gpu(cfg: DictConfig) -> bool:
@@ -125,6 +126,7 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
     `lr`; at epoch ends `train_epoch/loss*` and `<valid split>/<metric>` (e.g. `val/r_mean`), and at the end
     `<test split>/<metric>`. `local_mode=True` forces Train local mode (num_workers=0, single process).
     """
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -150,6 +152,8 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
     else:
         resume_run_id = _ray_latest_run_id(run_dir)
 
+    # the training loop shows its own progress bar; Ray Data's per-operator bars would interleave with it
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if cfg.run.get("vision_cache"):  # cached frozen-ViT features instead of images (qformer cache-features)
         from qformer.features import dataset as cached_train_datasets
 

@@ -53,6 +53,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = OmegaConf.create(config["cfg"])
     run = cfg.run
     setup_seeds(int(run.seed), rank)
+    if run.ray.get("torch_threads"):  # Ray pins a worker to its CPU share (1 thread); a CPU box may want more
+        torch.set_num_threads(int(run.ray.torch_threads))
     device = ray.train.torch.get_device()
 
     from qformer.models import build_model

@@ -1,4 +1,4 @@
-"""What docs/cluster.md tells users to do, on this machine: `ray start --head` on loopback, then
+"""What the README's Cluster section tells users to do, on this machine: `ray start --head` on loopback, then
 `ray job submit --working-dir <repo> -- qformer train ...`, then the MLflow run the job produced.
 
 The head gets its own ports and temp dir and runs with Ray 2.60's token authentication, as the compose
@@ -173,7 +173,7 @@ def ray_head():
 def test_job_runs_the_venv_python_with_stdlib_platform_and_submitted_code(ray_head):
     """The repo's platform/ dir travels with --working-dir and sits first on PYTHONPATH; with no
     __init__.py it must not shadow the stdlib module that Ray and MLflow import. Submitted with the
-    project's job runtime env file, as docs/cluster.md shows."""
+    project's job runtime env file, as the README's Cluster section shows."""
     probe = ("import os, platform, sys, qformer; platform.machine(); "
              "print('PROBE', platform.__file__, sys.executable, qformer.__file__, "
              "os.environ.get('TOKENIZERS_PARALLELISM'), sep='|')")

@@ -180,7 +180,7 @@ class Blip2Qformer(nn.Module):
     def get_optimizer_params(self, weight_decay: float, lr_scale: float = 1.0) -> list[dict]:
         """LAVIS HEAD groups (spec §5.2): 1-D or `.bias` -> no decay (note: 0-dim `temp` IS decayed);
         unfrozen ViT params get per-layer groups with lr_scale ** (num_layers + 1 - layer_id)."""
-        num_layers = _vit_num_layers(self.visual_encoder)
+        num_layers = vit_num_layers(self.visual_encoder)
         groups: dict[str, dict] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
@@ -321,7 +321,8 @@ def _checkpoint_source(cfg: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _vit_num_layers(encoder: nn.Module) -> int:
+def vit_num_layers(encoder: nn.Module) -> int:
+    """Transformer blocks of an EVA / CLIP / timm encoder (0 when none are found)."""
     for attr in ("blocks", "transformer.resblocks", "model.blocks"):
         obj = encoder
         try:

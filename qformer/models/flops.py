@@ -78,15 +78,12 @@ def vit_forward_flops(encoder: nn.Module, image_size: int) -> float:
 
 
 def _num_blocks(encoder: nn.Module) -> int:
-    for path in ("blocks", "transformer.resblocks", "model.blocks"):
-        obj = encoder
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return len(obj)
-        except AttributeError:
-            continue
-    raise ValueError(f"cannot find the transformer blocks of {type(encoder).__name__}")
+    from qformer.models.blip2_qformer import vit_num_layers
+
+    blocks = vit_num_layers(encoder)
+    if not blocks:
+        raise ValueError(f"cannot find the transformer blocks of {type(encoder).__name__}")
+    return blocks
 
 
 def model_dims(model, image_size: int) -> QFormerDims:

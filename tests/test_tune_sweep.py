@@ -36,7 +36,7 @@ def sweep_options(root: Path) -> list[str]:
         "tune.num_samples=1",
         "run.max_epoch=2", "tune.scheduler.max_t=2",
         "run.warmup_lr=-1",  # the first step already trains at the sampled lr
-        "run.test_splits=[]",
+        "run.valid_splits=[]", "run.test_splits=[]",  # ranked on the training loss: no retrieval evals
     ]
 
 

@@ -21,16 +21,32 @@ _QFORMER_RULES = [
     (r"^encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(\w+)\.(weight|bias)$", r"encoder.layer.\1.\2.attention.\3.\4"),
     (r"^encoder\.layer\.(\d+)\.(.+)$", r"encoder.layer.\1.\2"),
 ]
-_VISION_RULES = [
-    (r"^cls_token$", r"embeddings.class_embedding"),
-    (r"^pos_embed$", r"embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.(weight|bias)$", r"embeddings.patch_embedding.\1"),
-    (r"^blocks\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layers.\1.layer_norm1.\2"),
-    (r"^blocks\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layers.\1.layer_norm2.\2"),
-    (r"^blocks\.(\d+)\.attn\.qkv\.weight$", r"encoder.layers.\1.self_attn.qkv.weight"),
-    (r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layers.\1.self_attn.projection.\2"),
-    (r"^blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"encoder.layers.\1.mlp.\2.\3"),
+# EVA ViT names (ours = LAVIS) <-> transformers Blip2VisionModel names, one table for both directions.
+# <i> is a block index, <w> weight|bias, <fc> fc1|fc2. q_bias/v_bias <-> qkv.bias is handled apart.
+_VISION_NAMES = [
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("patch_embed.proj.<w>", "embeddings.patch_embedding.<w>"),
+    ("blocks.<i>.norm1.<w>", "encoder.layers.<i>.layer_norm1.<w>"),
+    ("blocks.<i>.norm2.<w>", "encoder.layers.<i>.layer_norm2.<w>"),
+    ("blocks.<i>.attn.qkv.weight", "encoder.layers.<i>.self_attn.qkv.weight"),
+    ("blocks.<i>.attn.proj.<w>", "encoder.layers.<i>.self_attn.projection.<w>"),
+    ("blocks.<i>.mlp.<fc>.<w>", "encoder.layers.<i>.mlp.<fc>.<w>"),
 ]
+_TOKENS = {"i": r"\d+", "w": "weight|bias", "fc": "fc1|fc2"}
+
+
+def _vision_name(name: str, to_hf: bool) -> str | None:
+    """Rename one vision key through _VISION_NAMES (ours -> HF, or HF -> ours); None if no rule matches."""
+    for ours, hf in _VISION_NAMES:
+        src, dst = (ours, hf) if to_hf else (hf, ours)
+        pattern = re.sub(r"<(\w+)>", lambda t: f"(?P<{t.group(1)}>{_TOKENS[t.group(1)]})", re.escape(src))
+        m = re.fullmatch(pattern, name)
+        if m:
+            return re.sub(r"<(\w+)>", lambda t: m.group(t.group(1)), dst)
+    return None
+
+
 _TOP = {
     "query_tokens": "query_tokens",
     "vision_proj.weight": "vision_projection.weight",
@@ -82,7 +98,7 @@ def to_hf_retrieval(state: dict[str, torch.Tensor], include_vision: bool = True)
             if m:
                 (q_bias if m.group(2) == "q_bias" else v_bias)[m.group(1)] = value
                 continue
-            name = _apply(_VISION_RULES, sub)
+            name = _vision_name(sub, to_hf=True)
             if name is None:
                 dropped.append(key)
             else:
@@ -120,21 +136,11 @@ def from_hf_retrieval(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
                 out[f"visual_encoder.blocks.{m.group(1)}.attn.q_bias"] = q
                 out[f"visual_encoder.blocks.{m.group(1)}.attn.v_bias"] = v
                 continue
-            for pattern, repl in [
-                (r"^embeddings\.class_embedding$", "cls_token"),
-                (r"^embeddings\.position_embedding$", "pos_embed"),
-                (r"^embeddings\.patch_embedding\.(weight|bias)$", r"patch_embed.proj.\1"),
-                (r"^encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)$", r"blocks.\1.norm1.\2"),
-                (r"^encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)$", r"blocks.\1.norm2.\2"),
-                (r"^encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"blocks.\1.attn.qkv.weight"),
-                (r"^encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
-                (r"^encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"blocks.\1.mlp.\2.\3"),
-            ]:
-                if re.match(pattern, sub):
-                    out["visual_encoder." + re.sub(pattern, repl, sub)] = value
-                    break
-            else:
+            name = _vision_name(sub, to_hf=False)
+            if name is None:
                 log.info("HF key without a counterpart: %s", key)
+            else:
+                out["visual_encoder." + name] = value
             continue
         log.info("HF key without a counterpart: %s", key)
     return out

@@ -11,7 +11,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from qformer.features.flops import (
-    BERT_BASE_QFORMER, EVA_VIT_G, QFormerDims, VitDims, cache_speedup, qformer_train_flops, vit_forward_flops,
+    BERT_BASE_QFORMER, EVA_VIT_G, ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK, QFormerDims, VitDims,
+    cache_speedup, qformer_train_flops, vit_forward_flops,
 )
 
 
@@ -53,15 +54,20 @@ def test_qformer_train_flops_match_flop_counter_on_the_real_model(tiny_model):
     bert = model.Qformer.config
     q = QFormerDims(hidden=bert.hidden_size, layers=bert.num_hidden_layers, intermediate=bert.intermediate_size,
                     queries=8, text_len=32, vocab=bert.vocab_size, embed_dim=256)
-    analytic = qformer_train_flops(q, n_img=65, d_img=192, batch=b)
+    analytic = qformer_train_flops(q, n_img=65, d_img=192, batch=b, itm_kv_rows=ITM_KV_ONE_RANK)
     assert counter.get_total_flops() / b == pytest.approx(analytic, rel=0.10)
+    lavis = qformer_train_flops(q, n_img=65, d_img=192, batch=b, itm_kv_rows=ITM_KV_LAVIS)
+    assert counter.get_total_flops() / b < lavis  # the model really skips the ITM rows' image K/V
 
 
 def test_projection_orders_and_kv_reuse_helps():
-    now = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER)
-    reuse = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, reuse_itm_kv=True)
-    assert 1.0 < now["projected_speedup"] < reuse["projected_speedup"]
-    assert now["vit_forward_gflops"] > now["qformer_train_gflops"]
+    lavis, multi, one = (cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, itm_kv_rows=r)
+                         for r in (ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK))
+    assert 1.0 < lavis["projected_speedup"] < multi["projected_speedup"] < one["projected_speedup"]
+    assert lavis["vit_forward_gflops"] > lavis["qformer_train_gflops"]
+    # each skipped ITM row saves K and V (fwd + 2x bwd) in the 6 cross-attention layers
+    saved_per_row = 3 * 6 * 2 * (2 * EVA_VIT_G.tokens * EVA_VIT_G.width * 768) / 1e9
+    assert lavis["qformer_train_gflops"] - one["qformer_train_gflops"] == pytest.approx(3 * saved_per_row)
 
 
 def test_bench_cache_quick_writes_a_result(tmp_path):
@@ -80,4 +86,7 @@ def test_bench_cache_quick_writes_a_result(tmp_path):
     # counted FLOPs, not time: the cached step skips exactly the ViT forward
     assert measured["speedup_counted_flops"] > 1.0
     assert measured["speedup_counted_flops"] == pytest.approx(measured["speedup_analytic_same_config"], rel=0.15)
-    assert payload["projection_vit_g"]["target"] == 4.0
+    projection = payload["projection_vit_g"]
+    assert projection["target"] == 4.0
+    by_width = projection["projected_speedup_by_text_width"]
+    assert by_width["32"]["lavis"] < by_width["32"]["ours_one_rank"] < by_width["20"]["ours_one_rank"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
@@ -43,7 +44,8 @@ def test_analytic_flops_match_counted_matmuls(minilm_path):
     assert analytic["total"] == 3 * analytic["qformer_forward_total"] + analytic["vit_forward"]
 
 
-def test_bench_step_quick_writes_result(tmp_path):
+@pytest.mark.parametrize("features", [False, True])
+def test_bench_step_quick_writes_result(tmp_path, features):
     from qformer.bench import step
 
     parser = argparse.ArgumentParser()
@@ -52,10 +54,16 @@ def test_bench_step_quick_writes_result(tmp_path):
         "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--quick", "--steps", "1", "--batch-size", "2",
         "--out-dir", str(tmp_path), "--options", "model.vit_kwargs.depth=1", "model.num_query_token=4",
         "model.max_txt_len=8",
-    ])
+    ] + (["--features"] if features else []))
     payload = step.run(args)
     saved = json.loads((tmp_path / "step-latest.json").read_text())
     assert saved["benchmark"] == "step" and saved["batch_size"] == 2
     assert payload["samples_per_s"] > 0 and payload["matmul_peak_flops"] > 0 and payload["peak_memory_bytes"] > 0
-    assert payload["model_flops_per_sample"]["total"] > payload["model_flops_per_sample"]["vit_forward"] > 0
+    flops = payload["model_flops_per_sample"]
+    if features:  # cached features: the ViT is not part of the step
+        assert flops["vit_forward"] == 0 and flops["total"] == 3 * flops["qformer_forward_total"]
+    else:
+        assert flops["total"] > flops["vit_forward"] > 0
+    assert payload["flops_ratio_itm_kv_reuse"] > 1.0  # the ITM rows' image K/V are not counted twice
+    assert payload["step_time_recompute_itm_kv_s"] > 0 and payload["speedup_itm_kv_reuse"] > 0
     assert 0 < payload["achieved_over_matmul_peak"]

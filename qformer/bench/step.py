@@ -5,7 +5,8 @@ on random images and random token ids (lengths drawn like real captions), as the
 does it (CUDA: fp16 autocast + GradScaler; CPU: fp32, or bf16 autocast with --bf16). Model FLOPs
 per sample are analytic (qformer.models.flops): 3 x Q-Former forward + ViT forward. The matmul
 peak is measured in the same process right after, in the same dtype, so the ratio compares like
-with like on whatever else the machine is doing.
+with like on whatever else the machine is doing. The ITM pass's reuse of the query pass's image K/V
+(Blip2Qformer.reuse_itm_kv) is timed against recomputing them (LAVIS), steps alternating, as a ratio.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps after 1 warm-up (default 5; quick 2)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--bf16", action="store_true", help="CPU: bf16 autocast (default fp32)")
+    parser.add_argument("--features", action="store_true",
+                        help="feed frozen-ViT features (the run.vision_cache step): the ViT runs once, not per step")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
 
 
@@ -61,8 +64,12 @@ def run(args: argparse.Namespace) -> dict:
     image = torch.randn(batch, 3, size, size, generator=g).to(device)
     ids, atts = _random_text(batch, length, len(model.tokenizer), g)
     samples = {"image": image, "text_ids": ids.to(device), "text_atts": atts.to(device)}
+    if args.features:
+        with autocast:
+            samples["image_embeds"] = model.vit_features(samples.pop("image")).float()
 
-    def step() -> dict:
+    def step(reuse_itm_kv: bool = True) -> dict:
+        model.reuse_itm_kv = reuse_itm_kv
         with autocast:
             out = model(samples)
         scaler.scale(out.loss).backward()
@@ -75,34 +82,51 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     step()  # warm-up (allocator, kernels, lazy init)
     _sync(device)
-    times, losses = [], {}
-    for _ in range(steps):
-        start = time.perf_counter()
-        losses = step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    step_time = sorted(times)[len(times) // 2]  # median: robust to a stray slow step on a shared host
+    step(False)
+    _sync(device)
+    times, times_recompute, losses = [], [], {}
+    for _ in range(steps):  # alternating, so that load from other processes hits both alike
+        for reuse, into in ((True, times), (False, times_recompute)):
+            start = time.perf_counter()
+            out = step(reuse)
+            _sync(device)
+            into.append(time.perf_counter() - start)
+            losses = out if reuse else losses
+    median = lambda t: sorted(t)[len(t) // 2]  # noqa: E731  (robust to a stray slow step on a shared host)
+    step_time = median(times)
     peak_mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     lm_targets = float((atts[:, 1:].sum(1)).float().mean())  # non-pad predicted positions per caption
+    model.reuse_itm_kv = False
+    flops_recompute = train_flops_per_sample(model, size, length, lm_targets)["total"]
+    model.reuse_itm_kv = True
     flops = train_flops_per_sample(model, size, length, lm_targets)
+    if args.features:
+        flops_recompute -= flops["vit_forward"]
+        flops["total"] -= flops["vit_forward"]
+        flops["vit_forward"] = 0.0
     samples_per_s = batch / step_time
     achieved = flops["total"] * samples_per_s
     peak = measure_matmul_peak(device, size=2048 if cuda else 1024, dtype=dtype, seconds=0.5 if args.quick else 1.0)
     payload = {
-        "cfg_path": args.cfg_path, "options": args.options, "device": device, "dtype": str(dtype).replace("torch.", ""),
+        "cfg_path": args.cfg_path, "options": args.options, "features": bool(args.features), "device": device, "dtype": str(dtype).replace("torch.", ""),
         "batch_size": batch, "timed_steps": steps, "step_times_s": times, "step_time_s": step_time,
         "samples_per_s": samples_per_s, "peak_memory_bytes": int(peak_mem),
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
         "model_flops_per_sample": flops, "achieved_flops": achieved, "matmul_peak_flops": peak,
         "achieved_over_matmul_peak": achieved / peak, "last_losses": losses,
+        "step_time_recompute_itm_kv_s": median(times_recompute),
+        "speedup_itm_kv_reuse": median(times_recompute) / step_time,
+        "flops_ratio_itm_kv_reuse": flops_recompute / flops["total"],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     path = write_result("step", payload, args.out_dir)
     print(
         f"step: {samples_per_s:.2f} samples/s (batch {batch}, {step_time * 1e3:.0f} ms/step, {device} {payload['dtype']}), "
         f"peak mem {peak_mem / 2**20:.0f} MiB, {flops['total'] / 1e9:.2f} GFLOP/sample, "
-        f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of measured matmul peak {peak / 1e9:.1f} GFLOP/s -> {path}"
+        f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of measured matmul peak {peak / 1e9:.1f} GFLOP/s; "
+        f"ITM K/V reuse {payload['speedup_itm_kv_reuse']:.2f}x vs recomputing "
+        f"({payload['flops_ratio_itm_kv_reuse']:.2f}x fewer FLOPs) -> {path}"
     )
     return payload
 

@@ -62,12 +62,18 @@ def vit_forward_flops(v: VitDims) -> int:
     return embed + v.depth * (_self_attn(n, n, v.width) + _ffn(n, v.width, v.mlp))
 
 
+# Image rows per batch image whose cross-attention K/V the ITM pass projects (its 3 pairs per image):
+ITM_KV_LAVIS = 3       # LAVIS: every row projected again
+ITM_KV_ONE_RANK = 0    # ours, world size 1: all rows index the query pass's K/V
+ITM_KV_MULTI_RANK = 1  # ours, several ranks: negative images gathered from other ranks are projected
+
+
 def qformer_forward_flops(q: QFormerDims, n_img: int, d_img: int, batch: int = 100,
-                          reuse_itm_kv: bool = False) -> dict[str, int]:
+                          itm_kv_rows: int = ITM_KV_LAVIS) -> dict[str, int]:
     """Forward FLOPs per image of each stage-1 pass (spec §4: query, text, ITM on 3 pairs, LM).
 
-    `reuse_itm_kv`: the ITM pass's image K/V projections are the query pass's (its 3 pairs use
-    images of the same batch), so they can be gathered instead of recomputed.
+    `itm_kv_rows`: how many of the ITM pass's 3 image rows per image project their image K/V; the
+    rest reuse the query pass's (Blip2Qformer.reuse_itm_kv), which is exact.
     """
     d, h, L, Q, T = q.hidden, q.intermediate, q.layers, q.queries, q.text_len
     n_cross = len(range(0, L, q.cross_attention_freq))
@@ -76,20 +82,21 @@ def qformer_forward_flops(q: QFormerDims, n_img: int, d_img: int, batch: int = 1
     query = L * (_self_attn(Q, Q, d) + _ffn(Q, d, h)) + n_cross * cross + 2 * Q * d * q.embed_dim
     text = L * (_self_attn(T, T, d) + _ffn(T, d, h)) + 2 * d * q.embed_dim
     itm_one = L * (_self_attn(Q + T, Q + T, d) + _ffn(Q + T, d, h)) + 2 * Q * d * 2
-    itm = 3 * (itm_one + n_cross * cross_no_kv) + (1 if reuse_itm_kv else 3) * n_cross * (cross - cross_no_kv)
+    itm = 3 * (itm_one + n_cross * cross_no_kv) + itm_kv_rows * n_cross * (cross - cross_no_kv)
     lm = L * (_self_attn(T, Q + T, d) + _ffn(T, d, h)) + 2 * T * d * d + 2 * T * d * q.vocab
     itc = 2 * 2 * batch * Q * q.embed_dim  # both similarity directions against the batch
     return {"query": query, "text": text, "itm": itm, "lm": lm, "itc": itc}
 
 
-def qformer_train_flops(q: QFormerDims, n_img: int, d_img: int, batch: int = 100, reuse_itm_kv: bool = False) -> int:
+def qformer_train_flops(q: QFormerDims, n_img: int, d_img: int, batch: int = 100,
+                        itm_kv_rows: int = ITM_KV_LAVIS) -> int:
     """Forward + backward (backward = 2x forward: input and weight gradients) per image."""
-    return 3 * sum(qformer_forward_flops(q, n_img, d_img, batch, reuse_itm_kv).values())
+    return 3 * sum(qformer_forward_flops(q, n_img, d_img, batch, itm_kv_rows).values())
 
 
-def cache_speedup(v: VitDims, q: QFormerDims, batch: int = 100, reuse_itm_kv: bool = False) -> dict[str, float]:
+def cache_speedup(v: VitDims, q: QFormerDims, batch: int = 100, itm_kv_rows: int = ITM_KV_LAVIS) -> dict[str, float]:
     """Projected epoch-time ratio online/cached when both are compute-bound at equal FLOP/s."""
     vit = vit_forward_flops(v)
-    train = qformer_train_flops(q, v.tokens, v.width, batch, reuse_itm_kv)
+    train = qformer_train_flops(q, v.tokens, v.width, batch, itm_kv_rows)
     return {"vit_forward_gflops": vit / 1e9, "qformer_train_gflops": train / 1e9,
             "projected_speedup": (vit + train) / train}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Mapping
 
 import torch
@@ -22,8 +23,8 @@ from qformer.models.bert_init import (
     resolve_bert_dir,
 )
 from qformer.models.checkpoint_io import load_model_checkpoint
-from qformer.models.losses import ITCLoss, ITMLoss, lm_inputs
-from qformer.models.qformer_bert import BertLMHeadModel
+from qformer.models.losses import ITCLoss, ITMLoss, ItmImages, lm_inputs
+from qformer.models.qformer_bert import BertLMHeadModel, CrossKV
 from qformer.models.qformer_config import QFormerConfig
 from qformer.models.vision import build_vision_encoder, load_vision_weights
 from qformer.models.vision.build import maybe_fp16
@@ -110,6 +111,9 @@ class Blip2Qformer(nn.Module):
         self.max_txt_len = max_txt_len
         self.itc_loss = ITCLoss(gather_with_grad=itc_gather_with_grad)
         self.itm_loss = ITMLoss(negatives=itm_negatives)
+        # The ITM pass takes its image K/V from the query pass instead of projecting 3B image rows
+        # again (exact: same rows, same weights). Off only to measure or test the difference.
+        self.reuse_itm_kv = True
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Blip2Qformer":
@@ -225,9 +229,10 @@ class Blip2Qformer(nn.Module):
             image_embeds = image_embeds.to(self.device, self.ln_vision.weight.dtype)
         return self.ln_vision(image_embeds)
 
-    def _query_pass(self, image_embeds_ln: torch.Tensor, use_cache: bool = False):
+    def _query_pass(self, image_embeds_ln: torch.Tensor, use_cache: bool = False, return_cross_kv: bool = False):
         query_tokens = self.query_tokens.expand(image_embeds_ln.shape[0], -1, -1)
-        return self.Qformer.bert(query_embeds=query_tokens, encoder_hidden_states=image_embeds_ln, use_cache=use_cache)
+        return self.Qformer.bert(query_embeds=query_tokens, encoder_hidden_states=image_embeds_ln,
+                                 use_cache=use_cache, return_cross_kv=return_cross_kv)
 
     def encode_image(
         self, image: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
@@ -244,19 +249,37 @@ class Blip2Qformer(nn.Module):
         out = self.Qformer.bert(text_ids, attention_mask=text_atts)
         return F.normalize(self.text_proj(out.last_hidden_state[:, 0]), dim=-1)
 
-    def itm_logits(self, image_embeds_ln: torch.Tensor, text_ids: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
-        """[n, 2]: itm_head on every query output, averaged over queries (spec §4.3)."""
+    def itm_logits(self, image_embeds_ln: torch.Tensor | ItmImages, text_ids: torch.Tensor, text_atts: torch.Tensor,
+                   local_kv: CrossKV | None = None) -> torch.Tensor:
+        """[n, 2]: itm_head on every query output, averaged over queries (spec §4.3).
+
+        `image_embeds_ln` [n,N,D], or ItmImages whose local rows have image K/V `local_kv` (the query
+        pass's, [B,heads,N,hd] per cross layer): rows then index those instead of being projected."""
         text_ids, text_atts = trim_padding(text_ids, text_atts)
         n, q = text_ids.shape[0], self.query_tokens.shape[1]
         query_tokens = self.query_tokens.expand(n, -1, -1)
         query_atts = torch.ones(n, q, dtype=text_atts.dtype, device=text_atts.device)
+        images, rows_kv = image_embeds_ln, None
+        if isinstance(images, ItmImages):
+            images, rows_kv = (images.embeddings(), None) if local_kv is None else (None, self._rows_kv(images, local_kv))
         out = self.Qformer.bert(
             text_ids,
             attention_mask=torch.cat([query_atts, text_atts], dim=1),
             query_embeds=query_tokens,
-            encoder_hidden_states=image_embeds_ln,
+            encoder_hidden_states=images,
+            cross_key_values=rows_kv,
         )
         return self.itm_head(out.last_hidden_state[:, :q]).mean(dim=1)
+
+    def _rows_kv(self, images: ItmImages, local_kv: CrossKV) -> CrossKV:
+        """Each row's image K/V: the local rows' from `local_kv`, the extra rows' projected here."""
+        extra_kv = self.Qformer.bert.image_key_values(images.extra) if images.extra is not None else None
+        rows = []
+        for i, (k, v) in enumerate(local_kv):
+            if extra_kv is not None:
+                k, v = torch.cat([k, extra_kv[i][0].to(k.dtype)]), torch.cat([v, extra_kv[i][1].to(v.dtype)])
+            rows.append((k[images.index], v[images.index]))
+        return tuple(rows)
 
     def itm_logit(self, image_embeds_ln: torch.Tensor, text_ids: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
         """[n] positive-class logit averaged over queries (the eval re-rank score)."""
@@ -279,13 +302,17 @@ class Blip2Qformer(nn.Module):
         if text_ids.shape[0] != b:
             raise ValueError(f"batch has {b} images but {text_ids.shape[0]} texts")
 
-        query_out = self._query_pass(embeds_ln, use_cache=True)
+        query_out = self._query_pass(embeds_ln, use_cache=True, return_cross_kv=self.reuse_itm_kv)
         image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)
         local_ids, local_atts = trim_padding(text_ids, text_atts)  # text and LM passes: no padding columns
         text_feat = self._encode_text(local_ids, local_atts)
 
         itc = self.itc_loss(image_feats, text_feat, self.temp)
-        loss_itm = self.itm_loss(self.itm_logits, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i)
+        if self.reuse_itm_kv:
+            matcher = partial(self.itm_logits, local_kv=query_out.cross_key_values)
+            loss_itm = self.itm_loss(matcher, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i, by_index=True)
+        else:
+            loss_itm = self.itm_loss(self.itm_logits, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i)
 
         decoder_ids, labels = lm_inputs(local_ids, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
         query_atts = torch.ones(b, self.query_tokens.shape[1], dtype=local_atts.dtype, device=local_atts.device)

@@ -1,7 +1,8 @@
 """Analytic matmul FLOPs of one BLIP-2 stage-1 training sample (2 FLOPs per multiply-add).
 
 Counted: every Linear/attention matmul of the four Q-Former passes (query pass with
-cross-attention, text pass, ITM pass over 3 pairs, LM pass over cached query K/V plus the
+cross-attention, text pass, ITM pass over 3 pairs whose image K/V come from the query pass
+(Blip2Qformer.reuse_itm_kv; `itm_kv_rows` of the 3 rows per image project their own), LM pass over cached query K/V plus the
 vocabulary head on the predicted positions) and of the frozen ViT forward. Training costs
 3x the Q-Former forward (forward + backward for activations and weights); the frozen ViT runs
 forward only. Norms, softmax and elementwise ops are left out (they are not matmuls).
@@ -26,7 +27,7 @@ class QFormerDims:
     embed_dim: int
 
 
-def _layer(d: QFormerDims, tq: int, tt: int, prefix: int = 0, cross: bool = False) -> int:
+def _layer(d: QFormerDims, tq: int, tt: int, prefix: int = 0, cross: bool = False, image_kv: bool = True) -> int:
     """One Q-Former layer: tq query + tt text tokens attending over (tq+tt+prefix) keys."""
     h, t = d.hidden, tq + tt
     f = 4 * 2 * t * h * h  # Q, K, V, output projections
@@ -35,22 +36,26 @@ def _layer(d: QFormerDims, tq: int, tt: int, prefix: int = 0, cross: bool = Fals
     if cross and tq:
         n = d.image_tokens
         f += 2 * 2 * tq * h * h  # cross query + output projections
-        f += 2 * 2 * n * d.image_width * h  # cross K, V projections of the image tokens
+        f += 2 * 2 * n * d.image_width * h if image_kv else 0  # cross K, V projections of the image tokens
         f += 2 * 2 * tq * n * h  # cross scores + weighted values
     return f
 
 
-def _pass(d: QFormerDims, tq: int, tt: int, prefix: int = 0) -> int:
-    return sum(_layer(d, tq, tt, prefix, cross=i % d.cross_attention_freq == 0) for i in range(d.layers))
+def _pass(d: QFormerDims, tq: int, tt: int, prefix: int = 0, image_kv: bool = True) -> int:
+    return sum(_layer(d, tq, tt, prefix, cross=i % d.cross_attention_freq == 0, image_kv=image_kv)
+               for i in range(d.layers))
 
 
-def qformer_forward_flops(d: QFormerDims, text_len: int, lm_targets: float) -> dict[str, float]:
-    """Per-sample forward FLOPs of each pass; `lm_targets` = predicted (non-pad) positions."""
+def qformer_forward_flops(d: QFormerDims, text_len: int, lm_targets: float, itm_kv_rows: int = 0) -> dict[str, float]:
+    """Per-sample forward FLOPs of each pass; `lm_targets` = predicted (non-pad) positions;
+    `itm_kv_rows`: ITM rows per sample projecting image K/V (0 on one rank, 1 on several, 3 in LAVIS)."""
     q, h = d.queries, d.hidden
+    itm_row = _pass(d, q, text_len, image_kv=False) + 2 * q * h * 2
+    image_kv = _pass(d, q, 0) - _pass(d, q, 0, image_kv=False)
     out = {
         "query_pass": _pass(d, q, 0) + 2 * q * h * d.embed_dim,
         "text_pass": _pass(d, 0, text_len) + 2 * h * d.embed_dim,
-        "itm_pass": 3 * (_pass(d, q, text_len) + 2 * q * h * 2),
+        "itm_pass": 3 * itm_row + itm_kv_rows * image_kv,
         "lm_pass": _pass(d, 0, text_len, prefix=q) + lm_targets * (2 * h * h + 2 * h * d.vocab),
     }
     out["itc_sims"] = 0.0  # B*B*Q*E per sample-pair: negligible and batch-dependent, left out
@@ -98,10 +103,11 @@ def model_dims(model, image_size: int) -> QFormerDims:
     )
 
 
-def train_flops_per_sample(model, image_size: int, text_len: int, lm_targets: float) -> dict:
+def train_flops_per_sample(model, image_size: int, text_len: int, lm_targets: float, world_size: int = 1) -> dict:
     """{"qformer_forward": {...}, "vit_forward", "total"} with total = 3 x Q-Former fwd + ViT fwd."""
     dims = model_dims(model, image_size)
-    qf = qformer_forward_flops(dims, text_len, lm_targets)
+    kv_rows = 3 if not getattr(model, "reuse_itm_kv", False) else (0 if world_size == 1 else 1)
+    qf = qformer_forward_flops(dims, text_len, lm_targets, kv_rows)
     vit = vit_forward_flops(model.visual_encoder, image_size)
     q_total = sum(qf.values())
     return {"qformer_forward": qf, "qformer_forward_total": q_total, "vit_forward": vit,

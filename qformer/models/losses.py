@@ -75,6 +75,22 @@ class ITCLoss(_Distributed):
         return ITCResult(loss, sim_i2t, sim_t2i)
 
 
+@dataclass
+class ItmImages:
+    """The image of each ITM row, by index into a pool: this rank's batch (rows 0..B-1) followed by
+    `extra` embeddings (other ranks' negatives), so a matcher can reuse per-image work of the batch
+    (the query pass's image K/V) instead of recomputing it for every row."""
+
+    index: torch.Tensor  # [R] into cat(local batch, extra)
+    local: torch.Tensor  # [B, N, D] this rank's image embeddings
+    extra: torch.Tensor | None = None  # [M, N, D]
+
+    def embeddings(self) -> torch.Tensor:
+        """The rows as one [R, N, D] tensor (what a matcher without reuse needs)."""
+        pool = self.local if self.extra is None else torch.cat([self.local, self.extra], dim=0)
+        return pool[self.index]
+
+
 class ITMLoss(_Distributed):
     """Image-text matching with one hard negative image per text and one text per image.
 
@@ -117,19 +133,28 @@ class ITMLoss(_Distributed):
         text_atts: torch.Tensor,
         sim_i2t: torch.Tensor,
         sim_t2i: torch.Tensor,
+        by_index: bool = False,
     ) -> torch.Tensor:
-        """`itm_logits(images [3B,N,D], ids [3B,L], atts [3B,L]) -> [3B, 2]` runs the matching model."""
+        """`itm_logits(images, ids [3B,L], atts [3B,L]) -> [3B, 2]` runs the matching model on rows
+        (positive pairs, a negative image per text, a negative text per image). `images` is the
+        [3B,N,D] tensor, or with `by_index` an ItmImages: positives and negative texts use the
+        local images; negative images are local too at world size 1, else rows gathered (with
+        gradient) from all ranks, gathered on every rank so that the backward all-reduce matches."""
         rank, world = self.rank_world()
+        b = text_ids.shape[0]
         ids_world = all_gather_no_grad(text_ids, world)
         atts_world = all_gather_no_grad(text_atts, world)
-        image_world = all_gather_with_grad(image_embeds, world)
         neg_img = self.sampler(self.negative_weights(sim_t2i, rank))  # one image per local text
         neg_txt = self.sampler(self.negative_weights(sim_i2t, rank))  # one text per local image
-        images = torch.cat([image_embeds, image_world[neg_img], image_embeds], dim=0)
+        own = torch.arange(b, device=neg_img.device)
+        if world == 1:
+            images = ItmImages(torch.cat([own, neg_img, own]), image_embeds)
+        else:
+            image_world = all_gather_with_grad(image_embeds, world)
+            images = ItmImages(torch.cat([own, own + b, own]), image_embeds, image_world[neg_img])
         ids = torch.cat([text_ids, text_ids, ids_world[neg_txt]], dim=0)
         atts = torch.cat([text_atts, text_atts, atts_world[neg_txt]], dim=0)
-        logits = itm_logits(images, ids, atts)
-        b = text_ids.shape[0]
+        logits = itm_logits(images if by_index else images.embeddings(), ids, atts)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         return F.cross_entropy(logits, labels)
 

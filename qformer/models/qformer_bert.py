@@ -20,6 +20,8 @@ from qformer.models.qformer_config import QFormerConfig
 MASK_VALUE = -10000.0  # LAVIS/HF-v4 BERT additive mask value (not finfo.min)
 
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+# Image keys/values of each cross-attention layer ([B, heads, N_img, head_dim] each), in layer order.
+CrossKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 def _activation(name: str):
@@ -88,11 +90,16 @@ class BertSelfAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        """`key_value`: this layer's keys/values already projected (cross-attention reuse), used as is."""
         q = self._heads(self.query(hidden_states))
-        k = self._heads(self.key(source))
-        v = self._heads(self.value(source))
+        if key_value is not None:
+            k, v = key_value
+        else:
+            source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            k = self._heads(self.key(source))
+            v = self._heads(self.value(source))
         if past_key_value is not None:  # cached query K/V go before the text K/V (LM pass)
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
@@ -121,8 +128,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, is_cross_attention)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, past_key_value=None):
-        context, present = self.self(hidden_states, attention_mask, encoder_hidden_states, past_key_value)
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, past_key_value=None,
+                key_value=None):
+        context, present = self.self(hidden_states, attention_mask, encoder_hidden_states, past_key_value, key_value)
         return self.output(context, hidden_states), present
 
 
@@ -167,20 +175,24 @@ class BertLayer(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        cross_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """-> (hidden, self-attention K/V, cross-attention image K/V or None)."""
         attn, present = self.attention(hidden_states, attention_mask, None, past_key_value)
         if query_length == 0:
-            return self.output(self.intermediate(attn), attn), present
+            return self.output(self.intermediate(attn), attn), present, None
         query = attn[:, :query_length]
+        image_kv = None
         if self.has_cross_attention:
-            if encoder_hidden_states is None:
+            if encoder_hidden_states is None and cross_key_value is None:
                 raise ValueError("query tokens need encoder_hidden_states (image features) for cross-attention")
-            query, _ = self.crossattention(query, encoder_attention_mask, encoder_hidden_states)
+            query, image_kv = self.crossattention(query, encoder_attention_mask, encoder_hidden_states,
+                                                  key_value=cross_key_value)
         out = self.output_query(self.intermediate_query(query), query)
         if attn.shape[1] > query_length:
             text = attn[:, query_length:]
             out = torch.cat([out, self.output(self.intermediate(text), text)], dim=1)
-        return out, present
+        return out, present, image_kv
 
 
 class BertEncoder(nn.Module):
@@ -193,6 +205,7 @@ class BertEncoder(nn.Module):
 class QFormerOutput:
     last_hidden_state: torch.Tensor
     past_key_values: KVCache | None = None
+    cross_key_values: CrossKV | None = None  # with return_cross_kv: the image K/V each cross layer used
 
 
 def extended_attention_mask(
@@ -240,7 +253,13 @@ class BertModel(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         is_decoder: bool = False,
+        cross_key_values: CrossKV | None = None,
+        return_cross_kv: bool = False,
     ) -> QFormerOutput:
+        """`cross_key_values` replaces the image K/V projections of the cross-attention layers (one
+        (K, V) per cross layer, e.g. another pass's `return_cross_kv` output re-indexed by row): the
+        projections of the same image rows give the same K/V, so a pass may take them instead of
+        `encoder_hidden_states` and skip the largest matmuls of the image path."""
         query_length = query_embeds.shape[1] if query_embeds is not None else 0
         past_length = past_key_values[0][0].shape[2] - self.config.query_length if past_key_values else 0
         hidden = self.embeddings(input_ids, query_embeds, past_length)
@@ -259,12 +278,25 @@ class BertModel(nn.Module):
         enc_mask = None
         if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
             enc_mask = extended_attention_mask(encoder_attention_mask, 0, False, False)
-        presents = []
+        presents, image_kvs = [], []
+        given_kv = iter(cross_key_values) if cross_key_values is not None else None
         for i, layer in enumerate(self.encoder.layer):
             past = past_key_values[i] if past_key_values else None
-            hidden, present = layer(hidden, mask, query_length, encoder_hidden_states, enc_mask, past)
+            kv = next(given_kv) if given_kv is not None and layer.has_cross_attention and query_length else None
+            hidden, present, image_kv = layer(hidden, mask, query_length, encoder_hidden_states, enc_mask, past, kv)
             presents.append(present)
-        return QFormerOutput(hidden, tuple(presents) if use_cache else None)
+            if image_kv is not None:
+                image_kvs.append(image_kv)
+        return QFormerOutput(hidden, tuple(presents) if use_cache else None,
+                             tuple(image_kvs) if return_cross_kv else None)
+
+
+    def image_key_values(self, encoder_hidden_states: torch.Tensor) -> CrossKV:
+        """Each cross-attention layer's image K/V for these embeddings, as a pass would project them."""
+        return tuple(
+            (attn._heads(attn.key(encoder_hidden_states)), attn._heads(attn.value(encoder_hidden_states)))
+            for attn in (layer.crossattention.self for layer in self.encoder.layer if layer.has_cross_attention)
+        )
 
 
 class BertPredictionHeadTransform(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from qformer.bench.cache import projection
 from qformer.features.flops import (
     BERT_BASE_QFORMER, EVA_VIT_G, ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK, QFormerDims, VitDims,
     cache_speedup, qformer_train_flops, vit_forward_flops,
@@ -90,3 +91,21 @@ def test_bench_cache_quick_writes_a_result(tmp_path):
     assert projection["target"] == 4.0
     by_width = projection["projected_speedup_by_text_width"]
     assert by_width["32"]["lavis"] < by_width["32"]["ours_one_rank"] < by_width["20"]["ours_one_rank"]
+
+
+def test_projection_at_a_datasets_caption_widths(synth_data, minilm_path):
+    from qformer.bench.cache import caption_widths, projection_at_widths
+    from qformer.config import load_config_dict
+    from qformer.data.synth import coco_caption_section
+
+    cfg = load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "bert_model": minilm_path},
+                            "datasets": coco_caption_section(synth_data), "run": {"batch_size_train": 16}})
+    widths = caption_widths(cfg, batches=20)
+    assert len(widths) == 20 and all(4 <= w < 32 for w in widths)  # short synthetic captions: trimmed
+    at = projection_at_widths(widths)
+    full = projection_at_widths([32] * 20)  # untrimmed width: the table's 32-column row
+    assert at["width_max"] == max(widths)
+    assert full["projected_speedup_ours_one_rank"] == pytest.approx(
+        projection()["projected_speedup_by_text_width"]["32"]["ours_one_rank"])
+    for mode in ("lavis", "ours_multi_rank", "ours_one_rank"):
+        assert at[f"projected_speedup_{mode}"] > full[f"projected_speedup_{mode}"]

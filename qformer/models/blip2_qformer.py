@@ -23,6 +23,7 @@ from qformer.models.bert_init import (
     resolve_bert_dir,
 )
 from qformer.models.checkpoint_io import load_model_checkpoint
+from qformer.models.gather import dist_rank_world
 from qformer.models.losses import ITCLoss, ITMLoss, ItmImages, lm_inputs
 from qformer.models.qformer_bert import BertLMHeadModel, CrossKV
 from qformer.models.qformer_config import QFormerConfig
@@ -250,12 +251,13 @@ class Blip2Qformer(nn.Module):
         return F.normalize(self.text_proj(out.last_hidden_state[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds_ln: torch.Tensor | ItmImages, text_ids: torch.Tensor, text_atts: torch.Tensor,
-                   local_kv: CrossKV | None = None) -> torch.Tensor:
+                   local_kv: CrossKV | None = None, text_width: int | None = None) -> torch.Tensor:
         """[n, 2]: itm_head on every query output, averaged over queries (spec §4.3).
 
         `image_embeds_ln` [n,N,D], or ItmImages whose local rows have image K/V `local_kv` (the query
-        pass's, [B,heads,N,hd] per cross layer): rows then index those instead of being projected."""
-        text_ids, text_atts = trim_padding(text_ids, text_atts)
+        pass's, [B,heads,N,hd] per cross layer): rows then index those instead of being projected.
+        `text_width`: the used columns if known on the host (see trim_padding)."""
+        text_ids, text_atts = trim_padding(text_ids, text_atts, text_width)
         n, q = text_ids.shape[0], self.query_tokens.shape[1]
         query_tokens = self.query_tokens.expand(n, -1, -1)
         query_atts = torch.ones(n, q, dtype=text_atts.dtype, device=text_atts.device)
@@ -286,6 +288,14 @@ class Blip2Qformer(nn.Module):
         return self.itm_logits(image_embeds_ln, text_ids, text_atts)[:, 1]
 
     # ---- training forward -------------------------------------------------------------------
+    def text_plan(self, text_ids: torch.Tensor, text_atts: torch.Tensor) -> dict[str, Any]:
+        """What the forward would otherwise read back from the device, worked out on the host from the
+        CPU token batch before it is copied: the used text width (trim_padding) and the flat indices
+        of the LM targets (LMLoss.from_hidden). Passed in `samples`, they keep the step free of syncs."""
+        width = int(text_atts.any(dim=0).sum()) or text_atts.shape[1]
+        targets = text_ids[:, 1:width] != self.tokenizer.pad_token_id  # LAVIS: labels = ids, pads -> -100
+        return {"text_width": width, "lm_index": targets.reshape(-1).nonzero().squeeze(1)}
+
     def _text(self, samples: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if "text_ids" in samples and samples["text_ids"] is not None:
             if "text_atts" not in samples:
@@ -304,15 +314,17 @@ class Blip2Qformer(nn.Module):
 
         query_out = self._query_pass(embeds_ln, use_cache=True, return_cross_kv=self.reuse_itm_kv)
         image_feats = F.normalize(self.vision_proj(query_out.last_hidden_state), dim=-1)
-        local_ids, local_atts = trim_padding(text_ids, text_atts)  # text and LM passes: no padding columns
+        width = samples.get("text_width")  # from text_plan; None: found on the device (a sync on CUDA)
+        local_ids, local_atts = trim_padding(text_ids, text_atts, width)  # text and LM passes: no padding columns
         text_feat = self._encode_text(local_ids, local_atts)
 
         itc = self.itc_loss(image_feats, text_feat, self.temp)
+        # ITM rows hold local texts only on one rank; other ranks' negatives may be wider
+        matcher = partial(self.itm_logits, text_width=width if dist_rank_world()[1] == 1 else None)
         if self.reuse_itm_kv:
-            matcher = partial(self.itm_logits, local_kv=query_out.cross_key_values)
-            loss_itm = self.itm_loss(matcher, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i, by_index=True)
-        else:
-            loss_itm = self.itm_loss(self.itm_logits, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i)
+            matcher = partial(matcher, local_kv=query_out.cross_key_values)
+        loss_itm = self.itm_loss(matcher, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i,
+                                 by_index=self.reuse_itm_kv)
 
         decoder_ids, labels = lm_inputs(local_ids, self.tokenizer.bos_token_id, self.tokenizer.pad_token_id)
         query_atts = torch.ones(b, self.query_tokens.shape[1], dtype=local_atts.dtype, device=local_atts.device)
@@ -322,17 +334,20 @@ class Blip2Qformer(nn.Module):
             past_key_values=query_out.past_key_values,
             labels=labels,
             return_logits=False,
+            lm_index=samples.get("lm_index"),
         )
         loss = itc.loss + loss_itm + lm.loss
         return Blip2Output(loss=loss, loss_itc=itc.loss, loss_itm=loss_itm, loss_lm=lm.loss)
 
 
-def trim_padding(text_ids: torch.Tensor, text_atts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def trim_padding(text_ids: torch.Tensor, text_atts: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop trailing columns that are padding in every row. Pads are masked out of attention and ignored
     by the LM loss, so every output that is used is unchanged; only the wasted work goes (LAVIS pads
     to max_length, 32/35 tokens, while COCO captions average ~12). Local passes only: the ITM negatives
-    are gathered across ranks at full width first. One host sync (the new width) per call."""
-    width = int(text_atts.any(dim=0).sum())  # right padding (BERT tokenizers): used columns are a prefix
+    are gathered across ranks at full width first. `width`: the used columns when known on the host
+    (Blip2Qformer.text_plan); otherwise they are counted here, one host sync on CUDA."""
+    if width is None:
+        width = int(text_atts.any(dim=0).sum())  # right padding (BERT tokenizers): used columns are a prefix
     if 0 < width < text_atts.shape[1]:
         return text_ids[:, :width], text_atts[:, :width]
     return text_ids, text_atts

@@ -155,7 +155,8 @@ class ITMLoss(_Distributed):
         ids = torch.cat([text_ids, text_ids, ids_world[neg_txt]], dim=0)
         atts = torch.cat([text_atts, text_atts, atts_world[neg_txt]], dim=0)
         logits = itm_logits(images if by_index else images.embeddings(), ids, atts)
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        labels = torch.zeros(3 * b, dtype=torch.long, device=logits.device)  # made on the device: no copy, no sync
+        labels[:b] = 1
         return F.cross_entropy(logits, labels)
 
 
@@ -178,16 +179,24 @@ class LMLoss(nn.Module):
         )
 
 
-    def from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def from_hidden(self, hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                    keep_index: torch.Tensor | None = None) -> torch.Tensor:
         """Same loss, but the vocabulary head runs only on positions with a target (pads skipped).
 
         Equal to `forward(head(hidden), labels)` since ignored positions add nothing to the mean;
         the vocabulary projection is the largest matmul of a small Q-Former, so this saves real time.
+        `keep_index`: those positions as flat indices into [B, L-1], found on the host beforehand
+        (Blip2Qformer.text_plan); without it a boolean mask finds them, a device sync on CUDA.
         """
         targets = labels[:, 1:]
-        keep = targets != self.ignore_index
-        logits = head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], label_smoothing=self.label_smoothing)
+        shifted = hidden[:, :-1]
+        if keep_index is None:
+            keep = targets != self.ignore_index
+            logits, targets = head(shifted[keep]), targets[keep]
+        else:
+            logits = head(shifted.reshape(-1, shifted.shape[-1]).index_select(0, keep_index))
+            targets = targets.reshape(-1).index_select(0, keep_index)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
 
 
 def lm_inputs(text_ids: torch.Tensor, bos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

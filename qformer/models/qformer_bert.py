@@ -373,8 +373,10 @@ class BertLMHeadModel(nn.Module):
         labels: torch.Tensor | None = None,
         query_embeds: torch.Tensor | None = None,
         return_logits: bool = True,
+        lm_index: torch.Tensor | None = None,
     ) -> LMOutput:
-        """return_logits=False with labels: loss only, the vocabulary head skips pad positions."""
+        """return_logits=False with labels: loss only, the vocabulary head skips pad positions
+        (`lm_index`: the predicted positions, see LMLoss.from_hidden)."""
         if past_key_values is not None:
             query_embeds = None  # queries come from the cache
         out = self.bert(
@@ -388,7 +390,7 @@ class BertLMHeadModel(nn.Module):
         if query_embeds is not None:
             hidden = hidden[:, query_embeds.shape[1] :]
         if labels is not None and not return_logits:
-            return LMOutput(self.lm_loss.from_hidden(hidden, labels, self.cls), None)
+            return LMOutput(self.lm_loss.from_hidden(hidden, labels, self.cls, lm_index), None)
         logits = self.cls(hidden)
         loss = self.lm_loss(logits, labels) if labels is not None else None
         return LMOutput(loss, logits)

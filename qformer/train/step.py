@@ -80,6 +80,16 @@ def prepare_samples(batch: Mapping[str, Any], device: torch.device, mean: tuple[
     return samples
 
 
+def with_text_plan(batch: Mapping[str, Any], model: torch.nn.Module) -> Mapping[str, Any]:
+    """Add the model's host-side text plan (Blip2Qformer.text_plan) while the token batch is still on
+    the CPU, so that the forward needs no device->host reads to trim padding or pick LM targets."""
+    ids, atts = batch.get("text_ids"), batch.get("text_atts")
+    plan = getattr(model, "text_plan", None)
+    if plan is None or not isinstance(ids, torch.Tensor) or not isinstance(atts, torch.Tensor) or ids.device.type != "cpu":
+        return batch
+    return {**batch, **plan(ids, atts)}
+
+
 def _loss_dict(output: Any) -> dict[str, torch.Tensor]:
     """Every output field whose name contains "loss" (LAVIS BaseTask.train_step)."""
     if dataclasses.is_dataclass(output):
@@ -135,7 +145,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_
     """Run micro-batch `iter_in_epoch` of (inner) epoch `epoch`; returns the undivided, detached losses."""
     state.scheduler.step(epoch, iter_in_epoch)  # LAVIS: before the forward, every micro-batch
     boundary = (iter_in_epoch + 1) % state.accum_grad_iters == 0
-    samples = prepare_samples(batch, state.device, state.image_mean, state.image_std)
+    samples = prepare_samples(with_text_plan(batch, state.unwrapped), state.device, state.image_mean, state.image_std)
 
     # Skip DDP's gradient all-reduce on non-boundary micro-batches: same maths, less traffic.
     sync_ctx = contextlib.nullcontext()

@@ -1,0 +1,76 @@
+"""The training forward/backward reads nothing back from the device once the host-side text plan is
+given (issue 9: no host-device syncs in the hot loop). On CUDA every value read (`.item()`, `int()`,
+`bool()` of a tensor) and every data-dependent shape (boolean masks, nonzero) waits for the GPU; here
+a dispatch mode records those ops on CPU, where the same code paths run."""
+from __future__ import annotations
+
+import pytest
+import torch
+from small_model import small_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qformer.train.step import with_text_plan
+
+aten = torch.ops.aten
+SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+            aten.equal.default, aten.is_nonzero.default}
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records ops that would make the host wait for a CUDA device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bool_index = func is aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))
+        if func in SYNC_OPS or bool_index:
+            self.seen.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model(minilm_path):
+    return small_model(minilm_path)  # eval: dropout off, the two runs below see the same network
+
+
+@pytest.fixture()
+def batch(model):
+    ids, atts = model.tokenize(["a red circle", "a small blue square on the left", "green", "a big triangle"], 16)
+    return {"image": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+            "text_ids": ids, "text_atts": atts}
+
+
+def _losses(model, samples, recorder):
+    torch.manual_seed(1)  # same ITM negatives in both runs
+    with recorder:
+        out = model(samples)
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return {k: getattr(out, k).detach() for k in ("loss_itc", "loss_itm", "loss_lm")}
+
+
+def test_forward_and_backward_read_nothing_back_with_the_text_plan(model, batch):
+    planned = with_text_plan(batch, model)
+    assert planned["text_width"] == int(batch["text_atts"].sum(1).max()) < 16
+    with_plan, without_plan = SyncRecorder(), SyncRecorder()
+    losses_plan = _losses(model, planned, with_plan)
+    losses_device = _losses(model, batch, without_plan)
+    assert with_plan.seen == []
+    assert without_plan.seen  # the recorder sees the syncs the plan removes (trim width, LM mask)
+    for key in losses_plan:  # and the plan changes nothing
+        assert torch.allclose(losses_plan[key], losses_device[key], atol=1e-6), key
+
+
+def test_text_plan_matches_the_lm_labels(model, batch):
+    plan = model.text_plan(batch["text_ids"], batch["text_atts"])
+    width = plan["text_width"]
+    labels = batch["text_ids"][:, 1:width]
+    expected = (labels != model.tokenizer.pad_token_id).reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(plan["lm_index"], expected)
+    assert len(plan["lm_index"]) == int(batch["text_atts"][:, 1:].sum())  # every non-pad next token, once
+    on_device = with_text_plan({"text_ids": batch["text_ids"].to("meta"), "text_atts": batch["text_atts"]}, model)
+    assert "text_width" not in on_device  # only planned from host tensors

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qformer.bench.cache import projection
 from qformer.features.flops import (
-    BERT_BASE_QFORMER, EVA_VIT_G, ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK, QFormerDims, VitDims,
+    BERT_BASE_QFORMER, EVA_VIT_G, LAVIS_STEP, OURS_MULTI_RANK, OURS_ONE_RANK, QFormerDims, VitDims,
     cache_speedup, qformer_train_flops, vit_forward_flops,
 )
 
@@ -55,20 +55,19 @@ def test_qformer_train_flops_match_flop_counter_on_the_real_model(tiny_model):
     bert = model.Qformer.config
     q = QFormerDims(hidden=bert.hidden_size, layers=bert.num_hidden_layers, intermediate=bert.intermediate_size,
                     queries=8, text_len=32, vocab=bert.vocab_size, embed_dim=256)
-    analytic = qformer_train_flops(q, n_img=65, d_img=192, batch=b, itm_kv_rows=ITM_KV_ONE_RANK)
+    analytic = qformer_train_flops(q, n_img=65, d_img=192, batch=b, step=OURS_ONE_RANK)
     assert counter.get_total_flops() / b == pytest.approx(analytic, rel=0.10)
-    lavis = qformer_train_flops(q, n_img=65, d_img=192, batch=b, itm_kv_rows=ITM_KV_LAVIS)
+    lavis = qformer_train_flops(q, n_img=65, d_img=192, batch=b, step=LAVIS_STEP)
     assert counter.get_total_flops() / b < lavis  # the model really skips the ITM rows' image K/V
 
 
 def test_projection_orders_and_kv_reuse_helps():
-    lavis, multi, one = (cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, itm_kv_rows=r)
-                         for r in (ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK))
+    lavis, multi, one = (cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, step=s) for s in (LAVIS_STEP, OURS_MULTI_RANK, OURS_ONE_RANK))
     assert 1.0 < lavis["projected_speedup"] < multi["projected_speedup"] < one["projected_speedup"]
     assert lavis["vit_forward_gflops"] > lavis["qformer_train_gflops"]
     # each skipped ITM row saves K and V (fwd + 2x bwd) in the 6 cross-attention layers
     saved_per_row = 3 * 6 * 2 * (2 * EVA_VIT_G.tokens * EVA_VIT_G.width * 768) / 1e9
-    assert lavis["qformer_train_gflops"] - one["qformer_train_gflops"] == pytest.approx(3 * saved_per_row)
+    assert multi["qformer_train_gflops"] - one["qformer_train_gflops"] == pytest.approx(saved_per_row)
 
 
 def test_bench_cache_quick_writes_a_result(tmp_path):
@@ -107,5 +106,6 @@ def test_projection_at_a_datasets_caption_widths(synth_data, minilm_path):
     assert at["width_max"] == max(widths)
     assert full["projected_speedup_ours_one_rank"] == pytest.approx(
         projection()["projected_speedup_by_text_width"]["32"]["ours_one_rank"])
-    for mode in ("lavis", "ours_multi_rank", "ours_one_rank"):
+    for mode in ("ours_multi_rank", "ours_one_rank"):  # shorter text, cheaper step, larger share for the ViT
         assert at[f"projected_speedup_{mode}"] > full[f"projected_speedup_{mode}"]
+    assert at["projected_speedup_lavis"] == full["projected_speedup_lavis"]  # LAVIS pads to max_txt_len

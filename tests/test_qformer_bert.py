@@ -174,3 +174,22 @@ def test_full_size_qformer_shapes_on_meta():
     assert sd["cls.predictions.decoder.weight"].shape == (30523, 768)
     n = sum(p.numel() for p in model.parameters())  # tied decoder counted once
     assert 186e6 < n < 188e6, n
+
+
+@pytest.mark.parametrize("with_queries", [True, False])
+def test_out_rows_computes_only_the_kept_rows_of_the_last_layer(with_queries):
+    """ITM reads the query rows, the text pass [CLS]: the last layer computes just those, unchanged."""
+    torch.manual_seed(0)
+    model = BertLMHeadModel(small_config(num_hidden_layers=3, cross_attention_freq=1)).eval()
+    ids = torch.tensor([[1, 7, 8, 9], [1, 4, 0, 0]])
+    atts = (ids != 0).long()
+    kwargs = {"attention_mask": atts}
+    if with_queries:
+        kwargs = {"attention_mask": torch.cat([torch.ones(2, 3, dtype=torch.long), atts], 1),
+                  "query_embeds": torch.randn(2, 3, 16), "encoder_hidden_states": torch.randn(2, 5, 12)}
+    rows = 3 if with_queries else 1
+    full = model.bert(ids, **kwargs).last_hidden_state
+    kept = model.bert(ids, out_rows=rows, **kwargs).last_hidden_state
+    assert kept.shape == (2, rows, 16) and torch.allclose(kept, full[:, :rows], atol=1e-6)
+    with pytest.raises(ValueError, match="out_rows"):
+        model.bert(ids, attention_mask=atts, out_rows=1, is_decoder=True)

@@ -10,6 +10,7 @@ The ViT-g figure is analytic (qformer.features.flops), checked against FlopCount
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def _counted_flops(state, batch: dict) -> int:
 
 
 def _analytic(cfg, model, batch: int) -> dict[str, Any]:
-    from qformer.features.flops import ITM_KV_ONE_RANK, QFormerDims, VitDims, cache_speedup
+    from qformer.features.flops import LAVIS_STEP, OURS_ONE_RANK, QFormerDims, VitDims, cache_speedup
 
     bert = model.Qformer.config
     vit = model.visual_encoder.model
@@ -101,8 +102,8 @@ def _analytic(cfg, model, batch: int) -> dict[str, Any]:
     q = QFormerDims(hidden=bert.hidden_size, layers=bert.num_hidden_layers, intermediate=bert.intermediate_size,
                     cross_attention_freq=int(cfg.model.cross_attention_freq), queries=int(cfg.model.num_query_token),
                     text_len=int(cfg.model.max_txt_len), vocab=bert.vocab_size, embed_dim=int(cfg.model.embed_dim))
-    kv_rows = ITM_KV_ONE_RANK if model.reuse_itm_kv else 3  # this process is one rank
-    return {"vit": v, "qformer": q, **cache_speedup(v, q, batch, kv_rows)}
+    step = OURS_ONE_RANK if model.reuse_itm_kv else dataclasses.replace(LAVIS_STEP, all_last_rows=False)
+    return {"vit": v, "qformer": q, **cache_speedup(v, q, batch, step)}  # this process is one rank
 
 
 def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int = 2, image_size: int = 224,
@@ -182,28 +183,29 @@ def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int
 TEXT_WIDTHS = (32, 28, 24, 20)  # text columns after padding trim: 32 = max_txt_len, no trim (LAVIS)
 
 
+def _at_width(q, width: int, step):
+    """The Q-Former dims at a batch's used text width; a step without padding trim runs max_txt_len."""
+    return dataclasses.replace(q, text_len=width) if step.trims_padding else q
+
+
 def projection() -> dict[str, Any]:
     """ViT-g ratios for LAVIS's step and ours (ITM K/V reuse: all rows on one rank, the gathered
     negative images projected on several), at each batch text width the padding trim may leave."""
-    import dataclasses
-
     from qformer.features.flops import (
-        BERT_BASE_QFORMER, EVA_VIT_G, ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK, cache_speedup,
-        qformer_forward_flops,
+        BERT_BASE_QFORMER, EVA_VIT_G, OURS_ONE_RANK, STEP_VARIANTS, cache_speedup, qformer_forward_flops,
     )
 
-    modes = {"lavis": ITM_KV_LAVIS, "ours_multi_rank": ITM_KV_MULTI_RANK, "ours_one_rank": ITM_KV_ONE_RANK}
     table = {}
     for width in TEXT_WIDTHS:
-        q = dataclasses.replace(BERT_BASE_QFORMER, text_len=width)
-        table[str(width)] = {mode: cache_speedup(EVA_VIT_G, q, 100, rows)["projected_speedup"] for mode, rows in modes.items()}
-    full = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, 100, ITM_KV_ONE_RANK)
-    passes = qformer_forward_flops(BERT_BASE_QFORMER, EVA_VIT_G.tokens, EVA_VIT_G.width, 100, ITM_KV_ONE_RANK)
+        table[str(width)] = {mode: cache_speedup(EVA_VIT_G, _at_width(BERT_BASE_QFORMER, width, step), 100, step)
+                             ["projected_speedup"] for mode, step in STEP_VARIANTS.items()}
+    full = cache_speedup(EVA_VIT_G, BERT_BASE_QFORMER, 100, OURS_ONE_RANK)
+    passes = qformer_forward_flops(BERT_BASE_QFORMER, EVA_VIT_G.tokens, EVA_VIT_G.width, 100, OURS_ONE_RANK)
     return {"encoder": "EVA ViT-g/14 (39 blocks, width 1408, 257 tokens) + BERT-base Q-Former, batch 100",
             **full, "qformer_forward_gflops_by_pass": {k: v / 1e9 for k, v in passes.items()},
             "projected_speedup_by_text_width": table, "target": TARGET_SPEEDUP_VIT_G,
             "widest_text_meeting_target": {mode: max((int(w) for w, r in table.items() if r[mode] >= TARGET_SPEEDUP_VIT_G),
-                                                     default=None) for mode in modes}}
+                                                     default=None) for mode in STEP_VARIANTS}}
 
 
 def caption_widths(cfg, batches: int = 200, seed: int = 0) -> list[int]:
@@ -224,19 +226,14 @@ def caption_widths(cfg, batches: int = 200, seed: int = 0) -> list[int]:
 
 def projection_at_widths(widths: list[int]) -> dict[str, Any]:
     """ViT-g ratios with the Q-Former's FLOPs averaged over batches of these text widths."""
-    import dataclasses
-
-    from qformer.features.flops import (
-        BERT_BASE_QFORMER, EVA_VIT_G, ITM_KV_LAVIS, ITM_KV_MULTI_RANK, ITM_KV_ONE_RANK, qformer_train_flops,
-        vit_forward_flops,
-    )
+    from qformer.features.flops import BERT_BASE_QFORMER, EVA_VIT_G, STEP_VARIANTS, qformer_train_flops, vit_forward_flops
 
     vit = vit_forward_flops(EVA_VIT_G)
     out = {"batches": len(widths), "width_mean": float(np.mean(widths)), "width_p50": float(np.median(widths)),
            "width_p90": float(np.percentile(widths, 90)), "width_max": int(max(widths))}
-    for mode, rows in {"lavis": ITM_KV_LAVIS, "ours_multi_rank": ITM_KV_MULTI_RANK, "ours_one_rank": ITM_KV_ONE_RANK}.items():
-        train = np.mean([qformer_train_flops(dataclasses.replace(BERT_BASE_QFORMER, text_len=w), EVA_VIT_G.tokens,
-                                             EVA_VIT_G.width, 100, rows) for w in widths])
+    for mode, step in STEP_VARIANTS.items():
+        train = np.mean([qformer_train_flops(_at_width(BERT_BASE_QFORMER, w, step), EVA_VIT_G.tokens,
+                                             EVA_VIT_G.width, 100, step) for w in widths])
         out[f"projected_speedup_{mode}"] = float((vit + train) / train)
     return out
 

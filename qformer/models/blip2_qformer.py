@@ -247,7 +247,7 @@ class Blip2Qformer(nn.Module):
         return self._encode_text(*trim_padding(text_ids, text_atts))
 
     def _encode_text(self, text_ids: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
-        out = self.Qformer.bert(text_ids, attention_mask=text_atts)
+        out = self.Qformer.bert(text_ids, attention_mask=text_atts, out_rows=1)  # only [CLS] is used
         return F.normalize(self.text_proj(out.last_hidden_state[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds_ln: torch.Tensor | ItmImages, text_ids: torch.Tensor, text_atts: torch.Tensor,
@@ -270,6 +270,7 @@ class Blip2Qformer(nn.Module):
             query_embeds=query_tokens,
             encoder_hidden_states=images,
             cross_key_values=rows_kv,
+            out_rows=q,  # only the query outputs are used
         )
         return self.itm_head(out.last_hidden_state[:, :q]).mean(dim=1)
 

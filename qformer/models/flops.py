@@ -27,34 +27,39 @@ class QFormerDims:
     embed_dim: int
 
 
-def _layer(d: QFormerDims, tq: int, tt: int, prefix: int = 0, cross: bool = False, image_kv: bool = True) -> int:
-    """One Q-Former layer: tq query + tt text tokens attending over (tq+tt+prefix) keys."""
+def _layer(d: QFormerDims, tq: int, tt: int, prefix: int = 0, cross: bool = False, image_kv: bool = True,
+           out_rows: int | None = None) -> int:
+    """One Q-Former layer: tq query + tt text tokens attending over (tq+tt+prefix) keys; with `out_rows`
+    only the first rows are computed (their attention still projects every row's K/V)."""
     h, t = d.hidden, tq + tt
-    f = 4 * 2 * t * h * h  # Q, K, V, output projections
-    f += 2 * 2 * t * (t + prefix) * h  # scores + weighted values
-    f += 2 * 2 * t * h * d.intermediate  # FFN (query or text weights, same size)
+    o = t if out_rows is None else min(out_rows, t)
+    f = 2 * 2 * t * h * h  # K, V projections
+    f += 2 * 2 * o * h * h  # Q, output projections
+    f += 2 * 2 * o * (t + prefix) * h  # scores + weighted values
+    f += 2 * 2 * o * h * d.intermediate  # FFN (query or text weights, same size)
     if cross and tq:
-        n = d.image_tokens
-        f += 2 * 2 * tq * h * h  # cross query + output projections
+        n, oq = d.image_tokens, min(tq, o)
+        f += 2 * 2 * oq * h * h  # cross query + output projections
         f += 2 * 2 * n * d.image_width * h if image_kv else 0  # cross K, V projections of the image tokens
-        f += 2 * 2 * tq * n * h  # cross scores + weighted values
+        f += 2 * 2 * oq * n * h  # cross scores + weighted values
     return f
 
 
-def _pass(d: QFormerDims, tq: int, tt: int, prefix: int = 0, image_kv: bool = True) -> int:
-    return sum(_layer(d, tq, tt, prefix, cross=i % d.cross_attention_freq == 0, image_kv=image_kv)
-               for i in range(d.layers))
+def _pass(d: QFormerDims, tq: int, tt: int, prefix: int = 0, image_kv: bool = True, out_rows: int | None = None) -> int:
+    """All layers; `out_rows` applies to the last one (Blip2Qformer keeps only the rows it reads)."""
+    return sum(_layer(d, tq, tt, prefix, cross=i % d.cross_attention_freq == 0, image_kv=image_kv,
+                      out_rows=out_rows if i == d.layers - 1 else None) for i in range(d.layers))
 
 
 def qformer_forward_flops(d: QFormerDims, text_len: int, lm_targets: float, itm_kv_rows: int = 0) -> dict[str, float]:
     """Per-sample forward FLOPs of each pass; `lm_targets` = predicted (non-pad) positions;
     `itm_kv_rows`: ITM rows per sample projecting image K/V (0 on one rank, 1 on several, 3 in LAVIS)."""
     q, h = d.queries, d.hidden
-    itm_row = _pass(d, q, text_len, image_kv=False) + 2 * q * h * 2
+    itm_row = _pass(d, q, text_len, image_kv=False, out_rows=q) + 2 * q * h * 2
     image_kv = _pass(d, q, 0) - _pass(d, q, 0, image_kv=False)
     out = {
         "query_pass": _pass(d, q, 0) + 2 * q * h * d.embed_dim,
-        "text_pass": _pass(d, 0, text_len) + 2 * h * d.embed_dim,
+        "text_pass": _pass(d, 0, text_len, out_rows=1) + 2 * h * d.embed_dim,
         "itm_pass": 3 * itm_row + itm_kv_rows * image_kv,
         "lm_pass": _pass(d, 0, text_len, prefix=q) + lm_targets * (2 * h * h + 2 * h * d.vocab),
     }

@@ -176,9 +176,15 @@ class BertLayer(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         cross_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        out_rows: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-        """-> (hidden, self-attention K/V, cross-attention image K/V or None)."""
-        attn, present = self.attention(hidden_states, attention_mask, None, past_key_value)
+        """-> (hidden, self-attention K/V, cross-attention image K/V or None). `out_rows`: compute only
+        the first rows' outputs (their attention still reads every row's keys/values); the mask must
+        not depend on the row (no causal mask)."""
+        if out_rows is None:
+            attn, present = self.attention(hidden_states, attention_mask, None, past_key_value)
+        else:  # the full sequence goes in as the key/value source, only the kept rows as queries
+            attn, present = self.attention(hidden_states[:, :out_rows], attention_mask, hidden_states, past_key_value)
         if query_length == 0:
             return self.output(self.intermediate(attn), attn), present, None
         query = attn[:, :query_length]
@@ -255,11 +261,18 @@ class BertModel(nn.Module):
         is_decoder: bool = False,
         cross_key_values: CrossKV | None = None,
         return_cross_kv: bool = False,
+        out_rows: int | None = None,
     ) -> QFormerOutput:
         """`cross_key_values` replaces the image K/V projections of the cross-attention layers (one
         (K, V) per cross layer, e.g. another pass's `return_cross_kv` output re-indexed by row): the
         projections of the same image rows give the same K/V, so a pass may take them instead of
-        `encoder_hidden_states` and skip the largest matmuls of the image path."""
+        `encoder_hidden_states` and skip the largest matmuls of the image path.
+
+        `out_rows`: only the first rows of `last_hidden_state` are used (the ITM pass reads the query
+        rows, the text pass [CLS]), so the last layer computes just those; the others are dropped.
+        Not with is_decoder (row-dependent mask) or use_cache (the last layer's K/V would be partial)."""
+        if out_rows is not None and (is_decoder or use_cache):
+            raise ValueError("out_rows needs an encoder pass without use_cache")
         query_length = query_embeds.shape[1] if query_embeds is not None else 0
         past_length = past_key_values[0][0].shape[2] - self.config.query_length if past_key_values else 0
         hidden = self.embeddings(input_ids, query_embeds, past_length)
@@ -280,10 +293,12 @@ class BertModel(nn.Module):
             enc_mask = extended_attention_mask(encoder_attention_mask, 0, False, False)
         presents, image_kvs = [], []
         given_kv = iter(cross_key_values) if cross_key_values is not None else None
+        last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
             past = past_key_values[i] if past_key_values else None
             kv = next(given_kv) if given_kv is not None and layer.has_cross_attention and query_length else None
-            hidden, present, image_kv = layer(hidden, mask, query_length, encoder_hidden_states, enc_mask, past, kv)
+            rows = out_rows if i == last else None
+            hidden, present, image_kv = layer(hidden, mask, query_length, encoder_hidden_states, enc_mask, past, kv, rows)
             presents.append(present)
             if image_kv is not None:
                 image_kvs.append(image_kv)

@@ -1,36 +1,13 @@
 """The training forward/backward reads nothing back from the device once the host-side text plan is
-given (issue 9: no host-device syncs in the hot loop). On CUDA every value read (`.item()`, `int()`,
-`bool()` of a tensor) and every data-dependent shape (boolean masks, nonzero) waits for the GPU; here
-a dispatch mode records those ops on CPU, where the same code paths run."""
+given (issue 9: no host-device syncs in the hot loop), as qformer.train.sync_check records on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 from small_model import small_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qformer.train.step import with_text_plan
-
-aten = torch.ops.aten
-SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-            aten.equal.default, aten.is_nonzero.default}
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Records ops that would make the host wait for a CUDA device."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        bool_index = func is aten.index.Tensor and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))
-        if func in SYNC_OPS or bool_index:
-            self.seen.append(str(func))
-        return func(*args, **kwargs)
-
+from qformer.train.sync_check import SyncRecorder
 
 @pytest.fixture(scope="module")
 def model(minilm_path):

@@ -9,7 +9,8 @@ import importlib
 
 # suite -> module exposing add_arguments(parser) and run(args) -> dict (the written payload)
 SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.step", "cache": "qformer.bench.cache",
-                          "train": "qformer.bench.train"}
+                          "train": "qformer.bench.train", "device": "qformer.bench.device"}
+IN_ALL = ("data", "step", "cache", "train")  # `device` is a check for a lent GPU machine, run on its own
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     if args.suite != "all":
         args._suite.run(args)
         return 0
-    for name, module_name in SUITES.items():
-        module = importlib.import_module(module_name)
+    for name in IN_ALL:
+        module = importlib.import_module(SUITES[name])
         parser = argparse.ArgumentParser()
         module.add_arguments(parser)
         sub_args = parser.parse_args(_shared_flags(parser, args))

@@ -148,6 +148,7 @@ def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, pa
          resume: bool):
     from ray import tune
 
+    from qformer.data import stats
     from qformer.train.launcher import connect_ray
     from qformer.tuning.early_stop import EarlyStopMarker
     from qformer.tuning.placement_groups import PlacementGroupReaper
@@ -174,7 +175,7 @@ def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, pa
                 callbacks=[EarlyStopMarker(), PlacementGroupReaper()],
                 verbose=1),
         )
-    counter = _shared_skip_counter()
+    counter = stats.shared_counter()  # one skipped-image counter for all trials; killed after the sweep
     try:
         return tuner.fit()
     finally:
@@ -202,17 +203,6 @@ def _release_after_fit(watch_s: float = 3.0) -> None:
         if time.monotonic() >= deadline:
             return
         time.sleep(0.5)
-
-
-def _shared_skip_counter():
-    """Create the data pipeline's skipped-image counter (a named actor) up front, detached, for all trials.
-
-    Otherwise the first trial creates it owned by its own process; it dies with that trial (or when the
-    trial drops its handle) while other trials still look it up by name. Killed after the sweep.
-    """
-    from qformer.data import stats
-
-    return stats._get_actor(create=True, detached=True)
 
 
 def _scheduler(spec: SweepSpec):

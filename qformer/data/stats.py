@@ -74,6 +74,13 @@ def start_counter() -> None:
         ray.get(actor.reset.remote())
 
 
+def shared_counter():
+    """Create the counter detached, for several runs in one job (Tune trials): created by the first
+    trial instead, it would die with that trial's process while the others still look it up by name.
+    Returns the actor handle (the caller kills it when the runs are over), or None without Ray."""
+    return _get_actor(create=True, detached=True)
+
+
 def record_skipped(reasons: list[str]) -> None:
     """Called by the decode UDFs with one message (path: reason) per skipped image."""
     global _local_count

@@ -307,3 +307,14 @@ def _experiment_files() -> list[str]:
 def test_every_experiment_file_loads(path):
     cfg = load_config(REPO / path)
     assert cfg.model.arch and cfg.run.output_dir
+
+
+def test_null_removes_a_named_entry_but_an_empty_dataset_means_its_defaults():
+    """`annotations.val: null` drops the split a lower layer defined (e.g. a packaged default);
+    `coco_caption:` with nothing below stays LAVIS's "use the defaults"."""
+    base = minimal()
+    cfg = load_config_dict(base, ["datasets.coco_caption.build_info.annotations.val=null"])
+    splits = cfg.datasets.coco_caption.build_info.annotations
+    assert "val" not in splits and "train" in splits
+    kept = load_config_dict({**base, "datasets": {"coco_caption": None}})
+    assert "val" in kept.datasets.coco_caption.build_info.annotations

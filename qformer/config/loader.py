@@ -23,7 +23,7 @@ from qformer.config.errors import ConfigError, closest
 from qformer.config.options import SOURCE as OPTIONS_SOURCE
 from qformer.config.options import parse_options
 from qformer.config.schema import IGNORED
-from qformer.config.validate import is_section, validate
+from qformer.config.validate import is_named_entry, is_section, validate
 
 logger = logging.getLogger("qformer.config")
 
@@ -189,6 +189,9 @@ def _merge(dst: dict, src: dict, label: str, sources: dict[str, str], prefix: st
             _merge(dst[key], value, label, sources, path + ".")
             continue
         if value is None and isinstance(dst.get(key), dict) and is_section(path):
+            if path.count(".") >= 2 and is_named_entry(path):  # e.g. annotations.val: null drops the split
+                _forget(sources, path)
+                del dst[key]
             continue  # `coco_caption:` with nothing below means "the defaults", not "erase them"
         _forget(sources, path)
         if isinstance(value, dict) and value:

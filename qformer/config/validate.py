@@ -50,6 +50,17 @@ def is_section(path: str) -> bool:
     return isinstance(node, dict)
 
 
+def is_named_entry(path: str) -> bool:
+    """True when the path's last part is a name the user chooses (a `*` in the schema: a dataset, a split)."""
+    node: object = TREE
+    *parents, last = path.split(".")
+    for part in parents:
+        if not isinstance(node, dict):
+            return False
+        node = node.get(part, node.get("*"))
+    return isinstance(node, dict) and last not in node and "*" in node
+
+
 def validate(config: dict, source_of: SourceOf) -> tuple[dict, list[tuple[str, Any]]]:
     """Returns (config with all defaults filled and numbers coerced, [(ignored key, value)])."""
     ignored: list[tuple[str, Any]] = []

@@ -60,7 +60,8 @@ def test_rows_are_uint8_images_and_tokenised_captions(ray_cluster, synth_data: P
 
 
 def test_two_shards_disjoint_and_cover_the_epoch(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 100)})
+    # equal=False hands out whole output blocks: 2 blocks per task leaves 4 blocks to split
+    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 100)}, data={"batch_size": 16, "batches_per_task": 2})
     ds = build_train_datasets(cfg).datasets["train"]
     shards = ds.streaming_split(2, equal=False)
     seen: list[list[int]] = [[], []]
@@ -86,6 +87,20 @@ def test_order_changes_every_epoch_but_content_does_not(ray_cluster, synth_data:
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(160))
     assert epochs[0] != epochs[1]
     assert epochs[0] != list(range(160))  # rows were shuffled, not read in file order
+
+
+def test_batches_per_task_sets_task_size_not_the_rows(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    """Several shuffled blocks per decode task: fewer, larger output blocks; the same rows every epoch."""
+    section = {"coco_caption": _numbered(synth_data, tmp_path, 160)}
+    per_block = build_train_datasets(_cfg(section, data={"batch_size": 16, "batches_per_task": 1})).datasets["train"]
+    per_4 = build_train_datasets(_cfg(section, data={"batch_size": 16, "batches_per_task": 4})).datasets["train"]
+    assert per_block.materialize().num_blocks() == 10  # one task (and output block) per 16-row block
+    blocks = per_4.materialize()
+    assert blocks.num_blocks() == 3  # 160 rows in tasks of 64, 64, 32
+    items = lambda ds: [i for b in ds.iter_batches(batch_size=40, batch_format="numpy") for i in _items(b["text_ids"])]  # noqa: E731
+    first, second = items(per_4), items(per_4)
+    assert sorted(first) == sorted(second) == sorted(items(per_block)) == list(range(160))
+    assert first != second  # block order is still re-drawn every epoch
 
 
 def test_undecodable_images_are_skipped_and_counted(ray_cluster, synth_data: Path, tmp_path: Path) -> None:

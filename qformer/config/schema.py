@@ -168,8 +168,9 @@ SCHEMA: dict[str, Key] = {
     "run.data.concurrency":         Key("int|list", None, null=True, check=checks.concurrency, doc="int or [min, max]"),
     "run.data.batch_size":          Int(32, ge=1, doc="rows per block, the unit of the per-epoch block-order shuffle "
                                                       "(more when the data exceeds 1000 such blocks)"),
-    "run.data.batches_per_task":    Int(8, ge=1, doc="map_batches calls take batch_size x this many rows (several shuffled "
-                                                     "blocks per decode task, amortising Ray's per-task cost); 1 = one per block"),
+    "run.data.task_rows":           Int(512, ge=1, doc="rows one decode task takes per UDF call, in whole blocks (rounded up "
+                                                       "to a multiple of batch_size): amortises Ray's per-task cost; "
+                                                       "<= batch_size: one task per block"),
     "run.data.shuffle_buffer":      Int(0, ge=0, doc="rows, in each training worker"),
     "run.data.prefetch_batches":    Int(2, ge=0),
     "run.data.num_cpus_per_task":   Float(1.0, gt=0),

@@ -4,7 +4,7 @@ Training stream (per source or concatenated):
   driver: read + validate every annotation file (fails here, naming file and record) ->
   (path, caption, source) rows, shuffled once with run.seed, cut into blocks ->
   `randomize_block_order` (re-drawn every epoch from run.seed) ->
-  `map_batches(train_batch)` on CPU tasks (run.data.batches_per_task blocks each): decode each
+  `map_batches(train_batch)` on CPU tasks of ~run.data.task_rows rows (whole blocks): decode each
   image in try/except, augment, tokenise ->
   rows {"image": uint8 [3,S,S], "text_ids", "text_atts": int64 [L]} -> Ray Train shards.
 
@@ -81,14 +81,21 @@ def _concurrency(value):
     return tuple(int(v) for v in value) if not isinstance(value, int) else int(value)
 
 
+def rows_per_task(data_cfg) -> int:
+    """run.data.task_rows rounded up to whole run.data.batch_size blocks (at least one)."""
+    block = int(data_cfg.batch_size)
+    return max(1, math.ceil(int(data_cfg.task_rows) / block)) * block
+
+
 def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg):
     """Rows (path, caption, source) -> the lazy decode/augment/tokenise stream.
 
-    Blocks hold `run.data.batch_size` rows (the shuffle granule); each decode task takes
-    `run.data.batches_per_task` consecutive blocks of the shuffled order in one UDF call. Ray
-    spends ~25 ms of CPU per task between the driver, raylet and worker (measured on 2 cores,
-    `qformer bench data`), comparable to decoding 32 small images, so one task per 32 rows spent
-    about half the CPU on overhead; the rows each epoch yields are the same either way."""
+    Blocks hold `run.data.batch_size` rows (the shuffle granule); each decode task takes the
+    consecutive blocks (in this epoch's shuffled order) that make up `run.data.task_rows` rows and
+    processes them in one UDF call. Ray spends tens of ms per task (driver, raylet and worker CPU,
+    plus a scheduling gap before the worker's next task; `qformer bench data`), comparable to
+    decoding 32 small images, so one task per 32-row block spent about half the time on overhead.
+    The rows each epoch yields are the same either way."""
     import ray.data
 
     data_cfg = cfg.run.data
@@ -100,8 +107,8 @@ def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg):
     if data_cfg.concurrency is not None:
         kwargs["concurrency"] = _concurrency(data_cfg.concurrency)
     return ds.map_batches(
-        train_batch, fn_kwargs={"spec": spec}, batch_size=int(data_cfg.batch_size) * int(data_cfg.batches_per_task),
-        batch_format="numpy", num_cpus=float(data_cfg.num_cpus_per_task), **kwargs,
+        train_batch, fn_kwargs={"spec": spec}, batch_size=rows_per_task(data_cfg), batch_format="numpy",
+        num_cpus=float(data_cfg.num_cpus_per_task), **kwargs,
     )
 
 

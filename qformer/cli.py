@@ -37,10 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qformer.config.errors import ConfigError
+    from qformer.data.errors import AnnotationError
 
     try:
         return int(args._module.run(args) or 0)
-    except ConfigError as err:  # bad input: one clear message, no traceback
+    except (ConfigError, AnnotationError) as err:  # bad input: one clear message naming it, no traceback
         print(f"qformer {args.command}: {err}", file=sys.stderr)
         return 2
 

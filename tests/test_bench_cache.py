@@ -109,3 +109,21 @@ def test_projection_at_a_datasets_caption_widths(synth_data, minilm_path):
     for mode in ("ours_multi_rank", "ours_one_rank"):  # shorter text, cheaper step, larger share for the ViT
         assert at[f"projected_speedup_{mode}"] > full[f"projected_speedup_{mode}"]
     assert at["projected_speedup_lavis"] == full["projected_speedup_lavis"]  # LAVIS pads to max_txt_len
+
+
+def test_missing_caption_annotations_stop_the_bench_first_with_one_line(tmp_path, capsys):
+    from qformer.cli import main
+
+    cfg = tmp_path / "exp.yaml"
+    missing = tmp_path / "nope" / "train.json"
+    cfg.write_text(f"""model: {{arch: blip2, model_type: tiny}}
+datasets:
+  coco_caption:
+    build_info:
+      annotations: {{train: {{storage: {missing}}}}}
+      images: {{storage: {tmp_path}}}
+""")
+    assert main(["bench", "cache", "--captions-cfg", str(cfg), "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: annotation file not found" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("cache-*.json"))  # stopped before measuring anything

@@ -241,16 +241,18 @@ def projection_at_widths(widths: list[int]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from qformer.bench.common import write_result
 
+    at_captions = None
+    if args.captions_cfg:  # first: a config or annotation error stops the bench before the long measurement
+        from qformer.config import load_config
+
+        widths = caption_widths(load_config(args.captions_cfg, args.options))
+        at_captions = {"captions_cfg": args.captions_cfg, "options": args.options, **projection_at_widths(widths)}
     images, batch, repeats = (4, 2, 1) if args.quick else (args.images, args.batch_size, args.repeats)
     with tempfile.TemporaryDirectory(prefix="qformer-bench-cache-") as tmp:
         measured = measure(images, batch, args.vit, Path(tmp), repeats, args.image_size, args.queries)
     payload = {"measured_cpu": measured, "projection_vit_g": projection(), "quick": bool(args.quick)}
-    if args.captions_cfg:
-        from qformer.config import load_config
-
-        widths = caption_widths(load_config(args.captions_cfg, args.options))
-        payload["projection_vit_g_at_captions"] = {"captions_cfg": args.captions_cfg, "options": args.options,
-                                                   **projection_at_widths(widths)}
+    if at_captions:
+        payload["projection_vit_g_at_captions"] = at_captions
     path = write_result("cache", payload, args.out_dir)
     proj = payload["projection_vit_g"]
     print(f"cache vs online ViT, {measured['config']['vit_model']} on CPU: {measured['speedup_measured']:.2f}x "

@@ -92,7 +92,8 @@ def _counted_flops(state, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
-def _analytic(cfg, model, batch: int) -> dict[str, Any]:
+def _analytic(cfg, model, batch: int, text_len: int) -> dict[str, Any]:
+    """The FLOP model at the measured config; `text_len`: the columns its captions use (padding trim)."""
     from qformer.features.flops import LAVIS_STEP, OURS_ONE_RANK, QFormerDims, VitDims, cache_speedup
 
     bert = model.Qformer.config
@@ -101,7 +102,7 @@ def _analytic(cfg, model, batch: int) -> dict[str, Any]:
                 depth=len(vit.blocks), mlp=vit.blocks[0].mlp.fc1.out_features)
     q = QFormerDims(hidden=bert.hidden_size, layers=bert.num_hidden_layers, intermediate=bert.intermediate_size,
                     cross_attention_freq=int(cfg.model.cross_attention_freq), queries=int(cfg.model.num_query_token),
-                    text_len=int(cfg.model.max_txt_len), vocab=bert.vocab_size, embed_dim=int(cfg.model.embed_dim))
+                    text_len=text_len, vocab=bert.vocab_size, embed_dim=int(cfg.model.embed_dim))
     step = OURS_ONE_RANK if model.reuse_itm_kv else dataclasses.replace(LAVIS_STEP, all_last_rows=False)
     return {"vit": v, "qformer": q, **cache_speedup(v, q, batch, step)}  # this process is one rank
 
@@ -164,7 +165,7 @@ def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int
     flops = {"online": _counted_flops(state, two(online[0])), "cached": _counted_flops(state, two(cached_batches()[0]))}
     n_img = batch_size * len(spans)
     best = {k: min(v) for k, v in times.items()}
-    analytic = _analytic(cfg, model, batch_size)
+    analytic = _analytic(cfg, model, batch_size, int(atts.any(axis=0).sum()))
     return {
         "config": {"vit_model": vit, "image_size": size, "bert_model": str(cfg.model.bert_model),
                    "num_query_token": int(cfg.model.num_query_token), "images_per_epoch": n_img,

@@ -293,7 +293,7 @@ class Blip2Qformer(nn.Module):
         """What the forward would otherwise read back from the device, worked out on the host from the
         CPU token batch before it is copied: the used text width (trim_padding) and the flat indices
         of the LM targets (LMLoss.from_hidden). Passed in `samples`, they keep the step free of syncs."""
-        width = int(text_atts.any(dim=0).sum()) or text_atts.shape[1]
+        width = used_text_width(text_atts) or text_atts.shape[1]
         targets = text_ids[:, 1:width] != self.tokenizer.pad_token_id  # LAVIS: labels = ids, pads -> -100
         return {"text_width": width, "lm_index": targets.reshape(-1).nonzero().squeeze(1)}
 
@@ -348,10 +348,15 @@ def trim_padding(text_ids: torch.Tensor, text_atts: torch.Tensor, width: int | N
     are gathered across ranks at full width first. `width`: the used columns when known on the host
     (Blip2Qformer.text_plan); otherwise they are counted here, one host sync on CUDA."""
     if width is None:
-        width = int(text_atts.any(dim=0).sum())  # right padding (BERT tokenizers): used columns are a prefix
+        width = used_text_width(text_atts)
     if 0 < width < text_atts.shape[1]:
         return text_ids[:, :width], text_atts[:, :width]
     return text_ids, text_atts
+
+
+def used_text_width(text_atts: torch.Tensor) -> int:
+    """Columns that are not padding in some row (right padding, as BERT tokenizers: a prefix)."""
+    return int(text_atts.any(dim=0).sum())
 
 
 def _checkpoint_source(cfg: Mapping[str, Any]) -> str | None:

@@ -53,16 +53,10 @@ def bench_config(vit: str, image_size: int = 224, queries: int = 32):
 
 
 def _state(cfg, model):
-    import torch
-
+    from qformer.bench.common import train_state
     from qformer.train.amp import resolve_amp
-    from qformer.train.lr_schedule import build_lr_scheduler
-    from qformer.train.optim import build_optimizer
-    from qformer.train.step import TrainState
 
-    optimizer = build_optimizer(model, cfg.run)
-    return TrainState(model=model, optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, cfg.run),
-                      amp=resolve_amp(bool(cfg.run.amp), cfg.run.amp_dtype, "cpu"), device=torch.device("cpu"))
+    return train_state(model, cfg.run, resolve_amp(bool(cfg.run.amp), cfg.run.amp_dtype, "cpu"))
 
 
 def _epoch(state, batches: list[dict]) -> float:

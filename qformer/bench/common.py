@@ -40,6 +40,18 @@ def write_result(name: str, payload: dict, out_dir: str | Path | None = None) ->
     return path
 
 
+def train_state(model, run_cfg, amp):
+    """The training loop's per-worker state for a bench: LAVIS's AdamW and LR schedule from `run_cfg`
+    (anything with .get and attributes), the AMP policy's GradScaler when it wants one."""
+    from qformer.train.lr_schedule import build_lr_scheduler
+    from qformer.train.optim import build_optimizer
+    from qformer.train.step import TrainState
+
+    optimizer = build_optimizer(model, run_cfg)
+    return TrainState(model=model, optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, run_cfg), amp=amp,
+                      device=model.device, scaler=amp.make_scaler())
+
+
 def measure_matmul_peak(device: str = "cpu", size: int = 1024, dtype=None, seconds: float = 1.0) -> float:
     """Achievable dense-matmul FLOP/s on this device (the baseline that step FLOP/s is compared with)."""
     import torch

@@ -60,17 +60,12 @@ class _RunCfg(dict):
 
 
 def _state(model, device: str, amp_dtype: str):
+    from qformer.bench.common import train_state
     from qformer.train.amp import resolve_amp
-    from qformer.train.lr_schedule import build_lr_scheduler
-    from qformer.train.optim import build_optimizer
-    from qformer.train.step import TrainState
 
     run = _RunCfg(init_lr=1e-4, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=100, weight_decay=0.05, max_epoch=1,
                   lr_sched="linear_warmup_cosine_lr")
-    optimizer = build_optimizer(model, run)
-    amp = resolve_amp(True, amp_dtype, device)
-    return TrainState(model=model, optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, run), amp=amp,
-                      device=model.device, scaler=amp.make_scaler())
+    return train_state(model, run, resolve_amp(True, amp_dtype, device))
 
 
 def _batches(model, batch: int, size: int, device: str) -> tuple[dict, dict]:

@@ -237,8 +237,10 @@ def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> N
         from qformer.tuning.trainable import train_run_name
 
         children = mlflow_runs.child_runs(client, outcome.experiment_id, outcome.parent_run_id)
-        outcome.closed_orphans = mlflow_runs.close_orphans(client, children)
         by_name = {run.info.run_name: run for run in children}
+        stopped = frozenset(by_name[name].info.run_id for name in
+                            (train_run_name(spec, row.trial_id) for row in rows if row.stopped_early) if name in by_name)
+        outcome.closed_orphans = mlflow_runs.close_orphans(client, children, stopped)
         for row in rows:
             run = by_name.get(train_run_name(spec, row.trial_id))
             if run is not None:

@@ -28,10 +28,15 @@ def test_server_parent_children_and_orphans(tmp_path):
         done = client.create_run(exp_id, run_name="t0", tags={mlflow_runs.PARENT_TAG: parent}).info.run_id
         client.set_terminated(done, "FINISHED")
         left = client.create_run(exp_id, run_name="t1", tags={mlflow_runs.PARENT_TAG: parent}).info.run_id
+        cut = client.create_run(exp_id, run_name="t2", tags={mlflow_runs.PARENT_TAG: parent}).info.run_id
+        client.set_terminated(cut, "FAILED")  # an early-stopped trial whose error handler ran before the kill
         client.create_run(exp_id, run_name="unrelated")
         children = mlflow_runs.child_runs(client, exp_id, parent)
-        assert sorted(r.info.run_name for r in children) == ["t0", "t1"]
-        assert mlflow_runs.close_orphans(client, children) == [left]
+        assert sorted(r.info.run_name for r in children) == ["t0", "t1", "t2"]
+        assert mlflow_runs.close_orphans(client, children) == [left]  # FAILED stays FAILED unless stopped
+        children = mlflow_runs.child_runs(client, exp_id, parent)
+        assert mlflow_runs.close_orphans(client, children, frozenset({cut, done})) == [cut]
+        assert client.get_run(cut).info.status == "KILLED" and client.get_run(done).info.status == "FINISHED"
         report = tmp_path / "results.csv"
         report.write_text("trial\n")
         mlflow_runs.finish_parent(client, parent, [report], {"best_val/r_mean": 1.5}, {"best_trial": "t0"})

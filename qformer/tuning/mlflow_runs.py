@@ -49,11 +49,13 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> list
                                    max_results=10_000))
 
 
-def close_orphans(client: MlflowClient, runs: list[Run]) -> list[str]:
-    """Children still RUNNING after tuner.fit() belong to trials the scheduler killed: mark them KILLED."""
+def close_orphans(client: MlflowClient, runs: list[Run], stopped: frozenset[str] = frozenset()) -> list[str]:
+    """Children still RUNNING after tuner.fit() belong to trials the scheduler killed: mark them KILLED.
+    So are the `stopped` (early-stopped trials') runs left FAILED: the kill can reach the trial's own
+    error handler, which closes the run FAILED, before the process dies."""
     closed = []
     for run in runs:
-        if run.info.status == "RUNNING":
+        if run.info.status == "RUNNING" or (run.info.status == "FAILED" and run.info.run_id in stopped):
             client.set_terminated(run.info.run_id, "KILLED")
             client.set_tag(run.info.run_id, "qformer.stopped_by", "tune scheduler (run was left open)")
             closed.append(run.info.run_id)

@@ -89,7 +89,7 @@ def test_ignored_keys_are_all_documented_lavis_keys(config_warnings):
 
 def test_shipped_stage1_experiments_load():
     cfg = load_config(STAGE1)
-    assert cfg.run.ray.num_workers == 16 and cfg.run.data.shuffle_buffer == 2000
+    assert cfg.run.ray.num_workers == 16 and cfg.run.data.batch_size == 64  # our run.data section, not the default 32
     assert cfg.run.mlflow.experiment_name == "blip2-stage1"
     vitl = load_config(STAGE1_VITL)
     assert vitl.model.model_type == "pretrain_vitL" and vitl.model.vit_model == "clip_L"

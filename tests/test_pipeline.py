@@ -89,8 +89,30 @@ def test_order_changes_every_epoch_but_content_does_not(ray_cluster, synth_data:
     assert epochs[0] != list(range(160))  # rows were shuffled, not read in file order
 
 
+def test_every_epoch_reads_a_new_full_permutation_seeded_by_run_seed(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    """Not a re-ordering of fixed blocks: which rows share a decode task changes every epoch, and
+    epoch k's tasks hold exactly the rows of EpochShuffledRows.order(k) for run.seed."""
+    import pyarrow as pa
+
+    from qformer.data.epoch_rows import EpochShuffledRows
+
+    cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 160)}, data={"batch_size": 16, "task_rows": 16})
+    ds = build_train_datasets(cfg).datasets["train"]
+    source = EpochShuffledRows(pa.table({"i": np.arange(160)}), 16, seed=1)
+    epochs = []
+    for _ in range(2):
+        index = ds.context._execution_idx  # this dataset's execution count: the epoch's part of the seed
+        items = [_items(b["text_ids"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy")]
+        order = source.order(index)
+        expected = sorted(tuple(sorted(order[k:k + 16])) for k in range(0, 160, 16))
+        assert sorted(tuple(sorted(chunk)) for chunk in items) == expected  # tasks may finish in any order
+        epochs.append({frozenset(chunk) for chunk in items})
+    assert epochs[0] != epochs[1]  # rows meet different rows each epoch
+    assert "ReadTrainRows->MapBatches(train_batch)" in ds.stats()  # the read is fused into the decode task
+
+
 def test_task_rows_sets_task_size_not_the_rows(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
-    """Several shuffled blocks per decode task: fewer, larger output blocks; the same rows every epoch."""
+    """task_rows sets the rows per decode task (whole batch_size multiples): fewer, larger output blocks; the same rows."""
     section = {"coco_caption": _numbered(synth_data, tmp_path, 160)}
     per_block = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 1})).datasets["train"]
     per_4 = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 50})).datasets["train"]  # -> 4 blocks
@@ -100,7 +122,7 @@ def test_task_rows_sets_task_size_not_the_rows(ray_cluster, synth_data: Path, tm
     items = lambda ds: [i for b in ds.iter_batches(batch_size=40, batch_format="numpy") for i in _items(b["text_ids"])]  # noqa: E731
     first, second = items(per_4), items(per_4)
     assert sorted(first) == sorted(second) == sorted(items(per_block)) == list(range(160))
-    assert first != second  # block order is still re-drawn every epoch
+    assert first != second  # re-shuffled every epoch
 
 
 def test_undecodable_images_are_skipped_and_counted(ray_cluster, synth_data: Path, tmp_path: Path) -> None:

@@ -166,12 +166,12 @@ SCHEMA: dict[str, Key] = {
     "run.mlflow.run_name":          Str(None),
     "run.mlflow.enabled":           Bool(True),
     "run.data.concurrency":         Key("int|list", None, null=True, check=checks.concurrency, doc="int or [min, max]"),
-    "run.data.batch_size":          Int(32, ge=1, doc="rows per block, the unit of the per-epoch block-order shuffle "
-                                                      "(more when the data exceeds 1000 such blocks)"),
-    "run.data.task_rows":           Int(512, ge=1, doc="rows one decode task takes per UDF call, in whole blocks (rounded up "
-                                                       "to a multiple of batch_size): amortises Ray's per-task cost; "
-                                                       "<= batch_size: one task per block"),
-    "run.data.shuffle_buffer":      Int(0, ge=0, doc="rows, in each training worker"),
+    "run.data.batch_size":          Int(32, ge=1, doc="the unit of run.data.task_rows; cached-feature reads take "
+                                                      "blocks of at least this many rows"),
+    "run.data.task_rows":           Int(512, ge=1, doc="rows one decode task reads and decodes in one UDF call, rounded up "
+                                                       "to a multiple of batch_size: amortises Ray's per-task cost"),
+    "run.data.shuffle_buffer":      Int(0, ge=0, doc="local shuffle buffer rows in each training worker (rows are "
+                                                     "already fully re-shuffled every epoch; a buffer copies each image)"),
     "run.data.prefetch_batches":    Int(2, ge=0),
     "run.data.num_cpus_per_task":   Float(1.0, gt=0),
 }

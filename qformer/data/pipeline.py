@@ -2,18 +2,16 @@
 
 Training stream (per source or concatenated):
   driver: read + validate every annotation file (fails here, naming file and record) ->
-  (path, caption, source) rows, shuffled once with run.seed, cut into blocks ->
-  `randomize_block_order` (re-drawn every epoch from run.seed) ->
-  `map_batches(train_batch)` on CPU tasks of ~run.data.task_rows rows (whole blocks): decode each
-  image in try/except, augment, tokenise ->
+  (path, caption, source) rows -> `EpochShuffledRows` (qformer.data.epoch_rows): every epoch a
+  new full permutation of the rows, seeded by run.seed, cut into read tasks of ~run.data.task_rows
+  rows -> fused with `map_batches(train_batch)` on the same CPU task: decode each image in
+  try/except, augment, tokenise ->
   rows {"image": uint8 [3,S,S], "text_ids", "text_atts": int64 [L]} -> Ray Train shards.
 
-Shuffling trade-off: a full `random_shuffle()` per epoch is an all-to-all exchange of decoded
-images (GBs through the object store every epoch). Instead rows are shuffled once globally (cheap:
-they are paths and captions), block order is re-randomised per epoch, and each training worker
-mixes neighbouring blocks with a local shuffle buffer (`run.data.shuffle_buffer` rows, passed to
-`iter_torch_batches(local_shuffle_buffer_size=...)`). Batches therefore differ every epoch but
-two samples from the same block are more likely than chance to share a batch.
+Shuffling: the rows are shuffled while they are still paths and captions, so a full per-epoch
+shuffle (LAVIS: DistributedSampler with set_epoch) costs a permutation on the planning process,
+not an all-to-all exchange of decoded images. A local shuffle buffer in the training workers
+(`run.data.shuffle_buffer` rows) is therefore off by default; it would copy every image again.
 
 Paths: images are opened by whichever node runs a decode task, so on a multi-node cluster the data
 root must be a shared mount at the same path on every node (NFS, a bucket mount).
@@ -29,15 +27,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from qformer.config.errors import ConfigError
 from qformer.data.builders import build_builder
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 from qformer.data.retrieval import RetrievalSplit
 from qformer.data.transform import TrainTransform, train_batch
-
-MAX_BLOCKS = 1000  # enough for block-order shuffling and parallelism; few enough for cheap planning
-
 
 @dataclass
 class TrainData:
@@ -90,26 +86,24 @@ def rows_per_task(data_cfg) -> int:
 def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg):
     """Rows (path, caption, source) -> the lazy decode/augment/tokenise stream.
 
-    Blocks hold `run.data.batch_size` rows (the shuffle granule); each decode task takes the
-    consecutive blocks (in this epoch's shuffled order) that make up `run.data.task_rows` rows and
-    processes them in one UDF call. Ray spends tens of ms per task (driver, raylet and worker CPU,
-    plus a scheduling gap before the worker's next task; `qformer bench data`), comparable to
-    decoding 32 small images, so one task per 32-row block spent about half the time on overhead.
-    The rows each epoch yields are the same either way."""
-    import ray.data
+    Each task reads `rows_per_task` rows of this epoch's permutation and decodes them in one UDF
+    call. Ray spends tens of ms per task (driver, raylet and worker CPU, plus a scheduling gap
+    before the worker's next task; `qformer bench data`), comparable to decoding 32 small images,
+    so tasks take hundreds of rows. With run.data.concurrency unset, Ray Data fuses the read into
+    the decode task; a concurrency cap keeps them apart (Ray Data does not fuse a capped map), which
+    costs one small read task per decode task."""
+    from qformer.data.epoch_rows import epoch_shuffled_dataset
 
     data_cfg = cfg.run.data
-    rows_per_block = max(int(data_cfg.batch_size), math.ceil(len(df) / MAX_BLOCKS))
-    chunks = [df.iloc[i:i + rows_per_block].reset_index(drop=True) for i in range(0, len(df), rows_per_block)]
-    ds = ray.data.from_pandas(chunks)
-    ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=int(cfg.run.seed), reseed_after_execution=True))
+    num_cpus = float(data_cfg.num_cpus_per_task)
+    table = pa.Table.from_pandas(df[["path", "caption", "source"]], preserve_index=False)
+    ds = epoch_shuffled_dataset(table, rows_per_task(data_cfg), int(cfg.run.seed), num_cpus=num_cpus)
     kwargs = {}
     if data_cfg.concurrency is not None:
         kwargs["concurrency"] = _concurrency(data_cfg.concurrency)
-    return ds.map_batches(
-        train_batch, fn_kwargs={"spec": spec}, batch_size=rows_per_task(data_cfg), batch_format="numpy",
-        num_cpus=float(data_cfg.num_cpus_per_task), **kwargs,
-    )
+    # batch_size=None: the whole read block in one call (an int batch size also stops the fusion)
+    return ds.map_batches(train_batch, fn_kwargs={"spec": spec}, batch_size=None, batch_format="numpy",
+                          num_cpus=num_cpus, **kwargs)
 
 
 def _check_ratios(ratios, names: list[str]) -> dict[str, float]:
@@ -142,16 +136,14 @@ def build_train_datasets(cfg) -> TrainData:
         df = pd.DataFrame(samples, columns=["path", "caption"])
         df["source"] = np.int64(i)
         frames.append(df)
-    rng = np.random.default_rng(int(cfg.run.seed))
-    shuffle = lambda df: df.iloc[rng.permutation(len(df))].reset_index(drop=True)  # noqa: E731
     start_counter()
     ratios_cfg = cfg.run.get("train_dataset_ratios")
     if not ratios_cfg:
-        df = shuffle(pd.concat(frames, ignore_index=True))
+        df = pd.concat(frames, ignore_index=True)
         return TrainData({"train": to_ray_dataset(df, spec, cfg)}, None, {"train": len(df)}, mean, std)
     names = [name for name, _, _ in sources]
     ratios = _check_ratios(ratios_cfg, names)
-    datasets = {name: to_ray_dataset(shuffle(df), spec, cfg) for name, df in zip(names, frames)}
+    datasets = {name: to_ray_dataset(df, spec, cfg) for name, df in zip(names, frames)}
     return TrainData(datasets, ratios, {name: len(df) for name, df in zip(names, frames)}, mean, std)
 
 

@@ -19,7 +19,7 @@ from qformer.features import store
 from qformer.features.manifest import check_compatible, read_manifest
 from qformer.features.views import train_view_for
 
-MAX_BLOCKS = 1000  # as qformer.data.pipeline: enough blocks to shuffle their order, few enough to plan cheaply
+MAX_BLOCKS = 1000  # read tasks per epoch at most: few enough to plan cheaply (each costs Ray tens of ms)
 
 
 class FeatureLoader:
@@ -80,19 +80,16 @@ def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str,
                    seed: int = 0, batch_size: int = 64, actors: int | tuple[int, int] = 1):
     """One source's records as a Ray Dataset of cached features -> (dataset, number of records).
 
-    Shuffling as the image pipeline does it: records permuted once with `seed`, cut into blocks
-    whose order is re-drawn every epoch; the training worker's local shuffle buffer mixes further.
+    Shuffling as the image pipeline does it: every epoch a new full permutation of the records
+    (qformer.data.epoch_rows), seeded by `seed`, read in blocks of at least `batch_size` rows.
     """
-    import ray
+    from qformer.data.epoch_rows import epoch_shuffled_dataset
 
     if view is not None and not 0 <= view < manifest["views"]:
         raise ValueError(f"view {view} out of range: the cache holds {manifest['views']} views")
     table = store.read_records(cache_dir, source)
-    table = table.take(np.random.default_rng(seed).permutation(table.num_rows))
     rows_per_block = max(int(batch_size), -(-table.num_rows // MAX_BLOCKS))
-    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-    ds = ray.data.from_arrow(blocks).randomize_block_order(
-        seed=ray.data.RandomSeedConfig(seed=int(seed), reseed_after_execution=True))
+    ds = epoch_shuffled_dataset(table, rows_per_block, int(seed), name="CachedRows")
     ds = ds.map_batches(FeatureLoader, fn_constructor_args=(str(cache_dir), manifest["views"], view, None),
                         batch_size=batch_size, compute=_pool(actors),
                         batch_format="numpy")

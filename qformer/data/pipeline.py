@@ -4,7 +4,7 @@ Training stream (per source or concatenated):
   driver: read + validate every annotation file (fails here, naming file and record) ->
   (path, caption, source) rows -> `EpochShuffledRows` (qformer.data.epoch_rows): every epoch a
   new full permutation of the rows, seeded by run.seed, cut into read tasks of ~run.data.task_rows
-  rows -> fused with `map_batches(train_batch)` on the same CPU task: decode each image in
+  rows, each with an augmentation seed drawn from (run.seed, epoch, task) -> fused with `map_batches(train_batch)` on the same CPU task: decode each image in
   try/except, augment, tokenise ->
   rows {"image": uint8 [3,S,S], "text_ids", "text_atts": int64 [L]} -> Ray Train shards.
 
@@ -33,7 +33,7 @@ from qformer.config.errors import ConfigError
 from qformer.data.builders import build_builder
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 from qformer.data.retrieval import RetrievalSplit
-from qformer.data.transform import TrainTransform, train_batch
+from qformer.data.transform import AUG_SEED, TrainTransform, train_batch
 
 @dataclass
 class TrainData:
@@ -97,7 +97,8 @@ def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg):
     data_cfg = cfg.run.data
     num_cpus = float(data_cfg.num_cpus_per_task)
     table = pa.Table.from_pandas(df[["path", "caption", "source"]], preserve_index=False)
-    ds = epoch_shuffled_dataset(table, rows_per_task(data_cfg), int(cfg.run.seed), num_cpus=num_cpus)
+    ds = epoch_shuffled_dataset(table, rows_per_task(data_cfg), int(cfg.run.seed), num_cpus=num_cpus,
+                                seed_column=AUG_SEED)
     kwargs = {}
     if data_cfg.concurrency is not None:
         kwargs["concurrency"] = _concurrency(data_cfg.concurrency)

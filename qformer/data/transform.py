@@ -29,14 +29,19 @@ class TrainTransform:
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit (None: Pillow's own guard only)
 
 
-def _rng() -> np.random.Generator:
-    # Fresh entropy per call: each epoch re-runs the pipeline and must draw new augmentations.
-    return np.random.default_rng()
+AUG_SEED = "aug_seed"  # column the training read adds: one seed per task, from (run.seed, epoch, task)
+
+
+def _rng(batch: dict[str, np.ndarray]) -> np.random.Generator:
+    """The task's augmentation generator: from its aug_seed (reproducible per run.seed, new each
+    epoch), else fresh entropy."""
+    seeds = batch.get(AUG_SEED)
+    return np.random.default_rng(int(seeds[0]) if seeds is not None and len(seeds) else None)
 
 
 def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str, np.ndarray]:
-    """{"path", "caption", "source"} -> {"image" uint8 [n,3,S,S], "text_ids", "text_atts" int64 [n,L]}."""
-    rng = _rng()
+    """{"path", "caption", "source"[, "aug_seed"]} -> {"image" uint8 [n,3,S,S], "text_ids", "text_atts" int64 [n,L]}."""
+    rng = _rng(batch)
     images, texts, skipped = [], [], []
     for path, caption, source in zip(batch["path"], batch["caption"], batch["source"]):
         try:

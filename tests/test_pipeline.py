@@ -98,7 +98,7 @@ def test_every_epoch_reads_a_new_full_permutation_seeded_by_run_seed(ray_cluster
 
     cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 160)}, data={"batch_size": 16, "task_rows": 16})
     ds = build_train_datasets(cfg).datasets["train"]
-    source = EpochShuffledRows(pa.table({"i": np.arange(160)}), 16, seed=1)
+    source = EpochShuffledRows(pa.table({"i": np.arange(160)}), 16, seed=(1, 0))  # (run.seed, stream)
     epochs = []
     for _ in range(2):
         index = ds.context._execution_idx  # this dataset's execution count: the epoch's part of the seed

@@ -24,11 +24,12 @@ from ray.data.datasource import Datasource, ReadTask
 
 
 class EpochShuffledRows(Datasource):
-    def __init__(self, table: pa.Table, rows_per_task: int, seed: int, name: str = "TrainRows",
+    def __init__(self, table: pa.Table, rows_per_task: int, seed: int | tuple[int, ...], name: str = "TrainRows",
                  seed_column: str | None = None) -> None:
         if rows_per_task < 1:
             raise ValueError(f"rows_per_task must be >= 1, got {rows_per_task}")
-        self._table, self._rows_per_task, self._seed, self._name = table, int(rows_per_task), int(seed), name
+        self._table, self._rows_per_task, self._name = table, int(rows_per_task), name
+        self._seed = tuple(int(s) for s in np.atleast_1d(seed))  # e.g. (run.seed, stream)
         self._seed_column = seed_column
 
     def get_name(self) -> str:
@@ -42,10 +43,10 @@ class EpochShuffledRows(Datasource):
 
     def order(self, epoch: int) -> np.ndarray:
         """Row indices of execution `epoch`, in read order."""
-        return np.random.default_rng((self._seed, int(epoch))).permutation(self._table.num_rows)
+        return np.random.default_rng((*self._seed, int(epoch))).permutation(self._table.num_rows)
 
     def task_seed(self, epoch: int, task: int) -> int:
-        return int(np.random.default_rng((self._seed, int(epoch), int(task))).integers(2**62))
+        return int(np.random.default_rng((*self._seed, int(epoch), int(task))).integers(2**62))
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
@@ -64,7 +65,7 @@ class EpochShuffledRows(Datasource):
         return tasks
 
 
-def epoch_shuffled_dataset(table: pa.Table, rows_per_task: int, seed: int, *, num_cpus: float | None = None,
+def epoch_shuffled_dataset(table: pa.Table, rows_per_task: int, seed: int | tuple[int, ...], *, num_cpus: float | None = None,
                            name: str = "TrainRows", seed_column: str | None = None):
     """`table`'s rows as a Ray Dataset, fully re-shuffled every epoch, one block per read task."""
     import ray.data

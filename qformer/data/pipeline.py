@@ -4,8 +4,9 @@ Training stream (per source or concatenated):
   driver: read + validate every annotation file (fails here, naming file and record) ->
   (path, caption, source) rows -> `EpochShuffledRows` (qformer.data.epoch_rows): every epoch a
   new full permutation of the rows, seeded by run.seed, cut into read tasks of ~run.data.task_rows
-  rows, each with an augmentation seed drawn from (run.seed, epoch, task) -> fused with `map_batches(train_batch)` on the same CPU task: decode each image in
-  try/except, augment, tokenise ->
+  rows, each with an augmentation seed from (run.seed, epoch, task) -> fused with
+  `map_batches(train_batch)` on the same CPU task: decode each image in try/except, augment,
+  tokenise ->
   rows {"image": uint8 [3,S,S], "text_ids", "text_atts": int64 [L]} -> Ray Train shards.
 
 Shuffling: the rows are shuffled while they are still paths and captions, so a full per-epoch
@@ -34,6 +35,7 @@ from qformer.data.builders import build_builder
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 from qformer.data.retrieval import RetrievalSplit
 from qformer.data.transform import AUG_SEED, TrainTransform, train_batch
+
 
 @dataclass
 class TrainData:
@@ -83,8 +85,9 @@ def rows_per_task(data_cfg) -> int:
     return max(1, math.ceil(int(data_cfg.task_rows) / block)) * block
 
 
-def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg):
-    """Rows (path, caption, source) -> the lazy decode/augment/tokenise stream.
+def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg, stream: int = 0):
+    """Rows (path, caption, source) -> the lazy decode/augment/tokenise stream. `stream` tells apart
+    the datasets of one run (one per source with run.train_dataset_ratios) in the seeds.
 
     Each task reads `rows_per_task` rows of this epoch's permutation and decodes them in one UDF
     call. Ray spends tens of ms per task (driver, raylet and worker CPU, plus a scheduling gap
@@ -97,7 +100,7 @@ def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg):
     data_cfg = cfg.run.data
     num_cpus = float(data_cfg.num_cpus_per_task)
     table = pa.Table.from_pandas(df[["path", "caption", "source"]], preserve_index=False)
-    ds = epoch_shuffled_dataset(table, rows_per_task(data_cfg), int(cfg.run.seed), num_cpus=num_cpus,
+    ds = epoch_shuffled_dataset(table, rows_per_task(data_cfg), (int(cfg.run.seed), stream), num_cpus=num_cpus,
                                 seed_column=AUG_SEED)
     kwargs = {}
     if data_cfg.concurrency is not None:
@@ -144,7 +147,7 @@ def build_train_datasets(cfg) -> TrainData:
         return TrainData({"train": to_ray_dataset(df, spec, cfg)}, None, {"train": len(df)}, mean, std)
     names = [name for name, _, _ in sources]
     ratios = _check_ratios(ratios_cfg, names)
-    datasets = {name: to_ray_dataset(df, spec, cfg) for name, df in zip(names, frames)}
+    datasets = {name: to_ray_dataset(df, spec, cfg, stream=i) for i, (name, df) in enumerate(zip(names, frames))}
     return TrainData(datasets, ratios, {name: len(df) for name, df in zip(names, frames)}, mean, std)
 
 

@@ -124,11 +124,12 @@ def _check_ratios(ratios, names: list[str]) -> dict[str, float]:
     return out
 
 
-def build_train_datasets(cfg) -> TrainData:
-    """Validate annotations, then return lazy streaming datasets (nothing is decoded yet)."""
+def build_train_datasets(cfg, sources=None) -> TrainData:
+    """Validate annotations (or take `train_sources(cfg)` already read), then return lazy streaming
+    datasets (nothing is decoded yet)."""
     from qformer.data.stats import start_counter
 
-    sources = train_sources(cfg)
+    sources = train_sources(cfg) if sources is None else sources
     spec = train_transform(cfg, sources)
     mean, std = spec.vis_processors[0].mean, spec.vis_processors[0].std
     for (name, _, _), proc in zip(sources, spec.vis_processors):

@@ -115,8 +115,9 @@ def start_tracking(cfg: DictConfig, name: str, storage: str, resume_run_id: str 
 
 def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequence[Any] | None = None,
                   parent_run_id: str | None = None, name: str | None = None, storage: str | None = None,
-                  local_mode: bool | None = None, extra_loop_config: dict | None = None):
+                  local_mode: bool | None = None, extra_loop_config: dict | None = None, sources=None):
     """The TorchTrainer for `cfg` plus its MLflow tracker: `(trainer, tracker_or_None)`. Ray must be connected.
+    `sources`: `qformer.data.pipeline.train_sources(cfg)` when the caller has already read them.
 
     For sweeps (qformer.tune): call this inside a Tune function trainable with
     `callbacks=[ray.tune.integration.ray_train.TuneReportCallback()]` (constructed inside the trial),
@@ -159,7 +160,7 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
 
         data = cached_train_datasets(cfg)  # ConfigError naming run.vision_cache if the cache doesn't match
     else:
-        data = build_train_datasets(cfg)
+        data = build_train_datasets(cfg, sources)
     tracker = start_tracking(cfg, name, storage, resume_run_id, parent_run_id, num_workers, use_gpu)
 
     score_key = _score_key(cfg)
@@ -222,10 +223,14 @@ def finish_tracking(tracker, result, cfg: DictConfig | None = None) -> None:
 def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Sequence[Any] | None = None,
                     parent_run_id: str | None = None, local_mode: bool | None = None,
                     extra_loop_config: dict | None = None) -> TrainingResult:
-    """`qformer train`: connect Ray, build the TorchTrainer, fit, close the MLflow run."""
+    """`qformer train`: read and check the annotations, connect Ray, build the TorchTrainer, fit, close
+    the MLflow run. Bad annotation files fail before Ray starts (AnnotationError naming file and record)."""
+    from qformer.data.pipeline import train_sources
+
+    sources = None if cfg.run.get("vision_cache") else train_sources(cfg)
     connect_ray(cfg)
     trainer, tracker = build_trainer(cfg, resume=resume, callbacks=callbacks, parent_run_id=parent_run_id,
-                                     local_mode=local_mode, extra_loop_config=extra_loop_config)
+                                     local_mode=local_mode, extra_loop_config=extra_loop_config, sources=sources)
     name, storage = trainer.run_config.name, trainer.run_config.storage_path
     print(f"Ray Train run '{name}' in {storage}", flush=True)
     result = None

@@ -22,7 +22,9 @@ Method (why it looks like this):
   figure to mean steady throughput: the defaults aim at several seconds per epoch.
 - CPU seconds per image over the whole process tree of each side (psutil), measured in the same
   epochs. Wall-clock rates on a shared 2-core machine swing with other users' load; CPU time per
-  image does not, and it counts the overhead processes that "per core" leaves out. (A process that
+  image does not, and it counts the overhead processes that "per core" leaves out. It is also split
+  by kind of process (`cpu_ms_per_image_by_process`: decode workers, driver/main, raylet, GCS, Ray
+  Data's actors, dashboard agent), which shows where Ray's extra CPU goes. (A process that
   starts and exits within one epoch is missed; Ray's task workers and the DataLoader's persist.)
 - Two workloads by default (`--workload both`): `config` = `--cfg-path` (the tiny demo: 64 px from
   256 px flat synthetic JPEGs), and `stage1` = experiments/blip2/pretrain_stage1.yaml's COCO
@@ -109,6 +111,7 @@ class _CpuMeter:
 
         self.main = psutil.Process()
         self.seen: dict[int, float] = {}
+        self.labels: dict[int, str] = {}
 
     def descendants(self) -> set[int]:
         return {p.pid for p in self.main.children(recursive=True)}
@@ -127,31 +130,53 @@ class _CpuMeter:
         return out
 
     def total(self, pids: set[int]) -> float:
+        return sum(self.snapshot(pids).values())
+
+    def snapshot(self, pids: set[int]) -> dict[int, float]:
+        """CPU seconds so far of each of `pids` and this process (an exited one keeps its last reading)."""
         import psutil
 
-        out = 0.0
         for pid in pids | {self.main.pid}:
             try:
-                t = psutil.Process(pid).cpu_times()
+                proc = psutil.Process(pid)
+                t = proc.cpu_times()
                 self.seen[pid] = t.user + t.system
-            except psutil.Error:  # exited: keep its last reading
+                self.labels[pid] = self._label(proc)  # each time: an actor starts out as an idle worker
+            except psutil.Error:
                 pass
-            out += self.seen.get(pid, 0.0)
-        return out
+        return {pid: self.seen[pid] for pid in pids | {self.main.pid} if pid in self.seen}
+
+    def _label(self, proc) -> str:
+        """Which part of a side a process is (Ray's task workers retitle themselves per task: match loosely)."""
+        if proc.pid == self.main.pid:
+            return "main (Ray driver / DataLoader main)"
+        cmd = " ".join(proc.cmdline())
+        if cmd == " ".join(self.main.cmdline()):
+            return "dataloader workers"
+        for key, label in (("raylet", "raylet"), ("gcs_server", "gcs"), ("Dashboard", "dashboard"),
+                           ("dashboard", "dashboard"), ("Actor", "ray data actors (stats, autoscaling)"),
+                           ("ray::", "ray task workers")):
+            if key in cmd:
+                return label
+        return "other ray processes"
 
 
 def _epoch(make_iter, meter: _CpuMeter, pids) -> dict:
     """One full pass: wall seconds, time to the first batch, images, CPU seconds of the side's processes."""
-    before, main_before = meter.total(pids()), meter.seen[meter.main.pid]
+    before = meter.snapshot(pids())
     start, n, first = time.perf_counter(), 0, None
     for batch in make_iter():
         if first is None:
             first = time.perf_counter() - start
         n += int(batch["image"].shape[0])
     wall = time.perf_counter() - start
-    cpu = meter.total(pids()) - before
-    return {"seconds": wall, "first_batch_s": first or wall, "images": n, "cpu_s": cpu,
-            "main_cpu_s": meter.seen[meter.main.pid] - main_before}
+    after = meter.snapshot(pids() | set(before))
+    by_process: dict[str, float] = {}
+    for pid, cpu_s in after.items():
+        label = meter.labels.get(pid, "other ray processes")
+        by_process[label] = by_process.get(label, 0.0) + cpu_s - before.get(pid, 0.0)
+    return {"seconds": wall, "first_batch_s": first or wall, "images": n, "cpu_s": sum(by_process.values()),
+            "main_cpu_s": after[meter.main.pid] - before[meter.main.pid], "cpu_s_by_process": by_process}
 
 
 def _summary(epochs: list[dict], workers: int) -> dict:
@@ -167,6 +192,9 @@ def _summary(epochs: list[dict], workers: int) -> dict:
         "images_per_s_per_core": rate / workers,
         "cpu_ms_per_image": 1000 * sum(e["cpu_s"] for e in steady) / images,
         "main_process_cpu_ms_per_image": 1000 * sum(e["main_cpu_s"] for e in steady) / images,
+        "cpu_ms_per_image_by_process": {
+            label: 1000 * sum(e["cpu_s_by_process"].get(label, 0.0) for e in steady) / images
+            for label in sorted({k for e in steady for k in e["cpu_s_by_process"]})},
         "warmup_images_per_s": epochs[0]["images"] / epochs[0]["seconds"],
     }
 
@@ -261,8 +289,9 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
     for side, s in (("ray data", ray_s), ("dataloader", torch_s)):
         print(f"  {side:11s} {s['images_per_s']:7.1f} img/s ({s['images_per_s_min']:.0f}-{s['images_per_s_max']:.0f})"
               f"  {s['images_per_s_per_core']:7.1f} img/s/core  {s['cpu_ms_per_image']:5.2f} CPU ms/img"
-              f" ({s['main_process_cpu_ms_per_image']:.2f} in the main process)"
               f"  epochs {s['epoch_seconds']}")
+        parts = sorted(s["cpu_ms_per_image_by_process"].items(), key=lambda kv: -kv[1])
+        print("      CPU ms/img by process: " + ", ".join(f"{label} {ms:.2f}" for label, ms in parts))
     print(f"  ratio ray/dataloader {payload['ratio_ray_vs_dataloader']:.2f} img/s per core, "
           f"{payload['ratio_cpu_efficiency']:.2f} CPU efficiency")
     return payload

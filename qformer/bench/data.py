@@ -129,9 +129,6 @@ class _CpuMeter:
                 pass
         return out
 
-    def total(self, pids: set[int]) -> float:
-        return sum(self.snapshot(pids).values())
-
     def snapshot(self, pids: set[int]) -> dict[int, float]:
         """CPU seconds so far of each of `pids` and this process (an exited one keeps its last reading)."""
         import psutil
@@ -173,7 +170,7 @@ def _epoch(make_iter, meter: _CpuMeter, pids) -> dict:
     after = meter.snapshot(pids() | set(before))
     by_process: dict[str, float] = {}
     for pid, cpu_s in after.items():
-        label = meter.labels.get(pid, "other ray processes")
+        label = meter.labels[pid]
         by_process[label] = by_process.get(label, 0.0) + cpu_s - before.get(pid, 0.0)
     return {"seconds": wall, "first_batch_s": first or wall, "images": n, "cpu_s": sum(by_process.values()),
             "main_cpu_s": after[meter.main.pid] - before[meter.main.pid], "cpu_s_by_process": by_process}

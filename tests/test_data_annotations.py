@@ -63,6 +63,11 @@ def test_jsonl(tmp_path: Path) -> None:
     ('[{"image": "", "caption": "x"}]', r"record 0: 'image' must be a non-empty string"),
     ('[{"image": 7, "caption": "x"}]', r"record 0: 'image' must be a non-empty string"),
     ('[["a.jpg", "x"]]', r"record 0: record must be a JSON object, got list"),
+    # a lone surrogate parses as JSON but no tokenizer or Arrow column takes it
+    ('[{"image": "a.jpg", "caption": "ok"}, {"image": "b.jpg", "caption": "bad \\ud800"}]',
+     r"bad.json, record 1: 'caption' holds text that is not valid Unicode \(surrogates not allowed"),
+    ('[{"image": "a.jpg", "caption": ["ok", "x\\udfff"]}]', r"record 0: 'caption' holds text that is not valid Unicode"),
+    ('[{"image": "\\ud800.jpg", "caption": "x"}]', r"record 0: 'image' holds text that is not valid Unicode"),
 ])
 def test_malformed_annotations_name_file_and_record(tmp_path: Path, content: str, message: str) -> None:
     with pytest.raises(AnnotationError, match=message):

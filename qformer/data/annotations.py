@@ -72,11 +72,21 @@ def _raw_records(path: str) -> list:
     return data
 
 
+def _encodable(path: str, index: int, key: str, text: str) -> str:
+    """JSON may carry lone surrogates (`"\\ud800"`) that no UTF-8 consumer (tokenizer, Arrow) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise AnnotationError(path, f"'{key}' holds text that is not valid Unicode ({err.reason} at character "
+                                    f"{err.start}): {text!r:.80}", index) from None
+    return text
+
+
 def _caption_tuple(path: str, index: int, caption: object) -> tuple[str, ...]:
     if isinstance(caption, str):
-        return (caption,)
+        return (_encodable(path, index, "caption", caption),)
     if isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
-        return tuple(caption)
+        return tuple(_encodable(path, index, "caption", c) for c in caption)
     if isinstance(caption, list) and not caption:
         raise AnnotationError(path, "'caption' is an empty list", index)
     raise AnnotationError(path, f"'caption' must be a string or a list of strings, got {type(caption).__name__}: {caption!r:.80}", index)
@@ -96,6 +106,7 @@ def read_caption_file(path: str | os.PathLike) -> list[CaptionRecord]:
         image = rec["image"]
         if not isinstance(image, str) or not image.strip():
             raise AnnotationError(path, f"'image' must be a non-empty string, got {image!r:.80}", i)
+        _encodable(path, i, "image", image)
         image_id = rec.get("image_id")
         records.append(CaptionRecord(image, _caption_tuple(path, i, rec["caption"]), None if image_id is None else str(image_id), i))
     if not records:

@@ -19,7 +19,8 @@ def qformer(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_config_prints_resolved_yaml():
-    proc = qformer("config", "--cfg-path", STAGE1, "--options", "run.init_lr=2e-4", "model.model_type=tiny")
+    proc = qformer("config", "--cfg-path", STAGE1, "--options", "run.init_lr=2e-4", "model.model_type=tiny",
+                   "model.image_size=224")
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["model"]["arch"] == "blip2" and cfg["model"]["num_query_token"] == 8

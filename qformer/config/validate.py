@@ -200,8 +200,33 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
         if model[flag] and not model[path]:
             raise ConfigError(f"is empty but model.{flag} is true (give a checkpoint path/URL or set {flag}: false)",
                               f"model.{path}", source_of(f"model.{flag}"))
+    _check_image_sizes(cfg, source_of)
     if run["runner"] == "runner_iter":
         for key in ("max_iters", "iters_per_inner_epoch"):
             if run[key] is None:
                 raise ConfigError("runner_iter needs run.max_iters and run.iters_per_inner_epoch", f"run.{key}",
                                   source_of("run.runner"))
+
+
+def _check_image_sizes(cfg: dict, source_of: SourceOf) -> None:
+    """Each image processor a run uses must produce model.image_size pixels (the ViT's position
+    embeddings are built for it): checked here so `qformer config` catches it, not a Ray worker."""
+    from qformer.data.processors import build_processor
+
+    run, model_size = cfg["run"], cfg["model"]["image_size"]
+    preprocess = (cfg.get("preprocess") or {}).get("vis_processor") or {}
+    for name, ds in cfg["datasets"].items():
+        splits = set(ds["build_info"]["annotations"])
+        used = {"train": bool(splits & set(run["train_splits"])),
+                "eval": bool(splits & set(run["valid_splits"]) | splits & set(run["test_splits"]))}
+        for kind, in_use in used.items():
+            node = (ds.get("vis_processor") or {}).get(kind)
+            key = f"datasets.{name}.vis_processor.{kind}"
+            if node is None:
+                node, key = preprocess.get(kind), f"preprocess.vis_processor.{kind}"
+            size = getattr(build_processor(node), "image_size", None) if in_use and node else None
+            if size is not None and size != model_size:
+                given = f"{key}.image_size" if "image_size" in node else key  # else: the processor's default
+                raise ConfigError(f"image_size {size} differs from model.image_size {model_size} (processors must "
+                                  f"produce the ViT's input size)", f"{key}.image_size",
+                                  source_of(given) or source_of("model.image_size"))

@@ -29,6 +29,7 @@ MAX_KEY = 250
 MAX_TAG_VALUE = 8000
 PARAMS_PER_BATCH = 100
 LOSS_CURVE_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
+CONTINUES_TAG = "qformer.continues_run"  # a FINISHED run trained further: the new run names the old one
 TRAIN_KEY_TAG = "qformer.train_key"  # storage_path/name of the Ray run; finds the run again on auto-resume
 
 
@@ -142,6 +143,11 @@ class RunTracker:
         if run.info.status != "RUNNING":
             tracker.client.update_run(run_id, status="RUNNING")
         return tracker
+
+    @staticmethod
+    def status(uri: str, run_id: str) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED."""
+        return _client(uri).get_run(run_id).info.status
 
     @classmethod
     def find_by_train_key(cls, uri: str, experiment_name: str, train_key: str) -> str | None:

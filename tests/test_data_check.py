@@ -53,3 +53,23 @@ def test_check_ok_and_annotations_only(tmp_path: Path, synth_data: Path, capsys)
     exp = _experiment(tmp_path, synth_data, '[{"image": "train/train_000001.jpg", "caption": "x"}]')
     assert main(["data", "check", "--cfg-path", str(exp), "--no-images"]) == 0
     assert "summary: 4 splits, 0 bad annotation files, 0 undecodable images" in capsys.readouterr().out
+
+
+def test_bad_images_fail_the_check_unless_report_only(tmp_path: Path, synth_data: Path, capsys) -> None:
+    exp = _experiment(tmp_path, synth_data, '[{"image": "train/train_000001.jpg", "caption": "x"}]')
+    assert main(["data", "check", "--cfg-path", str(exp)]) == 1  # 2 undecodable images in coco train
+    assert "summary: 4 splits, 0 bad annotation files, 2 undecodable images" in capsys.readouterr().out
+    assert main(["data", "check", "--cfg-path", str(exp), "--report-only"]) == 0
+
+
+def test_missing_image_folder_is_one_line_and_fails(tmp_path: Path, synth_data: Path, capsys, caplog) -> None:
+    exp = _experiment(tmp_path, synth_data, '[{"image": "train/train_000001.jpg", "caption": "x"}]')
+    gone = tmp_path / "no_such_images"
+    options = ["--options", f"datasets.coco_caption.build_info.images.storage={gone}"]
+    assert main(["data", "check", "--cfg-path", str(exp), *options]) == 1
+    out = capsys.readouterr().out
+    error = f"ERROR image directory {gone} does not exist (datasets.coco_caption.build_info.images.storage)"
+    assert out.count(error) == 3  # train, val, test: one line each, no per-image "not found" list
+    assert "bad image" not in out.split("vg_caption/train:")[0]
+    assert "1 missing image folders" in out and "image directory" not in caplog.text  # no repeated warning
+    assert main(["data", "check", "--cfg-path", str(exp), *options, "--report-only"]) == 0

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer.config import load_config_dict
+from omegaconf import OmegaConf
+
+from qformer.config import ConfigError, load_config_dict
 
 pytestmark = pytest.mark.ray
 
@@ -99,6 +101,24 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, shapes
     # the tiny config's ViT is random (no weight file), so it travels with the checkpoint
     assert any(k.startswith("visual_encoder.") for k in state["model"])
     assert "query_tokens" in state["model"] and "ln_vision.weight" in state["model"]
+
+    # the same command again: reported finished and left alone (no step trained or logged, status kept)
+    again = launch_training(cfg, local_mode=True)
+    assert again.finished and again.mlflow_run_id == result.mlflow_run_id
+    assert again.checkpoint_path == result.checkpoint_path
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == [1, 2, 3, 4, 5, 6]
+    # changed model or data settings stop before anything starts, listing the keys
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    with pytest.raises(ConfigError, match=r"model.num_query_token \(4 -> 8\).*--allow-config-change"):
+        launch_training(load_config_dict(plain, ["model.num_query_token=8"]), local_mode=True)
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    # training a finished run further (a raised max_epoch) opens a new MLflow run that points back
+    longer = launch_training(load_config_dict(plain, ["run.max_epoch=3", "run.valid_splits=[]"]), local_mode=True)
+    assert longer.error is None and longer.metrics["step"] == 9 and longer.mlflow_run_id != result.mlflow_run_id
+    assert client.get_run(longer.mlflow_run_id).data.tags["qformer.continues_run"] == result.mlflow_run_id
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    assert sorted({m.step for m in client.get_metric_history(longer.mlflow_run_id, "loss")}) == [7, 8, 9]
 
 
 def test_two_worker_ddp_sync_disjoint_data_and_failure_recovery(ray_cluster, shapes, tmp_path, monkeypatch):

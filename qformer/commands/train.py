@@ -3,6 +3,8 @@
 Locally this starts a private Ray; with run.ray.address, RAY_ADDRESS, or inside `ray job submit` it
 attaches to that cluster. Re-running the same command (same run.output_dir / run.ray.name) resumes
 from the run's latest checkpoint; --resume PATH continues from a given checkpoint file or directory.
+A resume whose model/datasets settings differ from the checkpoint's stops before Ray, listing the keys
+(--allow-config-change continues anyway); a run that already finished is reported and left alone.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="overrides, e.g. run.init_lr=1e-3 run.ray.num_workers=4")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="checkpoint file or directory to continue from (model, optimizer, LR position, step, MLflow run)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="continue from a checkpoint written with other model/datasets settings")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.cfg_path, args.options)  # config errors surface before Ray starts
     from qformer.train.launcher import launch_training
 
-    result = launch_training(cfg, resume=args.resume)
+    result = launch_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     print(f"checkpoint: {result.checkpoint_path}")
     if result.best_checkpoint_path:
         print(f"best checkpoint: {result.best_checkpoint_path}")

@@ -174,6 +174,8 @@ SCHEMA: dict[str, Key] = {
                                                      "already fully re-shuffled every epoch; a buffer copies each image)"),
     "run.data.prefetch_batches":    Int(2, ge=0),
     "run.data.num_cpus_per_task":   Float(1.0, gt=0),
+    "run.data.check_images":        Bool(True, doc="before Ray starts, the driver checks that each image folder exists "
+                                                   "and a sample of images opens (false: the driver cannot see them)"),
 }
 
 # LAVIS keys accepted for compatibility but not used; value: why (printed in the warning).

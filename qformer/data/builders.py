@@ -8,7 +8,6 @@ for COCO, retrieval val/test splits. Paths: relative `build_info.*.storage` valu
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from qformer.config.errors import ConfigError
@@ -18,7 +17,6 @@ from qformer.data.retrieval import RetrievalSplit
 from qformer.paths import data_root
 from qformer.registry import register_builder
 
-log = logging.getLogger("qformer.data")
 SPLITS = ("train", "val", "test")
 
 
@@ -69,10 +67,8 @@ class CaptionBuilder:
     # ---- records and processors ------------------------------------------------------------
     def records(self, split: str) -> list[CaptionRecord]:
         if split not in self._records:
-            path = self.annotation_path(split)
-            if not self.image_root().is_dir():  # LAVIS only warns too: images may be on another mount
-                log.warning("%s: image directory %s does not exist", self.name, self.image_root())
-            self._records[split] = read_caption_file(path)
+            # a missing image folder is qformer.data.preflight's to report (once, before Ray starts)
+            self._records[split] = read_caption_file(self.annotation_path(split))
         return self._records[split]
 
     def processor(self, kind: str, split_kind: str):

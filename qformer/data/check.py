@@ -1,7 +1,9 @@
 """`qformer data check`: validate every annotation file and image a config refers to, and report.
 
 Annotation problems are fatal in training (they raise before Ray starts), so here they are listed
-per file instead; undecodable/missing images are listed with their reasons (training would skip them).
+per file instead; undecodable/missing images are listed with their reasons (training would skip them),
+and a missing image folder is one line, not one per image. Either fails the check (exit 1) unless the
+caller only wants the report.
 """
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from qformer.data.errors import AnnotationError, ImageDecodeError
-from qformer.data.images import load_rgb
+from qformer.data.errors import AnnotationError
+from qformer.data.preflight import image_error, missing_image_root
 from qformer.data.processors.text import pre_caption
 
 
@@ -29,14 +31,7 @@ class SplitReport:
     words_max: int = 0
     empty_captions: int = 0  # empty after blip_caption cleaning
     truncated_captions: int = 0  # over 50 words: cut by blip_caption
-
-
-def _check_image(path: str) -> str | None:
-    try:
-        load_rgb(path)
-    except ImageDecodeError as err:
-        return str(err)
-    return None
+    missing_image_root: str | None = None  # the image folder, when it does not exist
 
 
 def check_config(cfg, images: bool = True, workers: int | None = None) -> list[SplitReport]:
@@ -63,7 +58,11 @@ def check_config(cfg, images: bool = True, workers: int | None = None) -> list[S
             rep.truncated_captions = sum(n > 50 for n in lengths)
             paths = sorted({builder.image_path(r) for r in records})
             rep.images = len(paths)
-            if images:
+            rep.missing_image_root = missing_image_root(builder, paths)
+            if rep.missing_image_root:  # one line instead of every image "not found"
+                rep.bad_images = [f"{p}: image directory missing" for p in paths
+                                  if p.startswith(rep.missing_image_root.rstrip("/") + "/")]
+            elif images:
                 rep.bad_images = _check_images(paths, workers)
     return reports
 
@@ -71,11 +70,16 @@ def check_config(cfg, images: bool = True, workers: int | None = None) -> list[S
 def _check_images(paths: list[str], workers: int | None) -> list[str]:
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1 or len(paths) < 256:
-        results = [_check_image(p) for p in paths]
+        results = [image_error(p) for p in paths]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_check_image, paths, chunksize=64))
+            results = list(pool.map(image_error, paths, chunksize=64))
     return [r for r in results if r]
+
+
+def failed(reports: list[SplitReport], images_fail: bool = True) -> bool:
+    """True when a file is bad, or (images_fail) when an image folder is missing or an image undecodable."""
+    return any(r.error or (images_fail and (r.bad_images or r.missing_image_root)) for r in reports)
 
 
 def format_report(reports: list[SplitReport], show: int = 20) -> str:
@@ -85,14 +89,19 @@ def format_report(reports: list[SplitReport], show: int = 20) -> str:
         if r.error:
             lines.append(f"  ERROR {r.error}")
             continue
+        if r.missing_image_root:
+            lines.append(f"  ERROR image directory {r.missing_image_root} does not exist "
+                         f"(datasets.{r.dataset}.build_info.images.storage)")
         lines.append(f"  records {r.records}  captions {r.captions}  images {r.images}  undecodable {len(r.bad_images)}")
         lines.append(f"  caption words min/mean/max {r.words_min}/{r.words_mean:.1f}/{r.words_max}"
                      f"  empty {r.empty_captions}  over-50-words {r.truncated_captions}")
-        for bad in r.bad_images[:show]:
+        for bad in [] if r.missing_image_root else r.bad_images[:show]:
             lines.append(f"  bad image {bad}")
-        if len(r.bad_images) > show:
+        if len(r.bad_images) > show and not r.missing_image_root:
             lines.append(f"  ... and {len(r.bad_images) - show} more")
     bad_files = sum(1 for r in reports if r.error)
     bad_images = sum(len(r.bad_images) for r in reports)
-    lines.append(f"summary: {len(reports)} splits, {bad_files} bad annotation files, {bad_images} undecodable images")
+    missing = len({r.missing_image_root for r in reports if r.missing_image_root})
+    lines.append(f"summary: {len(reports)} splits, {bad_files} bad annotation files, {bad_images} undecodable images, "
+                 f"{missing} missing image folders")
     return "\n".join(lines)

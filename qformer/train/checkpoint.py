@@ -4,7 +4,8 @@
 can read it, plus ours: "scheduler" (position), "step" (global micro-batches done), "iters" (the same,
 runner_iter's key), "iters_in_epoch" (micro-batches done in `epoch`), "epoch_complete" and
 "mlflow_run_id". "model" is the trainable state dict (the frozen ViT is not re-saved, like LAVIS).
-`meta.json` beside it repeats the small fields, so the driver can read them without loading tensors.
+`meta.json` beside it repeats the small fields, and the config's model and datasets sections, so the
+driver can read them without loading tensors.
 
 Everything in the file is tensors and plain Python values, so loading uses torch.load(weights_only=True).
 """
@@ -19,6 +20,8 @@ import torch
 
 CKPT_FILE = "checkpoint.pth"
 META_FILE = "meta.json"
+META_KEYS = ("epoch", "step", "iters_in_epoch", "epoch_complete", "mlflow_run_id")
+CONFIG_SECTIONS = ("model", "datasets")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ def save_dir(state: dict, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / CKPT_FILE)
-    meta = {k: state.get(k) for k in ("epoch", "step", "iters_in_epoch", "epoch_complete", "mlflow_run_id")}
+    meta = {k: state.get(k) for k in META_KEYS}
+    config = state.get("config") or {}
+    meta["config"] = {k: config.get(k) for k in CONFIG_SECTIONS}  # what a resume must not silently change
     (directory / META_FILE).write_text(json.dumps(meta))
     return directory
 
@@ -104,4 +109,8 @@ def read_meta(directory: str | Path) -> dict:
     if meta.is_file():
         return json.loads(meta.read_text())
     state = load_file(directory)
-    return {k: state.get(k) for k in ("epoch", "step", "iters_in_epoch", "epoch_complete", "mlflow_run_id")}
+    meta = {k: state.get(k) for k in META_KEYS}
+    config = state.get("config")
+    if "step" in state and isinstance(config, dict):  # ours: its config has our layout (LAVIS's does not)
+        meta["config"] = {k: config.get(k) for k in CONFIG_SECTIONS}
+    return meta

@@ -18,8 +18,11 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from qformer import paths
+from qformer.config.errors import ConfigError
 from qformer.logging_setup import get_logger
+from qformer.tracking import resolve_tracking_uri
 from qformer.train import checkpoint as ckpt_io
+from qformer.train.resume import check_config_unchanged, find_prior, finished
 
 log = get_logger("train")
 
@@ -36,6 +39,7 @@ class TrainingResult:
     storage_path: str
     name: str
     error: BaseException | None = None
+    finished: bool = False  # True: the run had already finished; nothing was trained (nor logged) this time
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -89,12 +93,16 @@ def start_tracking(cfg: DictConfig, name: str, storage: str, resume_run_id: str 
     """Create or reopen this training's MLflow run (driver side). Returns a RunTracker or None when disabled."""
     if not cfg.run.mlflow.get("enabled", True):
         return None
-    from qformer.tracking import TRAIN_KEY_TAG, RunTracker, flatten_params, git_commit, resolve_tracking_uri, ui_hint
+    from qformer.tracking import CONTINUES_TAG, TRAIN_KEY_TAG, RunTracker, flatten_params, git_commit, ui_hint
 
     uri = resolve_tracking_uri(cfg.run.mlflow.get("tracking_uri"))
     experiment = str(cfg.run.mlflow.experiment_name)
     train_key = f"{storage.rstrip('/')}/{name}"
     run_id = resume_run_id or RunTracker.find_by_train_key(uri, experiment, train_key)
+    continues = None
+    if run_id and RunTracker.status(uri, run_id) == "FINISHED":  # a finished run is never re-marked: training
+        continues, run_id = run_id, None                        # it further opens a new run that points back
+        log.info("MLflow: run %s is FINISHED; continuing its training in a new run", continues)
     if run_id:
         tracker = RunTracker.reopen(uri, run_id)
         log.info("MLflow: continuing run %s", run_id)
@@ -104,6 +112,7 @@ def start_tracking(cfg: DictConfig, name: str, storage: str, resume_run_id: str 
             "git_commit": git_commit(), "model_type": f"{cfg.model.arch}/{cfg.model.model_type}",
             "datasets": ",".join(str(d) for d in cfg.datasets), "ray_num_workers": num_workers,
             "ray_use_gpu": use_gpu, "ray_run_name": name, "ray_storage_path": storage, TRAIN_KEY_TAG: train_key,
+            **({CONTINUES_TAG: continues} if continues else {}),
         }
         tracker = RunTracker.start(uri, experiment, run_name=cfg.run.mlflow.get("run_name") or name, tags=tags,
                                    params=flatten_params(resolved), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
@@ -139,19 +148,14 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
     num_workers = 0 if local_mode else int(cfg.run.ray.num_workers)
     use_gpu = _use_gpu(cfg) if num_workers > 0 else False
     resume = resume or cfg.run.get("resume_ckpt_path") or None
-    run_dir = Path(storage) / name if "://" not in storage else None
+    if resume and "://" not in str(resume):  # workers may run elsewhere in the tree: hand them an absolute path
+        resume = str(Path(str(resume)).expanduser().resolve())
+    run_dir = _run_dir(storage, name)
     local_root = str(run_dir / "local_checkpoints") if num_workers == 0 and run_dir is not None else None
-    if resume is None and local_root:  # local mode keeps its own checkpoints: pick up the latest one
-        resume = _latest_local(Path(local_root))
-
-    resume_run_id = None
-    if resume:
-        resume_file = ckpt_io.resolve_file(resume)
-        resume_run_id = ckpt_io.read_meta(resume_file.parent).get("mlflow_run_id") if resume_file.name == \
-            ckpt_io.CKPT_FILE else ckpt_io.load_file(resume_file).get("mlflow_run_id")
-        resume = str(resume_file)
-    else:
-        resume_run_id = _ray_latest_run_id(run_dir)
+    prior = find_prior(run_dir, resume, local_mode=num_workers == 0)
+    if num_workers == 0 and prior is not None:  # local mode keeps its own checkpoints: the loop loads this one
+        resume = str(prior.path)
+    resume_run_id = prior.mlflow_run_id if prior is not None else None
 
     # the training loop shows its own progress bar; Ray Data's per-operator bars would interleave with it
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -222,12 +226,20 @@ def finish_tracking(tracker, result, cfg: DictConfig | None = None) -> None:
 
 def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Sequence[Any] | None = None,
                     parent_run_id: str | None = None, local_mode: bool | None = None,
-                    extra_loop_config: dict | None = None) -> TrainingResult:
-    """`qformer train`: read and check the annotations, connect Ray, build the TorchTrainer, fit, close
-    the MLflow run. Bad annotation files fail before Ray starts (AnnotationError naming file and record)."""
+                    extra_loop_config: dict | None = None, allow_config_change: bool = False) -> TrainingResult:
+    """`qformer train`: check on the driver what can be checked (annotations, image folders, the checkpoint
+    a re-launch would continue from), connect Ray, build the TorchTrainer, fit, close the MLflow run.
+    Bad input fails before Ray starts (AnnotationError / ConfigError naming file, record or key). A run
+    whose checkpoint already completed the schedule is reported finished and left alone (result.finished)."""
     from qformer.data.pipeline import train_sources
+    from qformer.data.preflight import check_images
 
     sources = None if cfg.run.get("vision_cache") else train_sources(cfg)
+    check_images(cfg, [*([] if sources is None else cfg.run.train_splits), *cfg.run.valid_splits,
+                       *cfg.run.test_splits], {name: builder for name, builder, _ in sources or []})
+    done = _check_prior(cfg, resume, local_mode, allow_config_change)
+    if done is not None:
+        return done
     connect_ray(cfg)
     trainer, tracker = build_trainer(cfg, resume=resume, callbacks=callbacks, parent_run_id=parent_run_id,
                                      local_mode=local_mode, extra_loop_config=extra_loop_config, sources=sources)
@@ -249,6 +261,33 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
     )
 
 
+def _check_prior(cfg: DictConfig, resume: str | None, local_mode: bool | None,
+                 allow_config_change: bool) -> TrainingResult | None:
+    """Before Ray: stop when the checkpoint to continue from has other model/data settings; return the
+    finished run's result when there is nothing left to train."""
+    name, storage = run_name(cfg), storage_path(cfg)
+    local = bool(local_mode) or int(cfg.run.ray.num_workers) == 0
+    explicit = resume or cfg.run.get("resume_ckpt_path") or None
+    try:
+        prior = find_prior(_run_dir(storage, name), explicit, local)
+    except (FileNotFoundError, ValueError) as err:  # not there, or not a checkpoint: one line, before Ray
+        raise ConfigError(f"cannot resume from {explicit}: {err}", None if resume else "run.resume_ckpt_path") from None
+    if prior is None:
+        return None
+    if not allow_config_change:
+        check_config_unchanged(prior, _resolved(cfg))
+    if not finished(prior, cfg.run):
+        return None
+    uri = resolve_tracking_uri(cfg.run.mlflow.get("tracking_uri")) if cfg.run.mlflow.get("enabled", True) else None
+    print(f"run '{name}' already finished: its checkpoint {prior.path} completed the schedule "
+          f"(run.max_epoch={cfg.run.max_epoch}, max_iters={cfg.run.get('max_iters')}); nothing to train, "
+          f"MLflow run {prior.mlflow_run_id} left as it is. Raise run.max_epoch / run.max_iters to train "
+          f"further, or give a new run.output_dir for a new run.", flush=True)
+    return TrainingResult(metrics={}, checkpoint_path=str(prior.path), best_checkpoint_path=None,
+                          mlflow_run_id=prior.mlflow_run_id, tracking_uri=uri, storage_path=storage, name=name,
+                          finished=True)
+
+
 def _best_path(result, score_key: str | None) -> str | None:
     """The kept checkpoint with the highest validation score (None without validation)."""
     best = getattr(result, "best_checkpoints", None) if result is not None else None
@@ -264,22 +303,6 @@ def _score_key(cfg: DictConfig) -> str | None:
     return f"{valid[0]}/{cfg.run.best_metric}" if valid else None
 
 
-def _latest_local(root: Path) -> str | None:
-    if not root.is_dir():
-        return None
-    metas = [(ckpt_io.read_meta(d).get("step", 0), d) for d in root.iterdir() if (d / ckpt_io.META_FILE).is_file()]
-    return str(max(metas)[1]) if metas else None
-
-
-def _ray_latest_run_id(run_dir: Path | None) -> str | None:
-    """MLflow run id of the Ray run's latest checkpoint, when this name was trained before (auto-resume)."""
-    if run_dir is None or not run_dir.is_dir():
-        return None
-    metas = []
-    for meta in run_dir.glob(f"*/{ckpt_io.META_FILE}"):
-        try:
-            info = ckpt_io.read_meta(meta.parent)
-        except (OSError, ValueError):
-            continue
-        metas.append((int(info.get("step") or 0), info.get("mlflow_run_id")))
-    return max(metas)[1] if metas else None
+def _run_dir(storage: str, name: str) -> Path | None:
+    """The Ray run's directory when storage is local (remote storage is not inspected by the driver)."""
+    return Path(storage) / name if "://" not in storage else None

@@ -1,0 +1,89 @@
+"""Checks the driver makes before Ray starts: image folders and a sample of images (qformer.data.preflight),
+and `qformer train` failing on them in seconds, without starting Ray."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qformer.config import ConfigError, load_config_dict
+from qformer.data.preflight import check_images
+from qformer.data.synth import coco_caption_section
+
+QFORMER = Path(sys.executable).parent / "qformer"
+
+
+def _cfg(datasets: dict, **run):
+    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": datasets,
+                             "run": {"test_splits": ["test"], **run}})
+
+
+def test_missing_image_folder_names_the_folder_and_key(synth_data: Path, tmp_path: Path) -> None:
+    ds = coco_caption_section(synth_data)
+    ds["coco_caption"]["build_info"]["images"]["storage"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError) as info:
+        check_images(_cfg(ds), ["train", "test"])
+    assert info.value.key == "datasets.coco_caption.build_info.images.storage"
+    assert f"image directory {tmp_path / 'nowhere'} does not exist (split 'train' reads 48 images" in str(info.value)
+    check_images(_cfg(ds, data={"check_images": False}), ["train"])  # the driver cannot see the mount: off
+
+
+def test_a_split_none_of_whose_sampled_images_opens_stops(synth_data: Path, tmp_path: Path, caplog) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth_data / "images", images)
+    for path in (images / "test").glob("*.jpg"):
+        path.write_bytes(b"not a jpeg")
+    ds = coco_caption_section(synth_data)
+    ds["coco_caption"]["build_info"]["images"]["storage"] = str(images)
+    check_images(_cfg(ds), ["train"])  # train images are fine; test is not asked for
+    with pytest.raises(ConfigError, match=r"none of 8 sampled images of split 'test' opens \(image folder "
+                                          rf"{images}\), e.g. {images}/test/\S+\.jpg: "):
+        check_images(_cfg(ds), ["train", "test"])
+    # a few bad files only warn: training skips and counts them
+    for path in sorted((images / "test").glob("*.jpg"))[:12]:
+        shutil.copy(synth_data / "images" / "test" / path.name, path)
+    with caplog.at_level(logging.WARNING, logger="qformer.data"):
+        check_images(_cfg(ds), ["test"])
+    assert "coco_caption/test:" in caplog.text and "of 8 sampled images do not open" in caplog.text
+
+
+def test_train_with_a_missing_image_folder_fails_before_ray(synth_data: Path, tmp_path: Path) -> None:
+    ds = coco_caption_section(synth_data)
+    ds["coco_caption"]["build_info"]["images"]["storage"] = str(tmp_path / "nowhere")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": ds,
+                                   "run": {"output_dir": str(tmp_path / "out")}}))
+    env = {**os.environ, "RAY_ADDRESS": "", "QFORMER_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([str(QFORMER), "train", "--cfg-path", str(exp)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("qformer train: datasets.coco_caption.build_info.images.storage: image directory "
+                                f"{tmp_path / 'nowhere'} does not exist"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr  # no Ray was started (nor MLflow run opened)
+    assert not (tmp_path / "home" / "mlflow").exists()
+
+
+def test_surrogate_caption_stops_train_naming_file_and_record(synth_data: Path, tmp_path: Path) -> None:
+    train = json.loads((synth_data / "annotations" / "coco_karpathy_train.json").read_text())[:4]
+    train[2]["caption"] = "a \ud800 shape"
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(train))  # ensure_ascii: the lone surrogate is written as \ud800
+    ds = coco_caption_section(synth_data)
+    ds["coco_caption"]["build_info"]["annotations"]["train"]["storage"] = str(ann)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": ds}))
+    for command in (["train"], ["data", "check"]):
+        proc = subprocess.run([str(QFORMER), *command, "--cfg-path", str(exp)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "QFORMER_HOME": str(tmp_path / "home")})
+        output = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
+        assert f"{ann}, record 2: 'caption' holds text that is not valid Unicode" in output

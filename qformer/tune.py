@@ -175,7 +175,7 @@ def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, pa
                 callbacks=[EarlyStopMarker(), PlacementGroupReaper()],
                 verbose=1),
         )
-    counter = stats.shared_counter()  # one skipped-image counter for all trials; killed after the sweep
+    counter = stats.start_counter()  # one skipped-image counter for all trials (owned here); killed after the sweep
     try:
         return tuner.fit()
     finally:

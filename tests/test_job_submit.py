@@ -271,3 +271,58 @@ def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
     state = torch.load(local, map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(state), sorted(state)  # LAVIS layout
     assert state["model"] and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def alive_actor_names(head: LoopbackRayHead) -> list[str]:
+    proc = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", "--address", head.address, "--format", "json",
+                           "--filter", "state=ALIVE", "--limit", "10000"],
+                          env=head.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [a.get("name") or "" for a in json.loads(proc.stdout)]
+
+
+def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
+    """An eval job and a failed training job, each skipping a corrupt image, leave no counter actor behind
+    on the long-lived head; the eval's MLflow run records the skipped image."""
+    import mlflow
+
+    from qformer.config import load_config
+    from qformer.data.synth import write_synthetic
+    from qformer.models import build_model
+
+    home = tmp_path / "qformer_home"
+    data = home / "data" / "synth_shapes"
+    write_synthetic(data, n_train=16, n_val=4, n_test=4, seed=0, image_size=64)
+    for split in ("train", "test"):
+        next((data / "images" / split).glob("*.jpg")).write_bytes(b"not a jpeg")
+    cfg = load_config(REPO / "experiments" / "demo" / "tiny_shapes.yaml")
+    torch_file = tmp_path / "weights.pth"
+    import torch
+
+    torch.save({"model": build_model(cfg.model).checkpoint_state_dict()}, torch_file)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    common = ["run.ray.use_gpu=false", "run.ray.num_workers=1", "run.batch_size_eval=4", "run.k_test=2",
+              "run.mlflow.experiment_name=counter-jobs"]
+    evaluated = ray_head.submit(["qformer", "eval", "--cfg-path", "experiments/demo/tiny_shapes.yaml",
+                                 "--checkpoint", str(torch_file), "--split", "test", "--options", *common],
+                                env_vars=env)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-6000:]
+    failed = ray_head.submit(
+        ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options", *common,
+         "run.max_epoch=1", "run.max_steps_per_epoch=3", "run.batch_size_train=4", "run.data.batch_size=4",
+         "run.valid_splits=[]", "run.test_splits=[]", f"run.output_dir={tmp_path / 'failed'}"],
+        env_vars={**env, "QFORMER_FAIL_ONCE_AT_STEP": "2"})
+    assert failed.returncode != 0 and "injected failure" in failed.stdout + failed.stderr, failed.stdout[-4000:]
+
+    deadline = time.monotonic() + 60  # the owner's death reaches the GCS within moments
+    while "qformer_skipped_images" in (names := alive_actor_names(ray_head)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert "qformer_skipped_images" not in names, names
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("counter-jobs").experiment_id],
+                              filter_string="tags.`qformer.kind` = 'eval'")
+    assert len(runs) == 1 and runs[0].data.metrics["skipped_images"] == 1.0, [r.data.metrics for r in runs]
+    assert runs[0].data.metrics["test/skipped_images"] == 1.0

@@ -104,7 +104,8 @@ def test_single_process_eval_restores_train_mode_and_uses_max_length_35(tmp_path
     assert model.training  # restored
     assert set(model.calls) == {f"tokenize:{EVAL_MAX_TXT_LEN}"}
     assert set(m) == {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10",
-                      "txt_r_mean", "img_r_mean", "r_mean", "agg_metrics"}
+                      "txt_r_mean", "img_r_mean", "r_mean", "agg_metrics", "skipped_images"}
+    assert m["skipped_images"] == 0
     # deterministic: dropout is off during evaluation, so a second run is identical
     assert evaluate_retrieval(model, split, k_test=4, batch_size=3, device="cpu") == m
 
@@ -138,6 +139,7 @@ def test_undecodable_image_leaves_with_its_captions(tmp_path):
     split = _write_split(tmp_path, 7, corrupt=(2,))
     s = compute_score_matrices(ToyRetrievalModel(), split, k_test=20, batch_size=4, device="cpu")
     assert s.skipped_images == 1
+    assert evaluate_retrieval(ToyRetrievalModel(), split, k_test=20, batch_size=4, device="cpu")["skipped_images"] == 1
     assert s.i2t.shape == (6, len(split.texts) - len(split.img2txt[2]))
     assert len(s.img2txt) == 6 and all(0 <= i < 6 for i in s.txt2img)
     retrieval_metrics(s.i2t, s.t2i, s.img2txt, s.txt2img)  # consistent ground truth
@@ -178,7 +180,8 @@ def test_two_gloo_workers_equal_one_process(tmp_path, n_images, corrupt):
         np.testing.assert_array_equal(got["i2t"], single.i2t)
         np.testing.assert_array_equal(got["t2i"], single.t2i)
         assert got["skipped"] == single.skipped_images
-        assert got["metrics"] == retrieval_metrics(single.i2t, single.t2i, single.img2txt, single.txt2img)
+        assert got["metrics"] == {**retrieval_metrics(single.i2t, single.t2i, single.img2txt, single.txt2img),
+                                  "skipped_images": float(len(corrupt))}  # counted once, not per rank
 
 
 def test_autocast_applies_to_model_calls_only(tmp_path):

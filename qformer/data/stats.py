@@ -4,7 +4,8 @@ Decoding runs in Ray Data worker processes, training in Ray Train workers, so th
 one small actor (0 CPUs) that both can find by name in the job's namespace. The training loop
 calls `skipped_count()` at log steps (cheap: one actor call) and logs it as `skipped_images`.
 Without Ray, or before any image was skipped, there is no actor and the count is 0.
-One counter per Ray job: concurrent runs in the same job (Tune trials) share it.
+One counter per Ray job: concurrent runs in the same job (Tune trials) share it. The job's driver owns
+it, so it ends with the job (a detached counter outlived every eval and failed job on a long-lived head).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _actor_class():
     return SkippedCounter
 
 
-def _get_actor(create: bool, detached: bool = True):
+def _get_actor(create: bool):
     import ray
 
     if not ray.is_initialized():
@@ -52,33 +53,26 @@ def _get_actor(create: bool, detached: bool = True):
     except ValueError:
         if not create:
             return None
-    # Created by the driver (start_counter): lives as long as the job. Created lazily by a decode
-    # worker (no driver set-up): detached, since Ray may retire the worker process that owns it.
-    options = {"name": COUNTER_NAME, "get_if_exists": True}
-    if detached:
-        options["lifetime"] = "detached"
+    # Never detached: an actor is owned by the process that creates it and dies with it, so no counter
+    # outlives its job on a long-lived cluster. Drivers create it up front (start_counter); a decode
+    # worker creates it only when no driver did, and then the count lives as long as that worker.
     try:
-        return _actor_class().options(**options).remote()
+        return _actor_class().options(name=COUNTER_NAME, get_if_exists=True).remote()
     except ValueError:  # another process created it between our lookup and creation
         return ray.get_actor(COUNTER_NAME)
 
 
-def start_counter() -> None:
-    """On the driver, before training: create the counter (owned by this process) and zero it."""
+def start_counter():
+    """On the driver, before training, evaluating or a sweep: create the counter (owned by this process,
+    so it ends with the job, and Tune trials of the job share it) and zero it. Returns the handle."""
     global _local_count
     _local_count = 0
-    actor = _get_actor(create=True, detached=False)
+    actor = _get_actor(create=True)
     if actor is not None:
         import ray
 
         ray.get(actor.reset.remote())
-
-
-def shared_counter():
-    """Create the counter detached, for several runs in one job (Tune trials): created by the first
-    trial instead, it would die with that trial's process while the others still look it up by name.
-    Returns the actor handle (the caller kills it when the runs are over), or None without Ray."""
-    return _get_actor(create=True, detached=True)
+    return actor
 
 
 def record_skipped(reasons: list[str]) -> None:

@@ -247,7 +247,8 @@ def evaluate_retrieval(
     itm_batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
-    """LAVIS retrieval metrics (txt/img_r1/5/10, means, r_mean, agg_metrics = txt_r_mean) of `model` on `split`.
+    """LAVIS retrieval metrics (txt/img_r1/5/10, means, r_mean, agg_metrics = txt_r_mean) of `model` on `split`,
+    plus `skipped_images`: the undecodable images left out (with their captions).
 
     Call on every rank of an initialised process group (it is a collective), or in a single process.
     `batch_size` is the encoding batch (run.batch_size_eval), `itm_batch_size` the number of pairs per ITM
@@ -266,4 +267,5 @@ def evaluate_retrieval(
     )
     if scores.skipped_images:
         log.warning("retrieval eval: %d undecodable images left out with their captions", scores.skipped_images)
-    return retrieval_metrics(scores.i2t, scores.t2i, scores.img2txt, scores.txt2img)
+    metrics = retrieval_metrics(scores.i2t, scores.t2i, scores.img2txt, scores.txt2img)
+    return {**metrics, "skipped_images": float(scores.skipped_images)}  # logged beside the recalls

@@ -106,7 +106,10 @@ def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str]) -> dict[str, 
 
     from qformer.train.launcher import _use_gpu, connect_ray
 
+    from qformer.data.stats import start_counter
+
     connect_ray(cfg)
+    start_counter()  # the skipped-image counter, owned by this driver: it ends with the job
     resources = cfg.run.ray.get("resources_per_worker")
     scaling = ray.train.ScalingConfig(
         num_workers=int(cfg.run.ray.num_workers), use_gpu=_use_gpu(cfg),
@@ -134,10 +137,13 @@ def evaluate_checkpoint(cfg: Any, checkpoint: str | Path, splits: list[str] | No
 
     local=True (or run.ray.num_workers == 0) evaluates in this process without Ray.
     """
+    from qformer.data.preflight import check_images
+
     splits = list(splits or list(cfg.run.test_splits) or ["test"])
     checkpoint = str(checkpoint)
     if not Path(checkpoint).expanduser().exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    check_images(cfg, splits)  # a wrong image folder fails here, not in every Ray worker
     if not local and int(cfg.run.ray.num_workers) > 0:
         metrics = _evaluate_on_ray(cfg, checkpoint, splits)
     else:
@@ -165,8 +171,9 @@ def _log_to_mlflow(cfg: Any, checkpoint: str, splits: list[str], metrics: dict[s
         params=flatten_params(OmegaConf.to_container(cfg, resolve=True)),
         config_yaml=OmegaConf.to_yaml(cfg),
     )
-    try:
-        tracker.log_metrics(metrics, step=0)
+    skipped = sum(v for k, v in metrics.items() if k.endswith("/skipped_images"))
+    try:  # skipped_images: the total over splits, as the training run logs it
+        tracker.log_metrics({**metrics, "skipped_images": skipped}, step=0)
     except Exception:
         tracker.end("FAILED")
         raise

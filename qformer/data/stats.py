@@ -15,6 +15,7 @@ COUNTER_NAME = "qformer_skipped_images"
 log = logging.getLogger("qformer.data")
 
 _local_count = 0  # used when Ray is not running (single-process iteration)
+_owned = None  # the handle that keeps the counter this process created alive
 
 
 def _actor_class():
@@ -56,8 +57,12 @@ def _get_actor(create: bool):
     # Never detached: an actor is owned by the process that creates it and dies with it, so no counter
     # outlives its job on a long-lived cluster. Drivers create it up front (start_counter); a decode
     # worker creates it only when no driver did, and then the count lives as long as that worker.
+    # The creator keeps a handle: Ray collects a non-detached actor, named or not, once its owner
+    # holds none (which is how the old code lost the count and fell back to a leaked detached one).
+    global _owned
     try:
-        return _actor_class().options(name=COUNTER_NAME, get_if_exists=True).remote()
+        _owned = _actor_class().options(name=COUNTER_NAME, get_if_exists=True).remote()
+        return _owned
     except ValueError:  # another process created it between our lookup and creation
         return ray.get_actor(COUNTER_NAME)
 

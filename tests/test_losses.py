@@ -47,6 +47,18 @@ def test_head_negatives_never_pick_the_positive_and_follow_softmax():
     assert not (picks == torch.arange(3)).any()
 
 
+def test_diverged_similarities_draw_uniform_negatives_instead_of_raising():
+    from qformer.models.losses import multinomial_negatives
+
+    sim = torch.tensor([[5.0, 4.0, -3.0], [float("nan"), 1.0, 0.0], [float("inf"), 2.0, 2.0]])
+    w = ITMLoss(negatives="head").negative_weights(sim, rank=0)
+    torch.manual_seed(0)
+    picks = torch.stack([multinomial_negatives(w) for _ in range(300)])
+    assert not (picks[:, 0] == 0).any()  # a finite row keeps its distribution (never the positive)
+    for row in (1, 2):  # rows that are not distributions: uniform, every column drawn
+        assert set(picks[:, row].tolist()) == {0, 1, 2}
+
+
 def test_release_negatives_add_floor_then_zero_positive():
     sim = torch.randn(2, 4)  # rank 1 of 2, B=2: own positives at columns 2 and 3
     w = ITMLoss(negatives="release").negative_weights(sim, rank=1)

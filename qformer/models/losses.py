@@ -18,8 +18,13 @@ NegativeSampler = Callable[[torch.Tensor], torch.Tensor]  # weights [B, C] -> in
 
 
 def multinomial_negatives(weights: torch.Tensor) -> torch.Tensor:
-    """One draw per row (LAVIS: torch.multinomial(weights[b], 1) per sample)."""
-    return torch.multinomial(weights, 1).squeeze(1)
+    """One draw per row (LAVIS: torch.multinomial(weights[b], 1) per sample).
+
+    A row that is not a distribution (NaN/inf from a diverged model) draws uniformly instead of making
+    torch.multinomial raise: the NaN then reaches the loss, where the non-finite-loss handling (stop, or
+    run.skip_nonfinite) deals with it. Finite rows are untouched (no host sync either way)."""
+    ok = torch.isfinite(weights).all(dim=1, keepdim=True) & (weights.sum(dim=1, keepdim=True) > 0)
+    return torch.multinomial(torch.where(ok, weights, torch.ones_like(weights)), 1).squeeze(1)
 
 
 class _Distributed(nn.Module):

@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qformer.config.errors import ConfigError
     from qformer.data.errors import AnnotationError
+    from qformer.train.errors import CheckpointError, RayStartError
 
     try:
         return int(args._module.run(args) or 0)
-    except (ConfigError, AnnotationError) as err:  # bad input: one clear message naming it, no traceback
+    except (ConfigError, AnnotationError, CheckpointError, RayStartError) as err:  # one clear line, no traceback
         print(f"qformer {args.command}: {err}", file=sys.stderr)
         return 2
 

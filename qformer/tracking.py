@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -109,13 +110,51 @@ def ensure_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """For an http(s) tracking URI: the server answers /health, else ConfigError (one line, what to try).
+    Called before Ray starts, so a server that is down costs seconds, not a cluster start-up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from qformer.config.errors import ConfigError
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as resp:
+            if resp.status == 200:
+                return
+            problem = f"/health answered HTTP {resp.status}"
+    except urllib.error.HTTPError as err:
+        problem = f"/health answered HTTP {err.code}"
+    except OSError as err:
+        problem = str(getattr(err, "reason", err))
+    raise ConfigError(f"MLflow tracking server {uri} is not reachable ({problem}); start it, fix the URI "
+                      "(or MLFLOW_TRACKING_URI), or train without tracking: --options run.mlflow.enabled=false",
+                      "run.mlflow.tracking_uri")
+
+
+def fail_fast_http() -> None:
+    """In a training worker: one quick try per request instead of MLflow's ~4 minutes of retries, so an
+    outage of the tracking server costs buffered metrics, not training time (see log_metrics_buffered)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 class RunTracker:
     """A handle on one MLflow run, by id; cheap to create in any process."""
+
+    MAX_PENDING = 50_000  # metric values kept while the server is unreachable; older ones are dropped
+    BATCH = 1000  # MLflow's limit of metrics per log_batch
 
     def __init__(self, uri: str, run_id: str):
         self.uri = uri
         self.run_id = run_id
         self.client = _client(uri)
+        self._pending: list = []  # mlflow.entities.Metric values not yet accepted by the server
+        self.sent_late = 0  # values logged after an outage, with their original step and time
+        self.dropped = 0  # values dropped because the buffer was full
+        self._outage = False
 
     # ---- lifecycle (driver side)
     @classmethod
@@ -182,14 +221,55 @@ class RunTracker:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+
+    def log_metrics_buffered(self, metrics: Mapping[str, float], step: int) -> bool:
+        """Like log_metrics, but never raises: while the server is unreachable the values wait here (with
+        their step and timestamp) and go out with the next call that gets through. False while buffering."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        new = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
+        self._pending.extend(new)
+        if len(self._pending) > self.MAX_PENDING:
+            self.dropped += len(self._pending) - self.MAX_PENDING
+            del self._pending[: len(self._pending) - self.MAX_PENDING]
+        return self.flush(fresh=len(new))
+
+    def flush(self, fresh: int = 0, wait_s: float = 0.0) -> bool:
+        """Send the buffered metric values (the last `fresh` of them are this call's); True when none is left.
+        wait_s: keep trying (every 2 s) that long while the server is unreachable (the end of a run)."""
+        deadline = time.monotonic() + wait_s
+        while not self._send(fresh) and time.monotonic() < deadline:
+            time.sleep(2.0)
+        return not self._pending
+
+    def _send(self, fresh: int) -> bool:
+        waited = len(self._pending) - fresh
+        try:
+            while self._pending:
+                self.client.log_batch(self.run_id, metrics=self._pending[: self.BATCH])
+                del self._pending[: self.BATCH]
+        except Exception as err:  # noqa: BLE001 - any client/server failure: keep them for the next call
+            if not self._outage:
+                log.warning("MLflow at %s unreachable (%s): buffering metrics until it answers again",
+                            self.uri, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+            self._outage = True
+            return False
+        if self._outage:
+            self.sent_late += max(0, waited)
+            log.warning("MLflow at %s answers again: sent %d buffered metric values", self.uri, max(0, waited))
+        self._outage = False
+        return True
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)

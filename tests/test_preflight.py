@@ -87,3 +87,38 @@ def test_surrogate_caption_stops_train_naming_file_and_record(synth_data: Path, 
         output = proc.stdout + proc.stderr
         assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
         assert f"{ann}, record 2: 'caption' holds text that is not valid Unicode" in output
+
+
+def _exp(tmp_path: Path, synth_data: Path) -> Path:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({"model": {"arch": "blip2", "model_type": "tiny"},
+                                   "datasets": coco_caption_section(synth_data),
+                                   "run": {"output_dir": str(tmp_path / "out"), "test_splits": ["test"]}}))
+    return exp
+
+
+@pytest.mark.parametrize("command", [["eval", "--checkpoint"], ["export-hf", "--out", "OUT", "--checkpoint"],
+                                     ["train", "--resume"]])
+def test_a_file_that_is_not_a_checkpoint_is_one_line_before_ray(synth_data: Path, tmp_path: Path, command) -> None:
+    bogus = tmp_path / "notes.pth"
+    bogus.write_text("these are my notes, not tensors")
+    args = [str(tmp_path / a) if a == "OUT" else a for a in command]
+    for path, reason in ((bogus, "cannot be read as a torch checkpoint"), (tmp_path / "gone.pth", "does not exist")):
+        proc = subprocess.run([str(QFORMER), args[0], "--cfg-path", str(_exp(tmp_path, synth_data)), *args[1:],
+                               str(path)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "RAY_ADDRESS": "", "QFORMER_HOME": str(tmp_path / "home")})
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "Ray" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert str(path) in last and reason in last, last
+
+
+def test_ray_that_cannot_start_is_one_line_saying_what_to_try(synth_data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": "/proc/qformer-no-such-dir",
+           "QFORMER_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([str(QFORMER), "train", "--cfg-path", str(_exp(tmp_path, synth_data))],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("qformer train: could not start a local Ray (") and "run.ray.address" in last, last
+    assert "/proc/qformer-no-such-dir/ray/session_latest/logs" in last

@@ -40,8 +40,12 @@ def test_latest_ray_checkpoint_wins_over_an_explicit_file_and_local_mode_prefers
     (run_dir / "epoch=0001-broken").mkdir()
     (run_dir / "epoch=0001-broken" / ckpt_io.META_FILE).write_text("{not json")  # half written: ignored
     explicit = _save(tmp_path / "elsewhere", epoch=3, step=9)
+    newest = _save(run_dir / "epoch=0001-step=00000006", epoch=1, step=6, complete=False)
+    with open(newest / ckpt_io.CKPT_FILE, "r+b") as f:  # truncated by a crash or a full disk
+        f.truncate(100)
     prior = find_prior(run_dir, str(explicit), local_mode=False)
     assert prior.path == run_dir / "epoch=0000-step=00000004-end" and prior.mlflow_run_id == "run-4"
+    assert prior.passed_over == ("epoch=0001-step=00000006",)
     assert find_prior(tmp_path / "fresh", str(explicit / ckpt_io.CKPT_FILE), local_mode=False).path == explicit
     _save(run_dir / "local_checkpoints" / "a", epoch=0, step=3, complete=False)
     assert find_prior(run_dir, None, local_mode=True).path == run_dir / "local_checkpoints" / "a"

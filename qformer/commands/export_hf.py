@@ -27,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
 
     # the checkpoint given here is what gets exported, not the config's pretrained/finetuned files
     cfg = load_config(args.cfg_path, list(args.options) + ["model.load_pretrained=False", "model.load_finetuned=False"])
+    from qformer.train.checkpoint import check_readable
+
+    check_readable(args.checkpoint)  # before building the (possibly ViT-g sized) model
     model = build_model(cfg.model).eval()
     report = model.load_checkpoint(args.checkpoint)
     missing = [k for k in report["missing"] if not k.startswith("visual_encoder.")]

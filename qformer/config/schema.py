@@ -165,6 +165,9 @@ SCHEMA: dict[str, Key] = {
     "run.mlflow.experiment_name":   Str("qformer-stage1", check=checks.non_empty),
     "run.mlflow.run_name":          Str(None),
     "run.mlflow.enabled":           Bool(True),
+    "run.mlflow.outage_wait_s":     Float(120.0, ge=0, doc="at the end of a run, how long to keep trying an "
+                                                           "unreachable tracking server before giving up on its "
+                                                           "buffered metrics and status"),
     "run.data.concurrency":         Key("int|list", None, null=True, check=checks.concurrency, doc="int or [min, max]"),
     "run.data.batch_size":          Int(32, ge=1, doc="the unit of run.data.task_rows; cached-feature reads take "
                                                       "blocks of at least this many rows"),

@@ -138,12 +138,12 @@ def evaluate_checkpoint(cfg: Any, checkpoint: str | Path, splits: list[str] | No
     local=True (or run.ray.num_workers == 0) evaluates in this process without Ray.
     """
     from qformer.data.preflight import check_images
+    from qformer.train.checkpoint import check_readable
 
     splits = list(splits or list(cfg.run.test_splits) or ["test"])
     checkpoint = str(checkpoint)
-    if not Path(checkpoint).expanduser().exists():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    check_images(cfg, splits)  # a wrong image folder fails here, not in every Ray worker
+    check_readable(checkpoint)  # a missing or foreign file, and a wrong image folder, fail here, not in
+    check_images(cfg, splits)   # every Ray worker
     if not local and int(cfg.run.ray.num_workers) > 0:
         metrics = _evaluate_on_ray(cfg, checkpoint, splits)
     else:

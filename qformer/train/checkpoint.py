@@ -11,12 +11,17 @@ Everything in the file is tensors and plain Python values, so loading uses torch
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from qformer.train.errors import CheckpointError
 
 CKPT_FILE = "checkpoint.pth"
 META_FILE = "meta.json"
@@ -65,15 +70,59 @@ def _frozen_param_names(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if not p.requires_grad}
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, permissions); nothing partial was left behind."""
+
+
 def save_dir(state: dict, directory: str | Path) -> Path:
+    """Write checkpoint.pth + meta.json into `directory`, atomically: both go into a hidden sibling
+    first, which is renamed into place only when complete, so a crash or a full disk never leaves a
+    newest checkpoint that a resume would pick half written. meta.json records the .pth's size."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / CKPT_FILE)
-    meta = {k: state.get(k) for k in META_KEYS}
-    config = state.get("config") or {}
-    meta["config"] = {k: config.get(k) for k in CONFIG_SECTIONS}  # what a resume must not silently change
-    (directory / META_FILE).write_text(json.dumps(meta))
+    partial = directory.with_name(f".{directory.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        torch.save(state, partial / CKPT_FILE)
+        meta = {k: state.get(k) for k in META_KEYS}
+        config = state.get("config") or {}
+        meta["config"] = {k: config.get(k) for k in CONFIG_SECTIONS}  # what a resume must not silently change
+        meta["ckpt_bytes"] = (partial / CKPT_FILE).stat().st_size
+        (partial / META_FILE).write_text(json.dumps(meta))
+        if directory.exists():  # an (empty) temporary directory handed in by the caller, or a stale one
+            shutil.rmtree(directory)
+        os.replace(partial, directory)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write checkpoint {directory}: {_write_cause(err, directory)}; "
+                                   "nothing partial was kept, the previous checkpoint is intact") from err
     return directory
+
+
+def _write_cause(err: BaseException, directory: Path) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    try:
+        free = shutil.disk_usage(directory.parent).free
+    except OSError:
+        return text
+    full = getattr(err, "errno", None) == errno.ENOSPC or "write failed" in text or free < 1024**2
+    return f"no space left on the device ({free / 1024**2:.1f} MiB free; {text})" if full else text
+
+
+def incomplete(directory: str | Path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (no meta, no file, wrong size), or None."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable {META_FILE} ({err})"
+    file = directory / CKPT_FILE
+    if not file.is_file():
+        return f"no {CKPT_FILE}"
+    expected, actual = meta.get("ckpt_bytes"), file.stat().st_size
+    if expected is not None and actual != expected:
+        return f"{CKPT_FILE} has {actual} bytes, {expected} were written (truncated or partly copied)"
+    return None
 
 
 def resolve_file(path: str | Path) -> Path:
@@ -89,6 +138,31 @@ def resolve_file(path: str | Path) -> Path:
             return candidates[0]
         raise FileNotFoundError(f"checkpoint directory {path} has no {CKPT_FILE} and {len(candidates)} *.pth files")
     raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+
+def check_readable(path: str | Path) -> Path:
+    """On the driver, before anything heavy starts: `path` exists and holds a torch state dict (ours,
+    LAVIS's {"model": ...} or a bare one). Memory-mapped, so a large file is not read. CheckpointError
+    names the file otherwise."""
+    try:
+        file = resolve_file(path)
+    except FileNotFoundError as err:
+        raise CheckpointError(str(err)) from None
+    try:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {file} cannot be read as a torch checkpoint: {first[:200]}") from None
+    tensors = isinstance(state, dict) and any(isinstance(v, torch.Tensor) for v in state.values())
+    if not isinstance(state, dict) or not (isinstance(state.get("model"), dict) or tensors):
+        raise CheckpointError(f"checkpoint {file} holds a {type(state).__name__} with no 'model' state dict; "
+                              "expected a training checkpoint or a state dict")
+    return file
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,10 +19,11 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from qformer import paths
-from qformer.config.errors import ConfigError
 from qformer.logging_setup import get_logger
-from qformer.tracking import resolve_tracking_uri
+from qformer.tracking import check_reachable, resolve_tracking_uri
 from qformer.train import checkpoint as ckpt_io
+from qformer.train.checkpoint import check_readable
+from qformer.train.errors import RayStartError
 from qformer.train.resume import check_config_unchanged, find_prior, finished
 
 log = get_logger("train")
@@ -64,11 +66,24 @@ def connect_ray(cfg: DictConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.run.ray.get("address") or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address)
+            return
+        # dashboard on loopback: users get the Ray UI, and Train's placement-group cleaner its State API
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")  # prints the dashboard URL
+    except Exception as err:  # a start-up failure is one line that says what to try, not Ray's traceback
+        raise RayStartError(_ray_start_advice(address, err)) from None
+
+
+def _ray_start_advice(address: str | None, err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
     if address:
-        ray.init(address=address)
-        return
-    # dashboard on loopback: users get the Ray UI, and Train's placement-group cleaner its State API
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")  # prints the dashboard URL
+        return (f"could not connect to the Ray cluster at {address} ({first}); check that it is running and "
+                "reachable, or unset run.ray.address / RAY_ADDRESS to start a local Ray")
+    return (f"could not start a local Ray ({first}); on a busy machine try again or free some CPUs, attach to "
+            f"a running cluster with run.ray.address (or RAY_ADDRESS), and see the Ray logs under "
+            f"{os.environ.get('RAY_TMPDIR') or '/tmp'}/ray/session_latest/logs")
 
 
 def _use_gpu(cfg: DictConfig) -> bool:
@@ -153,7 +168,8 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
     run_dir = _run_dir(storage, name)
     local_root = str(run_dir / "local_checkpoints") if num_workers == 0 and run_dir is not None else None
     prior = find_prior(run_dir, resume, local_mode=num_workers == 0)
-    if num_workers == 0 and prior is not None:  # local mode keeps its own checkpoints: the loop loads this one
+    if prior is not None and (num_workers == 0 or prior.passed_over):
+        # local mode keeps its own checkpoints; past an incomplete newest Ray checkpoint, the good one before it
         resume = str(prior.path)
     resume_run_id = prior.mlflow_run_id if prior is not None else None
 
@@ -207,6 +223,20 @@ def finish_tracking(tracker, result, cfg: DictConfig | None = None) -> None:
     """Close the MLflow run (FINISHED / FAILED) and record where the checkpoints are."""
     if tracker is None:
         return
+    deadline = time.monotonic() + (float(cfg.run.mlflow.get("outage_wait_s", 120.0)) if cfg is not None else 0.0)
+    while True:
+        try:
+            _finish(tracker, result, cfg)
+            return
+        except Exception as err:  # noqa: BLE001 - the training is done; an unreachable server must not undo that
+            if time.monotonic() >= deadline:
+                log.warning("MLflow: could not close run %s at %s (%s); its status is not recorded", tracker.run_id,
+                            tracker.uri, str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                return
+            time.sleep(2.0)
+
+
+def _finish(tracker, result, cfg: DictConfig | None) -> None:
     error = getattr(result, "error", None) if result is not None else None
     tags: dict[str, str] = {}
     checkpoint = getattr(result, "checkpoint", None) if result is not None else None
@@ -237,6 +267,8 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
     sources = None if cfg.run.get("vision_cache") else train_sources(cfg)
     check_images(cfg, [*([] if sources is None else cfg.run.train_splits), *cfg.run.valid_splits,
                        *cfg.run.test_splits], {name: builder for name, builder, _ in sources or []})
+    if cfg.run.mlflow.get("enabled", True):  # a tracking server that is down: one line now, not after Ray
+        check_reachable(resolve_tracking_uri(cfg.run.mlflow.get("tracking_uri")))
     done = _check_prior(cfg, resume, local_mode, allow_config_change)
     if done is not None:
         return done
@@ -250,7 +282,10 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
         result = trainer.fit()
     except BaseException:
         if tracker is not None:
-            tracker.end("FAILED")
+            try:
+                tracker.end("FAILED")
+            except Exception as err:  # noqa: BLE001 - report the training's error, not the tracker's
+                log.warning("MLflow: could not mark run %s FAILED (%s)", tracker.run_id, err)
         raise
     finish_tracking(tracker, result, cfg)
     checkpoint = result.checkpoint
@@ -268,10 +303,9 @@ def _check_prior(cfg: DictConfig, resume: str | None, local_mode: bool | None,
     name, storage = run_name(cfg), storage_path(cfg)
     local = bool(local_mode) or int(cfg.run.ray.num_workers) == 0
     explicit = resume or cfg.run.get("resume_ckpt_path") or None
-    try:
-        prior = find_prior(_run_dir(storage, name), explicit, local)
-    except (FileNotFoundError, ValueError) as err:  # not there, or not a checkpoint: one line, before Ray
-        raise ConfigError(f"cannot resume from {explicit}: {err}", None if resume else "run.resume_ckpt_path") from None
+    if explicit:  # not there, or not a checkpoint: one line naming it, before Ray
+        check_readable(explicit)
+    prior = find_prior(_run_dir(storage, name), explicit, local)
     if prior is None:
         return None
     if not allow_config_change:

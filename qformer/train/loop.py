@@ -106,7 +106,15 @@ def _restore_state(config: dict) -> tuple[dict | None, str | None]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            return ckpt_io.load_file(directory), f"Ray checkpoint {checkpoint.path}"
+            reason = ckpt_io.incomplete(directory)
+            if reason is None:
+                return ckpt_io.load_file(directory), f"Ray checkpoint {checkpoint.path}"
+        if not config.get("resume_path"):
+            raise ValueError(f"the run's latest checkpoint {checkpoint.path} is incomplete ({reason}) and there "
+                             "is no earlier one to fall back to")
+        # the driver found it incomplete too (qformer.train.resume) and handed the previous good one
+        log.warning("Ray checkpoint %s is incomplete (%s); resuming from %s", checkpoint.path, reason,
+                    config["resume_path"])
     if config.get("resume_path"):
         return ckpt_io.load_file(config["resume_path"]), str(config["resume_path"])
     return None, None
@@ -134,7 +142,11 @@ class _Runner:
         if rank == 0 and mlflow_cfg:
             from qformer.tracking import RunTracker
 
+            from qformer.tracking import fail_fast_http
+
+            fail_fast_http()
             self.tracker = RunTracker(mlflow_cfg["uri"], mlflow_cfg["run_id"])
+        self.logged_through = 0  # steps up to this one are in MLflow already (a restart re-runs them)
         self.run_id = mlflow_cfg["run_id"] if mlflow_cfg else None
         self.window = LossMeter()
         self.window_start = time.perf_counter()
@@ -164,6 +176,11 @@ class _Runner:
         return n
 
     def run(self, start: ckpt_io.ResumePoint) -> None:
+        if self.tracker is not None:  # after a restart the steps since the checkpoint (all of them, when the
+            try:                      # failure came before Ray registered one) are re-run, but logged once
+                self.logged_through = max((s for s, _ in self.tracker.metric_history("loss")), default=0)
+            except Exception as err:  # noqa: BLE001 - informational: at worst a step is logged twice
+                log.warning("MLflow: could not read the loss history (%s)", err)
         first_epoch = start.epoch
         if self.iter_based:  # runner_iter: the inner epoch follows from the global step
             first_epoch = start.step // int(self.run_cfg.iters_per_inner_epoch)
@@ -291,8 +308,8 @@ class _Runner:
         if self.rank == 0:
             metrics["skipped_images"] = float(_skipped_images())
             metrics.update(memory_metrics(self.state.device))
-            if self.tracker is not None:
-                _safe(self.tracker.log_metrics, metrics, step=self.state.global_step)
+            if self.tracker is not None and self.state.global_step > self.logged_through:
+                self.tracker.log_metrics_buffered(metrics, step=self.state.global_step)  # an outage buffers
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{out.lr:.2e}", refresh=False)
             of = f"/{length}" if length else ""
             log.info("epoch %d iter %d%s step %d | loss %.4f (itc %.4f itm %.4f lm %.4f) | lr %.3e | %.1f samples/s | "
@@ -313,7 +330,7 @@ class _Runner:
         if epoch == self.max_epoch - 1:  # test metrics ride on the final checkpoint's report (Ray keeps
             metrics.update(self.test_metrics())  # only metrics reported together with a checkpoint)
         if self.rank == 0 and self.tracker is not None:
-            _safe(self.tracker.log_metrics, metrics, step=epoch)  # per-epoch metrics: the epoch is the step
+            self.tracker.log_metrics_buffered(metrics, step=epoch)  # per-epoch metrics: the epoch is the step
             _safe(self.tracker.log_loss_curve)
         if self.rank == 0:
             log.info("epoch %d done: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -340,12 +357,25 @@ class _Runner:
         metrics = {} if self.tested else self.test_metrics()  # resumed after the last epoch's checkpoint
         if metrics:
             if self.rank == 0 and self.tracker is not None:
-                _safe(self.tracker.log_metrics, metrics, step=self.max_epoch - 1)
+                self.tracker.log_metrics_buffered(metrics, step=self.max_epoch - 1)
             import ray.train
 
             ray.train.report({"step": self.state.global_step, **metrics})
+        if self.tracker is not None:
+            self._record_outages()
         if self.debug_dir:
             self._write_debug()
+
+    def _record_outages(self) -> None:
+        """Tell the run what a tracking-server outage cost: values sent late (with their own steps) and
+        values lost (dropped from a full buffer, or still waiting because the server is down now)."""
+        tracker = self.tracker
+        sent = tracker.flush(wait_s=float(self.cfg.run.mlflow.get("outage_wait_s", 120.0)))
+        lost = tracker.dropped + tracker.pending
+        if tracker.sent_late or lost:
+            _safe(tracker.set_tags, {"qformer.metrics_sent_late": tracker.sent_late, "qformer.metrics_lost": lost})
+        if not sent:
+            log.warning("MLflow: %d metric values could not be sent (server unreachable at the end)", lost)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, epoch: int, iters: int, epoch_complete: bool, metrics: dict[str, float]) -> None:

@@ -2,7 +2,8 @@
 
 Same rules as the worker's restore (qformer.train.loop._restore_state): on Ray Train workers the run's
 latest checkpoint in `<storage>/<name>/` wins over an explicit `--resume` file; in Train's local mode
-(which persists nothing itself) the explicit file wins over the latest of `local_checkpoints/`.
+(which persists nothing itself) the explicit file wins over the latest of `local_checkpoints/`. An
+incomplete newest checkpoint (truncated, half copied) is passed over, with a warning, for the one before.
 
 Re-running a command must not silently change a run: a checkpoint written with other `model`/`datasets`
 settings stops the launch with the differing keys (unless the caller allows it), and a checkpoint that
@@ -11,6 +12,7 @@ test evaluation re-run) again.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from qformer.config.errors import ConfigError
 from qformer.train import checkpoint as ckpt_io
 from qformer.train.lr_schedule import schedule_max_epoch
 
+log = logging.getLogger("qformer.train")
 SHOWN_KEYS = 8  # differing keys listed in the error; the rest are counted
 
 
@@ -28,37 +31,50 @@ class PriorCheckpoint:
 
     path: Path  # checkpoint directory, or an explicit file (LAVIS .pth)
     meta: dict  # ckpt_io.read_meta: epoch, step, ..., mlflow_run_id, config (ours only)
+    passed_over: tuple[str, ...] = ()  # newer checkpoint directories that are incomplete (names)
 
     @property
     def mlflow_run_id(self) -> str | None:
         return self.meta.get("mlflow_run_id")
 
 
-def latest_checkpoint_dir(root: Path | None) -> Path | None:
-    """The directory under `root` (one level) whose meta.json has the highest step."""
+def latest_checkpoint_dir(root: Path | None) -> tuple[Path | None, list[str]]:
+    """(the complete directory under `root`, one level, with the highest step; the names of newer
+    directories passed over because they are incomplete). A truncated or half-copied newest checkpoint
+    (ckpt_io.incomplete) is passed over with a warning: the previous good one is the resume point."""
     if root is None or not root.is_dir():
-        return None
+        return None, []
     found = []
     for meta in root.glob(f"*/{ckpt_io.META_FILE}"):
         try:
-            found.append((int(ckpt_io.read_meta(meta.parent).get("step") or 0), str(meta.parent)))
-        except (OSError, ValueError):  # a half-written or foreign directory is not a resume point
+            found.append((int(ckpt_io.read_meta(meta.parent).get("step") or 0), meta.parent.name))
+        except (OSError, ValueError):  # an unreadable meta.json is not a resume point
             continue
-    return Path(max(found)[1]) if found else None
+    passed: list[str] = []
+    for _, name in sorted(found, reverse=True):
+        reason = ckpt_io.incomplete(root / name)
+        if reason is None:
+            return root / name, passed
+        log.warning("checkpoint %s is incomplete (%s): passing over it to the previous one", root / name, reason)
+        passed.append(name)
+    return None, passed
 
 
 def find_prior(run_dir: Path | None, explicit: str | None, local_mode: bool) -> PriorCheckpoint | None:
     """The checkpoint this launch continues from, or None for a fresh start."""
+    passed: list[str] = []
     if local_mode:
-        path = Path(explicit).expanduser() if explicit else latest_checkpoint_dir(
-            run_dir / "local_checkpoints" if run_dir else None)
+        latest, passed = latest_checkpoint_dir(run_dir / "local_checkpoints" if run_dir else None)
+        path = Path(explicit).expanduser() if explicit else latest
     else:
-        path = latest_checkpoint_dir(run_dir) or (Path(explicit).expanduser() if explicit else None)
+        latest, passed = latest_checkpoint_dir(run_dir)
+        path = latest or (Path(explicit).expanduser() if explicit else None)
     if path is None:
         return None
     file = ckpt_io.resolve_file(path)
-    return PriorCheckpoint(file.parent if file.name == ckpt_io.CKPT_FILE else file,
-                           ckpt_io.read_meta(file.parent) if file.name == ckpt_io.CKPT_FILE else _file_meta(file))
+    ours = file.name == ckpt_io.CKPT_FILE
+    return PriorCheckpoint(file.parent if ours else file, ckpt_io.read_meta(file.parent) if ours else _file_meta(file),
+                           tuple(passed))
 
 
 def _file_meta(file: Path) -> dict:

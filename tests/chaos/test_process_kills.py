@@ -1,0 +1,128 @@
+"""Killed processes: a Ray Train worker (SIGKILL) and the `qformer train` driver (SIGINT, SIGKILL)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from chaos_helpers import ChaosRow, chaos_cfg, client_for, latest_run_id, loss_steps, uninterrupted_lrs, wait_for
+
+pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow]
+QFORMER = Path(sys.executable).parent / "qformer"
+
+
+def _train_workers() -> list[psutil.Process]:
+    """This test session's Ray Train worker processes (descendants of this process: its private Ray)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_sigkill_of_a_train_worker_restarts_from_the_last_checkpoint(ray_cluster, shapes, tmp_path, chaos_report):
+    from qformer.train.launcher import launch_training
+
+    cfg = chaos_cfg(shapes, tmp_path, "worker_kill", {
+        "max_steps_per_epoch": 6, "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 1,
+                                          "use_gpu": False}})
+    uri = cfg.run.mlflow.tracking_uri
+    outcome: dict = {}
+    debug = tmp_path / "debug"  # the restarted worker records the batches it trained
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=launch_training(cfg, extra_loop_config={"debug_dir": str(debug)})), daemon=True)
+    thread.start()
+    run_id = wait_for(lambda: latest_run_id(uri), 300, "the MLflow run")
+    wait_for(lambda: max(loss_steps(uri, run_id), default=0) >= 3, 300, "step 3 in MLflow")
+    workers = _train_workers()
+    assert len(workers) == 1, workers
+    killed_after = max(loss_steps(uri, run_id))
+    workers[0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    steps_after_kill = lambda: max(loss_steps(uri, run_id)) > killed_after  # noqa: E731
+    wait_for(steps_after_kill, 300, "a step after the restart")
+    recover_s = time.monotonic() - killed_at
+    thread.join(600)
+    result = outcome["result"]
+    assert result.error is None and result.metrics["step"] == 6 and result.mlflow_run_id == run_id
+    client = client_for(uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert loss_steps(uri, run_id) == [1, 2, 3, 4, 5, 6]  # each step once: the re-run steps are not logged twice
+    lr = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    assert lr == pytest.approx(uninterrupted_lrs(cfg, 6))
+    exp = client.get_experiment_by_name("chaos").experiment_id
+    assert len(client.search_runs([exp])) == 1
+    resumed_from = 6 - len(json.loads((debug / "rank0.json").read_text())["batches"])
+    assert resumed_from <= killed_after and resumed_from % 2 == 0  # a checkpoint step (or 0: none registered)
+    chaos_report(ChaosRow("SIGKILL of a Ray Train worker", "restart from the last checkpoint, one MLflow run, "
+                          "each step logged once, same LR", 0, killed_after - resumed_from, 1, recover_s))
+
+
+def _ray_processes(temp_dir: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_interrupted_or_killed_driver_resumes_with_the_same_command(shapes, tmp_path, chaos_report):
+    cfg = chaos_cfg(shapes, tmp_path, "driver_kill", {"max_steps_per_epoch": 8, "ray": {"num_workers": 0}})
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True)))
+    uri = cfg.run.mlflow.tracking_uri
+    rows = []
+
+    def launch() -> tuple[subprocess.Popen, str]:
+        temp_dir = tempfile.mkdtemp(prefix="qfc", dir="/tmp")  # short: Ray's socket paths are length-limited
+        env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""}
+        proc = subprocess.Popen([str(QFORMER), "train", "--cfg-path", str(exp)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        return proc, temp_dir
+
+    run_id, previous = None, 0
+    for sig, after_step in ((signal.SIGINT, 3), (signal.SIGKILL, 5), (None, None)):
+        t0 = time.monotonic()
+        proc, temp_dir = launch()
+        run_id = run_id or wait_for(lambda: latest_run_id(uri), 300, "the MLflow run")
+        if previous:  # seconds from the re-launch to the first step past the interruption
+            wait_for(lambda: max(loss_steps(uri, run_id)) > previous, 300, "a step after the re-launch")
+            rows[-1][-1] = time.monotonic() - t0
+        if sig is None:
+            break
+        wait_for(lambda: max(loss_steps(uri, run_id), default=0) >= after_step, 300, f"step {after_step}")
+        previous = max(loss_steps(uri, run_id))
+        proc.send_signal(sig)
+        proc.wait(120)
+        assert proc.returncode != 0
+        # nothing of that Ray is left (SIGINT: shut down; SIGKILL: its daemons share the driver's fate)
+        wait_for(lambda: not _ray_processes(temp_dir), 60, f"the Ray processes of the {sig.name}ed driver to end")
+        rows.append([sig, previous, None])
+    assert proc.wait(600) == 0
+    client = client_for(uri)
+    assert latest_run_id(uri) == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_experiment_by_name("chaos").experiment_id])) == 1
+    assert loss_steps(uri, run_id) == list(range(1, 9))
+    lr = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
+    assert lr == pytest.approx(uninterrupted_lrs(cfg, 8))
+    for sig, at, recover_s in rows:  # checkpoints every 2 steps: the steps past the last one are re-run
+        chaos_report(ChaosRow(f"{sig.name} of the qformer train driver, same command again",
+                              "resumes: same MLflow run, step count continues, no Ray process left", 0, at % 2, 1,
+                              recover_s))

@@ -33,6 +33,7 @@ def sweep_options(root: Path) -> list[str]:
         f"run.ray.storage_path={root / 'train'}",
         "tune.metric=train_epoch/loss", "tune.mode=min",
         "tune.search_space.run.init_lr={grid: [1.0e-3, 1.0e-3, 1.0e-8, 1.0e-8]}",
+        "run.min_lr=0.0",  # 1e-8 is below the base's min_lr, which the sweep would refuse
         "tune.num_samples=1",
         "run.max_epoch=2", "tune.scheduler.max_t=2",
         "run.warmup_lr=-1",  # the first step already trains at the sampled lr

@@ -256,7 +256,8 @@ def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> N
         b = outcome.best
         header = (f"best trial {b.trial_id} of sweep {spec.name} ({spec.sweep_path}): {spec.metric}={b.metric} "
                   f"({spec.mode})\nsampled: {b.sampled}\nretrain: {retrain_command(out / 'best_config.yaml')}")
-        outcome.files["best_config"] = write_best_config(spec, b.sampled, out / "best_config.yaml", header)
+        outcome.files["best_config"] = write_best_config(spec, b.sampled, b.trial_id, out / "best_config.yaml",
+                                                       header)
 
     if client is not None:
         from qformer.tuning import mlflow_runs

@@ -71,14 +71,22 @@ def test_plot_is_a_png(spec, tmp_path):
 
 def test_best_config_is_a_ready_to_run_experiment(spec, tmp_path):
     sampled = {"run.init_lr": 2.5e-4, "model.num_query_token": 8}
-    path = write_best_config(spec, sampled, tmp_path / "best.yaml", header="best trial x\nretrain: ...")
+    path = write_best_config(spec, sampled, "a_00001", tmp_path / "best.yaml", header="best trial x\nretrain: ...")
     assert path.read_text().startswith("# best trial x\n# retrain: ...\n")
     cfg = load_config(str(path))
     assert cfg.run.init_lr == pytest.approx(2.5e-4) and cfg.model.num_query_token == 8
     assert cfg.run.max_steps_per_epoch == 2  # the sweep's base options are baked in
     from omegaconf import OmegaConf
 
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(resolve_trial_config(spec, sampled))
+    from qformer.train.launcher import run_name
+
+    trial = resolve_trial_config(spec, sampled)
+    # its own run: not the base experiment's output_dir and Ray run name (retraining would resume that run)
+    assert cfg.run.output_dir == f"{trial.run.output_dir}/sweeps/tiny_lr_queries/best_a_00001"
+    assert run_name(cfg) == cfg.run.mlflow.run_name == "tiny_lr_queries_best_a_00001" != run_name(trial)
+    trial.run.output_dir, trial.run.ray.name, trial.run.mlflow.run_name = (
+        cfg.run.output_dir, cfg.run.ray.name, cfg.run.mlflow.run_name)
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(trial)  # otherwise what the trial trained
     assert retrain_command(path) == f"qformer train --cfg-path {path}"
 
 

@@ -106,7 +106,9 @@ def test_results_on_disk_and_printed(sweep):
     assert f"qformer train --cfg-path {results_dir / 'best_config.yaml'}" in printed
 
 
-def test_best_config_loads_and_trains(sweep, tmp_path):
+def test_best_config_loads_and_trains_a_new_run(sweep):
+    """The retrain YAML once kept the base experiment's output_dir, hence its Ray run name: `qformer train` on
+    it continued the base's earlier run (same MLflow run, "start at epoch 1") instead of starting its own."""
     from qformer.train.launcher import launch_training
 
     spec, outcome, _, root = sweep
@@ -114,10 +116,17 @@ def test_best_config_loads_and_trains(sweep, tmp_path):
     cfg = load_config(str(path))
     assert cfg.run.init_lr == pytest.approx(outcome.best.sampled["run.init_lr"])
     assert cfg.model.num_query_token == outcome.best.sampled["model.num_query_token"]
-    short = load_config(str(path), ["run.max_epoch=1", "run.max_steps_per_epoch=1", "run.valid_splits=[]",
-                                    f"run.ray.storage_path={tmp_path}", "run.ray.name=retrain_best"])
-    result = launch_training(short)
-    assert result.error is None and result.metrics["step"] == 1
+    short = ["run.max_epoch=1", "run.max_steps_per_epoch=1", "run.valid_splits=[]"]
+    earlier = launch_training(load_config(str(spec.base_path), [*spec.base_options, *short]))  # e.g. the demo's run
+    assert earlier.error is None and earlier.mlflow_run_id
+    result = launch_training(load_config(str(path), short))
+    assert result.error is None and result.metrics["step"] == 1  # trained from step 0, not resumed
+    client = MlflowClient(tracking_uri=outcome.tracking_uri)
+    trial_runs = {r.mlflow_run_id for r in outcome.rows}
+    assert result.mlflow_run_id not in {earlier.mlflow_run_id, *trial_runs}
+    assert client.get_run(earlier.mlflow_run_id).info.status == "FINISHED"  # untouched by the retrain
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == f"{spec.name}_best_{outcome.best.trial_id}"
 
 
 def test_existing_sweep_needs_resume_and_resume_restores(sweep):

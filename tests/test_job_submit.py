@@ -1,10 +1,12 @@
 """What the README's Cluster section tells users to do, on this machine: `ray start --head` on loopback, then
 `ray job submit --working-dir <repo> -- qformer train ...`, then the MLflow run the job produced.
 
-The head gets its own ports and temp dir and runs with Ray 2.60's token authentication, as the compose
-cluster does: a fresh token in RAY_AUTH_TOKEN for `ray start` and `ray job submit` (nothing is written
-to ~/.ray/auth_token, which other Ray users on this machine read). It is stopped by the process ids
-it started. Never `ray stop`: it ends every Ray process on the machine.
+The head is started with the README's own lines ("A local Ray head without Docker": activate the venv,
+then `ray start ...`), from a shell whose PATH lacks the venv, plus its own ports and temp dir. It runs
+with Ray 2.60's token authentication, as the compose cluster does: a fresh token in RAY_AUTH_TOKEN for
+`ray start` and `ray job submit` (nothing is written to ~/.ray/auth_token, which other Ray users on this
+machine read). It is stopped by the process ids it started. Never `ray stop`: it ends every Ray process
+on the machine. The compose file's `ray-head` health check runs against it too.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,20 @@ VENV_BIN = Path(sys.executable).parent  # the job driver must run this venv's py
 PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
               "dashboard-agent-grpc-port", "metrics-export-port", "node-manager-port", "object-manager-port",
               "runtime-env-agent-port")
+README_SECTION = "### A local Ray head without Docker"
+
+
+def readme_head_lines() -> tuple[str, str]:
+    """The README's venv activation and `ray start` lines, `.venv` pointing at this test's venv."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(README_SECTION):].split("```")[1]
+    lines = [line.strip() for line in block.splitlines() if line.strip()]
+    assert any(line.startswith("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=") for line in lines), block
+    activate = next(line for line in lines if line.endswith(".venv/bin/activate"))
+    ray_start = next(line for line in lines if "ray start --head" in line)
+    assert lines.index(activate) < lines.index(ray_start), "the venv must be active before `ray start`"
+    venv = str(VENV_BIN.parent)
+    return activate.replace(".venv", venv), ray_start.replace(".venv", venv)
 
 
 def free_port() -> int:
@@ -58,17 +75,17 @@ class LoopbackRayHead:
         # TOKENIZERS_PARALLELISM is left out so a job only has it from its runtime env (checked below).
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "TOKENIZERS_PARALLELISM"))}
-        self.env.update(
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN=self.token,
-            RAY_USAGE_STATS_ENABLED="0",
-            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-               "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
-               f"--object-store-memory={256 * 1024**2}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-               *(f"--{flag}={port}" for flag, port in self.ports.items())]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        # A fresh shell: the venv is not active (as for a user who just opened a terminal).
+        path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != VENV_BIN]
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+                        PATH=os.pathsep.join(path))
+        self.env.pop("VIRTUAL_ENV", None)
+        activate, ray_start = readme_head_lines()
+        extra = ["--node-ip-address=127.0.0.1", "--include-dashboard=true", "--num-gpus=0",
+                 f"--object-store-memory={256 * 1024**2}", f"--temp-dir={self.temp_dir}",
+                 *(f"--{flag}={port}" for flag, port in self.ports.items())]
+        script = f"{activate} && {ray_start} {' '.join(extra)}"
+        proc = subprocess.run(["bash", "-c", script], env=self.env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         self._wait_for_job_api()
 
@@ -174,19 +191,44 @@ def test_job_runs_the_venv_python_with_stdlib_platform_and_submitted_code(ray_he
     """The repo's platform/ dir travels with --working-dir and sits first on PYTHONPATH; with no
     __init__.py it must not shadow the stdlib module that Ray and MLflow import. Submitted with the
     project's job runtime env file, as the README's Cluster section shows."""
-    probe = ("import os, platform, sys, qformer; platform.machine(); "
+    probe = ("import os, platform, shutil, sys, qformer; platform.machine(); "
              "print('PROBE', platform.__file__, sys.executable, qformer.__file__, "
-             "os.environ.get('TOKENIZERS_PARALLELISM'), sep='|')")
+             "os.environ.get('TOKENIZERS_PARALLELISM'), shutil.which('qformer'), sep='|')")
     proc = ray_head.submit(["python", "-c", probe], runtime_env_file=REPO / "platform" / "ray" / "runtime_env.yaml")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     line = next(l for l in output.splitlines() if l.startswith("PROBE|"))
-    platform_file, executable, qformer_file, tokenizers_env = line.split("|")[1:]
+    platform_file, executable, qformer_file, tokenizers_env, qformer_script = line.split("|")[1:]
     assert tokenizers_env == "false", "platform/ray/runtime_env.yaml's env_vars reach the job"
     assert Path(platform_file).parent == Path(sysconfig.get_paths()["stdlib"])
     assert Path(executable).parent == VENV_BIN, "job drivers inherit the head's environment: start ray from the venv"
+    assert qformer_script == str(VENV_BIN / "qformer"), "a job's `qformer` is the venv's (else: qformer: not found)"
     assert "working_dir_files" in qformer_file and ray_head.temp_dir in qformer_file, "submitted code wins"
     assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
+
+
+def test_compose_head_health_check_passes_against_a_running_head(ray_head):
+    """docker-compose.yml's `ray-head` health check, run as Docker would (no token), against this head:
+    the workers wait for it (`service_healthy`), so a check that never passes keeps them from starting."""
+    import yaml
+
+    test = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["ray-head"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], test
+    code = test[3].replace("127.0.0.1:8265", f"127.0.0.1:{ray_head.ports['dashboard-port']}")
+    assert code != test[3], "the check must target the dashboard port (8265)"
+    env = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # What the README says about the endpoints: /api/healthz is the dashboard agent's, not the head's 8265.
+    def status(port_flag: str, route: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ray_head.ports[port_flag]}{route}", timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+    assert status("dashboard-port", "/api/gcs_healthz") == 200
+    assert status("dashboard-port", "/api/healthz") == 404
+    assert status("dashboard-agent-listen-port", "/api/healthz") == 200
 
 
 @pytest.mark.parametrize("client_auth, error", [

@@ -108,6 +108,40 @@ def ensure_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+_stop_signals: set[int] = set()  # stop signals this process received (see watch_stop_signal)
+
+
+def watch_stop_signal() -> None:
+    """Note a SIGTERM (`ray job stop` sends it, and SIGKILL 3 s later), then hand it to the handler already
+    set: ray.init's exits, which Ray re-raises inside ray.get as a plain SystemExit(1), so the exception
+    alone cannot tell a stopped run from a broken one. Main thread only (where Python runs handlers)."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or getattr(previous, "qformer_watch", False):
+        return
+
+    def note(signum, frame):
+        _stop_signals.add(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)  # the default action, but through the `except`/`finally` blocks
+
+    note.qformer_watch = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, note)
+
+
+def end_status(err: BaseException) -> str:
+    """The MLflow status of a run its driver leaves by `err`: KILLED when it was stopped (Ctrl+C, SIGTERM
+    from `ray job stop`), else FAILED."""
+    import signal
+
+    stopped = isinstance(err, KeyboardInterrupt) or signal.SIGTERM in _stop_signals
+    return "KILLED" if stopped else "FAILED"
+
+
 class RunTracker:
     """A handle on one MLflow run, by id; cheap to create in any process."""
 
@@ -128,6 +162,7 @@ class RunTracker:
             all_tags["mlflow.parentRunId"] = parent_run_id  # nests the run under a Tune sweep's run in the UI
         run = _client(uri).create_run(exp_id, run_name=run_name, tags=all_tags)
         tracker = cls(uri, run.info.run_id)
+        watch_stop_signal()  # an open run must learn that a stop, not a failure, ends it
         if params:
             tracker.log_params(params)
         if config_yaml is not None:
@@ -141,6 +176,7 @@ class RunTracker:
         run = tracker.client.get_run(run_id)  # raises if the id is unknown in this store
         if run.info.status != "RUNNING":
             tracker.client.update_run(run_id, status="RUNNING")
+        watch_stop_signal()
         return tracker
 
     @classmethod

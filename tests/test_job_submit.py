@@ -141,28 +141,34 @@ class LoopbackRayHead:
         psutil.wait_procs(alive, timeout=10)
         return [p.pid for p in self.processes()]
 
+    def submit_command(self, entrypoint: list[str], env_vars: dict[str, str] | None = None,
+                       runtime_env_file: Path | None = None, submission_id: str | None = None) -> list[str]:
+        """runtime_env_file (--runtime-env) replaces env_vars (--runtime-env-json); --working-dir wins over its
+        working_dir."""
+        runtime_env = (["--runtime-env", str(runtime_env_file)] if runtime_env_file
+                       else ["--runtime-env-json", json.dumps({"env_vars": env_vars or {}})])
+        named = ["--submission-id", submission_id] if submission_id else []
+        return [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+                *named, *runtime_env, "--", *entrypoint]
+
     def submit(self, entrypoint: list[str], env_vars: dict[str, str] | None = None, timeout: int = 900,
                client_auth: dict[str, str] | None = None, runtime_env_file: Path | None = None,
                ) -> subprocess.CompletedProcess:
-        """`ray job submit` as a user runs it; blocks until the job ends (exit 0 only if it SUCCEEDED).
+        """`ray job submit` as a user runs it; blocks until the job ends (exit 1 if it FAILED, else 0).
 
         client_auth replaces the submitting client's RAY_AUTH_* variables (default: the cluster's token).
-        runtime_env_file (--runtime-env) replaces env_vars (--runtime-env-json); --working-dir wins over its working_dir.
         """
-        runtime_env = (["--runtime-env", str(runtime_env_file)] if runtime_env_file
-                       else ["--runtime-env-json", json.dumps({"env_vars": env_vars or {}})])
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
-               *runtime_env, "--", *entrypoint]
         env = self.env
         if client_auth is not None:
             env = {k: v for k, v in self.env.items() if not k.startswith("RAY_AUTH")} | client_auth
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir)
+        return subprocess.run(self.submit_command(entrypoint, env_vars, runtime_env_file), env=env,
+                              capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir)
 
     def job_status(self, submission_id: str) -> str:
         out = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", self.address, submission_id],
                              env=self.env, capture_output=True, text=True, timeout=120)
-        # `ray job status` ends with "Job '<id>' succeeded|failed|stopped" for a finished job
-        match = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
+        # `ray job status` ends with "Job '<id>' succeeded|failed|was stopped" for a finished job
+        match = re.search(r"Job '[^']+' (?:was )?(succeeded|failed|stopped)", out.stdout + out.stderr)
         assert match, out.stdout + out.stderr
         return {"succeeded": "SUCCEEDED", "failed": "FAILED", "stopped": "STOPPED"}[match.group(1)]
 
@@ -260,28 +266,30 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
-    import mlflow
-
-    home = tmp_path / "qformer_home"
-    data_dir = home / "data" / "synth_shapes"
+def tiny_training_job(home: Path, tracking_uri: str, experiment: str, *extra: str) -> dict:
+    """Synthetic data under `home` and the tiny `qformer train` job over it: entrypoint and env_vars."""
     synth = subprocess.run(
-        [str(VENV_BIN / "qformer"), "data", "synth", "--out", str(data_dir), "--n-train", "16", "--n-val", "4",
-         "--n-test", "4", "--image-size", "64"],
+        [str(VENV_BIN / "qformer"), "data", "synth", "--out", str(home / "data" / "synth_shapes"), "--n-train", "16",
+         "--n-val", "4", "--n-test", "4", "--image-size", "64"],
         env={**os.environ, "QFORMER_HOME": str(home)}, capture_output=True, text=True, timeout=300)
     assert synth.returncode == 0, synth.stderr[-3000:]
-
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    experiment = "job-submit-e2e"
     options = ["run.max_epoch=1", "run.max_steps_per_epoch=2", "run.batch_size_train=4", "run.batch_size_eval=4",
                "run.log_freq=1", "run.warmup_steps=1", "run.valid_splits=[]", "run.test_splits=[]",
                "run.ray.use_gpu=false", "run.ray.num_workers=1", "run.data.shuffle_buffer=0",
-               "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}"]
-    proc = ray_head.submit(
-        ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options", *options],
-        env_vars={"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home),
-                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+               "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}", *extra]
+    return {"entrypoint": ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options",
+                           *options],
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home),
+                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                         "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+
+
+def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    experiment = "job-submit-e2e"
+    proc = ray_head.submit(**tiny_training_job(tmp_path / "qformer_home", tracking_uri, experiment))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
@@ -313,3 +321,38 @@ def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
     state = torch.load(local, map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(state), sorted(state)  # LAVIS layout
     assert state["model"] and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tmp_path):
+    """`ray job stop` SIGTERMs the driver (SIGKILL 3 s later): its MLflow run ends KILLED, not FAILED.
+    `ray job submit` itself exits 0 for a STOPPED job (only FAILED gives 1), as the README says."""
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    job = tiny_training_job(tmp_path / "qformer_home", tracking_uri, "job-stop-e2e",
+                            "run.max_epoch=50", "run.max_steps_per_epoch=1000")  # runs until stopped
+    sid = f"stop-{secrets.token_hex(4)}"
+    submit = subprocess.Popen(ray_head.submit_command(**job, submission_id=sid), env=ray_head.env, cwd=ray_head.temp_dir,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        run = None
+        for _ in range(600):  # until the run has logged a training step (the loop is inside trainer.fit())
+            exp = client.get_experiment_by_name("job-stop-e2e") if (tmp_path / "mlflow" / "mlflow.db").exists() else None
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and runs[0].data.metrics:
+                run = runs[0]
+                break
+            assert submit.poll() is None, submit.communicate()[0][-4000:]
+            time.sleep(1)
+        assert run is not None and run.info.status == "RUNNING"
+        stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.address, sid],
+                              env=ray_head.env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        output = submit.communicate(timeout=120)[0]
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert ray_head.job_status(sid) == "STOPPED"
+    assert submit.returncode == 0, output[-3000:]  # Ray's CLI: only FAILED exits 1
+    assert client.get_run(run.info.run_id).info.status == "KILLED", output[-3000:]

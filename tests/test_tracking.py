@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qformer import paths
-from qformer.tracking import TRAIN_KEY_TAG, RunTracker, flatten_params, resolve_tracking_uri, ui_hint
+from qformer.tracking import TRAIN_KEY_TAG, RunTracker, end_status, flatten_params, resolve_tracking_uri, ui_hint
 
 
 def test_flatten_params_respects_limits():
@@ -57,3 +57,26 @@ def test_run_lifecycle_params_metrics_artifacts_reopen(tmp_path: Path):
     assert RunTracker.find_by_train_key(uri, "exp-a", "/other") is None
     with pytest.raises(Exception):
         RunTracker.reopen(uri, "0" * 32)
+
+
+def test_a_stopped_driver_ends_its_run_killed_and_a_broken_one_failed():
+    """`ray job stop` SIGTERMs the driver; ray.init's handler exits, which Ray re-raises as SystemExit(1)."""
+    import os
+    import signal
+
+    from qformer import tracking
+
+    assert end_status(KeyboardInterrupt()) == "KILLED"  # Ctrl+C
+    assert end_status(SystemExit(1)) == end_status(RuntimeError("boom")) == "FAILED"
+    previous = signal.getsignal(signal.SIGTERM)
+    seen: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # stands for ray.init's handler
+    try:
+        tracking.watch_stop_signal()
+        tracking.watch_stop_signal()  # idempotent: one note per signal, the previous handler still called
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+        assert end_status(SystemExit(1)) == "KILLED"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tracking._stop_signals.clear()

@@ -236,9 +236,11 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
     result = None
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as err:
         if tracker is not None:
-            tracker.end("FAILED")
+            from qformer.tracking import end_status
+
+            tracker.end(end_status(err))  # stopped (Ctrl+C, `ray job stop`): KILLED; broken: FAILED
         raise
     finish_tracking(tracker, result, cfg)
     checkpoint = result.checkpoint

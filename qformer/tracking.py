@@ -83,7 +83,28 @@ def git_commit() -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    _create_sqlite_store(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def sqlite_artifact_root(uri: str) -> Path | None:
+    """Artifacts of a sqlite store live beside the db file: <dir>/artifacts (the embedded store's too)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).expanduser().parent / "artifacts"
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create a new sqlite store with its artifact root beside it. Left to MlflowClient, the store's first
+    user gives MLflow's Default experiment the artifact location <CWD>/mlruns: in a `ray job`, a temporary
+    directory Ray deletes."""
+    root = sqlite_artifact_root(uri)
+    if root is None or Path(uri[len("sqlite:///"):]).expanduser().exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    SqlAlchemyStore(uri, root.resolve().as_uri()).engine.dispose()
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -95,9 +116,8 @@ def ensure_experiment(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).expanduser()
-        root = paths.default_artifact_root() if uri == paths.default_tracking_uri() else db.parent / "artifacts"
+    root = sqlite_artifact_root(uri)
+    if root is not None:
         location = (root / name.replace("/", "_")).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)

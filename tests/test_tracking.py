@@ -80,3 +80,22 @@ def test_a_stopped_driver_ends_its_run_killed_and_a_broken_one_failed():
     finally:
         signal.signal(signal.SIGTERM, previous)
         tracking._stop_signals.clear()
+
+
+def test_a_new_sqlite_store_keeps_every_artifact_location_beside_it(tmp_path, monkeypatch):
+    """Created from a job's working directory (deleted after the job), MLflow's Default experiment once
+    pointed at <CWD>/mlruns."""
+    from qformer.tracking import ensure_experiment
+
+    cwd = tmp_path / "job_working_dir"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    ensure_experiment(uri, "exp")
+    from mlflow.tracking import MlflowClient
+
+    experiments = MlflowClient(tracking_uri=uri).search_experiments()
+    assert {e.name for e in experiments} == {"Default", "exp"}
+    for exp in experiments:
+        assert exp.artifact_location.startswith((tmp_path / "store" / "artifacts").as_uri()), exp.artifact_location
+    assert not any(cwd.iterdir())

@@ -64,6 +64,23 @@ class SweepSpec:
     seed: int | None = None
     storage_path: str | None = None
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    options: tuple[str, ...] = ()  # the --options it was loaded with (a resume needs them again)
+
+    def shown(self, path: Path) -> str:
+        """How records name an input file: relative to the working directory when inside it. A `ray job`'s
+        working directory is a temporary copy Ray deletes, so an absolute path there outlives nothing, while
+        `experiments/sweeps/x.yaml` still names the file in the submitted repo (contents go in as artifacts)."""
+        try:
+            return str(path.relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(path)
+
+    def command(self, *flags: str) -> str:
+        """The `qformer tune` command line that loads this same sweep (plus flags, e.g. --resume)."""
+        import shlex
+
+        options = ["--options", *map(shlex.quote, self.options)] if self.options else []
+        return " ".join(["qformer", "tune", "--cfg-path", self.shown(self.sweep_path), *options, *flags])
 
 
 def load_sweep(path: str | Path, options: list[str] | None = None) -> SweepSpec:
@@ -104,6 +121,7 @@ def load_sweep(path: str | Path, options: list[str] | None = None) -> SweepSpec:
         raise ConfigError(f"{where}: tune.mode must be 'min' or 'max', got {mode!r}")
 
     return SweepSpec(
+        options=tuple(options or ()),
         sweep_path=sweep_path.resolve(),
         base_path=base_path,
         base_options=[*file_options, *base_cli],

@@ -121,7 +121,6 @@ def load_sweep(path: str | Path, options: list[str] | None = None) -> SweepSpec:
         raise ConfigError(f"{where}: tune.mode must be 'min' or 'max', got {mode!r}")
 
     return SweepSpec(
-        options=tuple(options or ()),
         sweep_path=sweep_path.resolve(),
         base_path=base_path,
         base_options=[*file_options, *base_cli],
@@ -136,6 +135,7 @@ def load_sweep(path: str | Path, options: list[str] | None = None) -> SweepSpec:
         seed=_int(tune, "seed", None, where, minimum=0),
         storage_path=tune.get("storage_path"),
         scheduler=_scheduler(tune.get("scheduler"), where),
+        options=tuple(options or ()),
     )
 
 

@@ -32,6 +32,3 @@ def default_tracking_uri() -> str:
     """Embedded MLflow store used when neither run.mlflow.tracking_uri nor MLFLOW_TRACKING_URI is set."""
     return "sqlite:///" + str(qformer_home() / "mlflow" / "mlflow.db")
 
-
-def default_artifact_root() -> Path:
-    return qformer_home() / "mlflow" / "artifacts"

@@ -85,7 +85,28 @@ def git_commit() -> str:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    _create_sqlite_store(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def sqlite_artifact_root(uri: str) -> Path | None:
+    """Artifacts of a sqlite store live beside the db file: <dir>/artifacts (the embedded store's too)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):]).expanduser().parent / "artifacts"
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create a new sqlite store with its artifact root beside it. Left to MlflowClient, the store's first
+    user gives MLflow's Default experiment the artifact location <CWD>/mlruns: in a `ray job`, a temporary
+    directory Ray deletes."""
+    root = sqlite_artifact_root(uri)
+    if root is None or Path(uri[len("sqlite:///"):]).expanduser().exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    SqlAlchemyStore(uri, root.resolve().as_uri()).engine.dispose()
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -97,9 +118,8 @@ def ensure_experiment(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):]).expanduser()
-        root = paths.default_artifact_root() if uri == paths.default_tracking_uri() else db.parent / "artifacts"
+    root = sqlite_artifact_root(uri)
+    if root is not None:
         location = (root / name.replace("/", "_")).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
@@ -141,6 +161,40 @@ def fail_fast_http() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+_stop_signals: set[int] = set()  # stop signals this process received (see watch_stop_signal)
+
+
+def watch_stop_signal() -> None:
+    """Note a SIGTERM (`ray job stop` sends it, and SIGKILL 3 s later), then hand it to the handler already
+    set: ray.init's exits, which Ray re-raises inside ray.get as a plain SystemExit(1), so the exception
+    alone cannot tell a stopped run from a broken one. Main thread only (where Python runs handlers)."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or getattr(previous, "qformer_watch", False):
+        return
+
+    def note(signum, frame):
+        _stop_signals.add(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)  # the default action, but through the `except`/`finally` blocks
+
+    note.qformer_watch = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, note)
+
+
+def end_status(err: BaseException) -> str:
+    """The MLflow status of a run its driver leaves by `err`: KILLED when it was stopped (Ctrl+C, SIGTERM
+    from `ray job stop`), else FAILED."""
+    import signal
+
+    stopped = isinstance(err, KeyboardInterrupt) or signal.SIGTERM in _stop_signals
+    return "KILLED" if stopped else "FAILED"
+
+
 class RunTracker:
     """A handle on one MLflow run, by id; cheap to create in any process."""
 
@@ -168,6 +222,7 @@ class RunTracker:
             all_tags["mlflow.parentRunId"] = parent_run_id  # nests the run under a Tune sweep's run in the UI
         run = _client(uri).create_run(exp_id, run_name=run_name, tags=all_tags)
         tracker = cls(uri, run.info.run_id)
+        watch_stop_signal()  # an open run must learn that a stop, not a failure, ends it
         if params:
             tracker.log_params(params)
         if config_yaml is not None:
@@ -181,6 +236,7 @@ class RunTracker:
         run = tracker.client.get_run(run_id)  # raises if the id is unknown in this store
         if run.info.status != "RUNNING":
             tracker.client.update_run(run_id, status="RUNNING")
+        watch_stop_signal()
         return tracker
 
     @staticmethod

@@ -90,7 +90,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, print_fn=print) -> SweepOut
             else:
                 outcome.parent_run_id = mlflow_runs.start_parent(client, outcome.experiment_id, spec, sweep_dir)
         _write_state(sweep_dir, {"parent_run_id": outcome.parent_run_id, "experiment_id": outcome.experiment_id,
-                                 "tracking_uri": store_uri, "sweep_file": str(spec.sweep_path)})
+                                 "tracking_uri": store_uri, "sweep_file": spec.shown(spec.sweep_path)})
         try:
             grid = _fit(spec, base, sweep_dir, uri, outcome.parent_run_id, resume=resume)
         except BaseException:
@@ -101,8 +101,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False, print_fn=print) -> SweepOut
                                                                          outcome.parent_run_id))
                 client.set_terminated(outcome.parent_run_id, "KILLED")
             raise
-        # On SIGINT Tune stops gracefully and fit() *returns*: unfinished trials tell the two apart.
-        outcome.interrupted = grid.num_terminated + grid.num_errors < len(grid)
         _report(spec, grid, outcome, client, print_fn)
     return outcome
 
@@ -125,23 +123,15 @@ def _write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
     (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def _artifact_root(store_uri: str) -> Path | None:
-    """Artifacts of a sqlite store live beside the db file (<dir>/artifacts), as the embedded store does."""
-    from qformer.tuning.mlflow_server import is_sqlite
-
-    if not is_sqlite(store_uri):
-        return None
-    return Path(store_uri.split(":///", 1)[1]).parent / "artifacts"
-
-
 def _tracking(store_uri: str, sweep_dir: Path):
     """The URI trials log to: a private server over a sqlite store (see mlflow_server.py), else the store itself."""
+    from qformer.tracking import sqlite_artifact_root
     from qformer.tuning.mlflow_server import is_sqlite, local_tracking_server
 
     if not is_sqlite(store_uri):
         return nullcontext(store_uri)
     Path(store_uri.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    return local_tracking_server(store_uri, _artifact_root(store_uri), sweep_dir / "mlflow_server.log")
+    return local_tracking_server(store_uri, sqlite_artifact_root(store_uri), sweep_dir / "mlflow_server.log")
 
 
 def _fit(spec: SweepSpec, base: DictConfig, sweep_dir: Path, uri: str | None, parent_run_id: str | None,
@@ -248,15 +238,20 @@ def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> N
                 row.mlflow_status = "KILLED" if run.info.run_id in outcome.closed_orphans else run.info.status
                 mlflow_runs.tag_trial(client, run.info.run_id, row)
     outcome.rows = rows
-    outcome.best = results.best_row(rows, spec.mode)
+    # On SIGINT Tune stops its trials and fit() *returns*, the stopped trials TERMINATED like finished ones:
+    # only a finished trial's last result is marked done. An interrupted sweep names no winner.
+    outcome.interrupted = any(r.status == "ok" and not r.finished for r in rows)
+    outcome.best = None if outcome.interrupted else results.best_row(rows, spec.mode)
     out = outcome.sweep_dir / RESULTS_DIR
     outcome.files["csv"] = results.write_csv(rows, spec, out / "results.csv")
     outcome.files["plot"] = results.plot_metric(rows, spec, out / "metric_vs_lr.png")
     if outcome.best is not None:
         b = outcome.best
-        header = (f"best trial {b.trial_id} of sweep {spec.name} ({spec.sweep_path}): {spec.metric}={b.metric} "
+        header = (f"best trial {b.trial_id} of sweep {spec.name} ({spec.shown(spec.sweep_path)}): "
+                  f"{spec.metric}={b.metric} "
                   f"({spec.mode})\nsampled: {b.sampled}\nretrain: {retrain_command(out / 'best_config.yaml')}")
-        outcome.files["best_config"] = write_best_config(spec, b.sampled, out / "best_config.yaml", header)
+        outcome.files["best_config"] = write_best_config(spec, b.sampled, b.trial_id, out / "best_config.yaml",
+                                                       header)
 
     if client is not None:
         from qformer.tuning import mlflow_runs
@@ -270,13 +265,17 @@ def _report(spec: SweepSpec, grid, outcome: SweepOutcome, client, print_fn) -> N
         mlflow_runs.finish_parent(client, outcome.parent_run_id, list(outcome.files.values()), metrics, tags,
                                   status=status)
 
-    state = "INTERRUPTED (partial results)" if outcome.interrupted else f"{len(rows)} trials"
-    print_fn(f"\nsweep {spec.name}: {state}, results in {out}")
+    if outcome.interrupted:
+        done = sum(r.finished or r.status == "error" for r in rows)
+        print_fn(f"\nsweep {spec.name}: INTERRUPTED, {done} of {len(rows)} trials finished; partial results in {out}")
+        print_fn(results.format_table(rows, spec, None))
+        print_fn(f"\nno best trial yet; continue the sweep (unfinished trials resume from their checkpoints) with:\n"
+                 f"  {spec.command('--resume')}")
+        return
+    print_fn(f"\nsweep {spec.name}: {len(rows)} trials, results in {out}")
     print_fn(results.format_table(rows, spec, outcome.best))
     if outcome.best is not None:
         print_fn(f"\nbest: trial {outcome.best.trial_id}, {spec.metric}={outcome.best.metric:.4g}")
         print_fn(f"retrain it with:\n  {retrain_command(outcome.files['best_config'])}")
     else:
         print_fn("\nno trial reported the metric " + spec.metric)
-    if outcome.interrupted:
-        print_fn(f"continue the sweep with:\n  qformer tune --cfg-path {spec.sweep_path} --resume")

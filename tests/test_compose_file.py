@@ -146,12 +146,25 @@ def test_validator_rejects_a_broken_file(compose, tmp_path):
 
 
 @compose_impls
-def test_missing_ray_token_is_a_clear_error(compose):
+@pytest.mark.parametrize("secret", ["RAY_AUTH_TOKEN", "POSTGRES_PASSWORD"])
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_missing_secret_is_a_clear_error(compose, secret, value):
+    """Both secrets are required: no silent default password, and an empty value (the example's) is refused."""
     env = compose_env()
-    env.pop("RAY_AUTH_TOKEN")
+    env.pop(secret)
+    if value is not None:
+        env[secret] = value
     proc = run_config(compose, env=env)
     assert proc.returncode != 0
-    assert "RAY_AUTH_TOKEN" in proc.stderr
+    assert secret in proc.stderr
+
+
+@compose_impls
+def test_the_example_env_file_unchanged_is_refused(compose):
+    env = {k: v for k, v in compose_env().items() if k not in ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD")}
+    proc = run_config(compose, "--env-file", str(REPO / "platform" / "compose.env.example"), env=env)
+    assert proc.returncode != 0
+    assert "RAY_AUTH_TOKEN" in proc.stderr or "POSTGRES_PASSWORD" in proc.stderr, proc.stderr
 
 
 def test_every_service_the_guide_names_exists(resolved):
@@ -245,7 +258,12 @@ def test_mlflow_server_serves_artifacts_from_postgres_backend(resolved):
     mlflow = resolved["services"]["mlflow"]
     cmd = mlflow["command"]
     assert "--serve-artifacts" in cmd and "--artifacts-destination" in cmd
-    assert "--backend-store-uri postgresql+psycopg2://mlflow:test-password@postgres:5432/mlflow" in cmd
+    assert "--backend-store-uri postgresql+psycopg2://mlflow@postgres:5432/mlflow" in cmd
+    # the password reaches libpq through the environment, never a command line (ps, logs)
+    assert mlflow["environment"]["PGPASSWORD"] == "test-password"
+    assert resolved["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == "test-password"
+    for name, svc in resolved["services"].items():
+        assert "test-password" not in str(svc.get("command", "")) + str(svc.get("healthcheck", "")), name
     allowed = re.search(r"--allowed-hosts (\S+)", cmd).group(1).split(",")
     from mlflow.server.security_utils import is_allowed_host_header
 
@@ -254,6 +272,31 @@ def test_mlflow_server_serves_artifacts_from_postgres_backend(resolved):
         assert is_allowed_host_header(allowed, host), host
     assert not is_allowed_host_header(allowed, "attacker.example:5000")
     assert ("mlflow-artifacts", "/mlflow/artifacts") in volume_mounts(mlflow)
+
+
+# Parts in one release's version: postgres 16.13, python 3.11.14, CUDA 12.8.1 (postgres:16 or python:3.11 move).
+RELEASE_PARTS = {"postgres": 2, "python": 3, "nvidia/cuda": 3}
+
+
+def is_pinned(image: str) -> bool:
+    if re.search(r"@sha256:[0-9a-f]{64}$", image):
+        return True
+    name, _, tag = image.rpartition(":")
+    version = re.match(r"\d+(\.\d+)*", tag)
+    return bool(version) and version.group(0).count(".") + 1 >= RELEASE_PARTS.get(name, 3)
+
+
+def test_base_images_are_pinned(resolved):
+    """A moving tag changes what runs, or the database server under its kept volume."""
+    pulled = [svc["image"] for svc in resolved["services"].values() if "build" not in svc]
+    assert pulled, "postgres is pulled"
+    defaults = re.findall(r"^ARG \w+_IMAGE=(\S+)$", "".join(
+        (REPO / "platform" / d / "Dockerfile").read_text() for d in ("docker", "mlflow")), flags=re.M)
+    assert len(defaults) == 3, defaults  # CUDA and CPU bases, the MLflow server's base
+    for image in [*pulled, *defaults]:
+        assert is_pinned(image), f"{image}: pin an exact release tag or a digest"
+    assert not any(map(is_pinned, ("postgres:16", "python:3.11-slim-bookworm", "nvidia/cuda:12.8-runtime")))
+    assert is_pinned("postgres@sha256:" + "0" * 64)
 
 
 def test_every_compose_variable_is_documented_in_the_env_example():

@@ -1,10 +1,12 @@
 """What the README's Cluster section tells users to do, on this machine: `ray start --head` on loopback, then
 `ray job submit --working-dir <repo> -- qformer train ...`, then the MLflow run the job produced.
 
-The head gets its own ports and temp dir and runs with Ray 2.60's token authentication, as the compose
-cluster does: a fresh token in RAY_AUTH_TOKEN for `ray start` and `ray job submit` (nothing is written
-to ~/.ray/auth_token, which other Ray users on this machine read). It is stopped by the process ids
-it started. Never `ray stop`: it ends every Ray process on the machine.
+The head is started with the README's own lines ("A local Ray head without Docker": activate the venv,
+then `ray start ...`), from a shell whose PATH lacks the venv, plus its own ports and temp dir. It runs
+with Ray 2.60's token authentication, as the compose cluster does: a fresh token in RAY_AUTH_TOKEN for
+`ray start` and `ray job submit` (nothing is written to ~/.ray/auth_token, which other Ray users on this
+machine read). It is stopped by the process ids it started. Never `ray stop`: it ends every Ray process
+on the machine. The compose file's `ray-head` health check runs against it too.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,20 @@ VENV_BIN = Path(sys.executable).parent  # the job driver must run this venv's py
 PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
               "dashboard-agent-grpc-port", "metrics-export-port", "node-manager-port", "object-manager-port",
               "runtime-env-agent-port")
+README_SECTION = "### A local Ray head without Docker"
+
+
+def readme_head_lines() -> tuple[str, str]:
+    """The README's venv activation and `ray start` lines, `.venv` pointing at this test's venv."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(README_SECTION):].split("```")[1]
+    lines = [line.strip() for line in block.splitlines() if line.strip()]
+    assert any(line.startswith("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=") for line in lines), block
+    activate = next(line for line in lines if line.endswith(".venv/bin/activate"))
+    ray_start = next(line for line in lines if "ray start --head" in line)
+    assert lines.index(activate) < lines.index(ray_start), "the venv must be active before `ray start`"
+    venv = str(VENV_BIN.parent)
+    return activate.replace(".venv", venv), ray_start.replace(".venv", venv)
 
 
 def free_port() -> int:
@@ -58,17 +75,17 @@ class LoopbackRayHead:
         # TOKENIZERS_PARALLELISM is left out so a job only has it from its runtime env (checked below).
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH", "TOKENIZERS_PARALLELISM"))}
-        self.env.update(
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN=self.token,
-            RAY_USAGE_STATS_ENABLED="0",
-            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        )
-        cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-               "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0",
-               f"--object-store-memory={256 * 1024**2}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-               *(f"--{flag}={port}" for flag, port in self.ports.items())]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
+        # A fresh shell: the venv is not active (as for a user who just opened a terminal).
+        path = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d) != VENV_BIN]
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
+                        PATH=os.pathsep.join(path))
+        self.env.pop("VIRTUAL_ENV", None)
+        activate, ray_start = readme_head_lines()
+        extra = ["--node-ip-address=127.0.0.1", "--include-dashboard=true", "--num-gpus=0",
+                 f"--object-store-memory={256 * 1024**2}", f"--temp-dir={self.temp_dir}",
+                 *(f"--{flag}={port}" for flag, port in self.ports.items())]
+        script = f"{activate} && {ray_start} {' '.join(extra)}"
+        proc = subprocess.run(["bash", "-c", script], env=self.env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         self._wait_for_job_api()
 
@@ -124,28 +141,34 @@ class LoopbackRayHead:
         psutil.wait_procs(alive, timeout=10)
         return [p.pid for p in self.processes()]
 
+    def submit_command(self, entrypoint: list[str], env_vars: dict[str, str] | None = None,
+                       runtime_env_file: Path | None = None, submission_id: str | None = None) -> list[str]:
+        """runtime_env_file (--runtime-env) replaces env_vars (--runtime-env-json); --working-dir wins over its
+        working_dir."""
+        runtime_env = (["--runtime-env", str(runtime_env_file)] if runtime_env_file
+                       else ["--runtime-env-json", json.dumps({"env_vars": env_vars or {}})])
+        named = ["--submission-id", submission_id] if submission_id else []
+        return [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+                *named, *runtime_env, "--", *entrypoint]
+
     def submit(self, entrypoint: list[str], env_vars: dict[str, str] | None = None, timeout: int = 900,
                client_auth: dict[str, str] | None = None, runtime_env_file: Path | None = None,
                ) -> subprocess.CompletedProcess:
-        """`ray job submit` as a user runs it; blocks until the job ends (exit 0 only if it SUCCEEDED).
+        """`ray job submit` as a user runs it; blocks until the job ends (exit 1 if it FAILED, else 0).
 
         client_auth replaces the submitting client's RAY_AUTH_* variables (default: the cluster's token).
-        runtime_env_file (--runtime-env) replaces env_vars (--runtime-env-json); --working-dir wins over its working_dir.
         """
-        runtime_env = (["--runtime-env", str(runtime_env_file)] if runtime_env_file
-                       else ["--runtime-env-json", json.dumps({"env_vars": env_vars or {}})])
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.address, "--working-dir", str(REPO),
-               *runtime_env, "--", *entrypoint]
         env = self.env
         if client_auth is not None:
             env = {k: v for k, v in self.env.items() if not k.startswith("RAY_AUTH")} | client_auth
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir)
+        return subprocess.run(self.submit_command(entrypoint, env_vars, runtime_env_file), env=env,
+                              capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir)
 
     def job_status(self, submission_id: str) -> str:
         out = subprocess.run([str(VENV_BIN / "ray"), "job", "status", "--address", self.address, submission_id],
                              env=self.env, capture_output=True, text=True, timeout=120)
-        # `ray job status` ends with "Job '<id>' succeeded|failed|stopped" for a finished job
-        match = re.search(r"Job '[^']+' (succeeded|failed|stopped)", out.stdout + out.stderr)
+        # `ray job status` ends with "Job '<id>' succeeded|failed|was stopped" for a finished job
+        match = re.search(r"Job '[^']+' (?:was )?(succeeded|failed|stopped)", out.stdout + out.stderr)
         assert match, out.stdout + out.stderr
         return {"succeeded": "SUCCEEDED", "failed": "FAILED", "stopped": "STOPPED"}[match.group(1)]
 
@@ -174,19 +197,44 @@ def test_job_runs_the_venv_python_with_stdlib_platform_and_submitted_code(ray_he
     """The repo's platform/ dir travels with --working-dir and sits first on PYTHONPATH; with no
     __init__.py it must not shadow the stdlib module that Ray and MLflow import. Submitted with the
     project's job runtime env file, as the README's Cluster section shows."""
-    probe = ("import os, platform, sys, qformer; platform.machine(); "
+    probe = ("import os, platform, shutil, sys, qformer; platform.machine(); "
              "print('PROBE', platform.__file__, sys.executable, qformer.__file__, "
-             "os.environ.get('TOKENIZERS_PARALLELISM'), sep='|')")
+             "os.environ.get('TOKENIZERS_PARALLELISM'), shutil.which('qformer'), sep='|')")
     proc = ray_head.submit(["python", "-c", probe], runtime_env_file=REPO / "platform" / "ray" / "runtime_env.yaml")
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     line = next(l for l in output.splitlines() if l.startswith("PROBE|"))
-    platform_file, executable, qformer_file, tokenizers_env = line.split("|")[1:]
+    platform_file, executable, qformer_file, tokenizers_env, qformer_script = line.split("|")[1:]
     assert tokenizers_env == "false", "platform/ray/runtime_env.yaml's env_vars reach the job"
     assert Path(platform_file).parent == Path(sysconfig.get_paths()["stdlib"])
     assert Path(executable).parent == VENV_BIN, "job drivers inherit the head's environment: start ray from the venv"
+    assert qformer_script == str(VENV_BIN / "qformer"), "a job's `qformer` is the venv's (else: qformer: not found)"
     assert "working_dir_files" in qformer_file and ray_head.temp_dir in qformer_file, "submitted code wins"
     assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
+
+
+def test_compose_head_health_check_passes_against_a_running_head(ray_head):
+    """docker-compose.yml's `ray-head` health check, run as Docker would (no token), against this head:
+    the workers wait for it (`service_healthy`), so a check that never passes keeps them from starting."""
+    import yaml
+
+    test = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["ray-head"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], test
+    code = test[3].replace("127.0.0.1:8265", f"127.0.0.1:{ray_head.ports['dashboard-port']}")
+    assert code != test[3], "the check must target the dashboard port (8265)"
+    env = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # What the README says about the endpoints: /api/healthz is the dashboard agent's, not the head's 8265.
+    def status(port_flag: str, route: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ray_head.ports[port_flag]}{route}", timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+    assert status("dashboard-port", "/api/gcs_healthz") == 200
+    assert status("dashboard-port", "/api/healthz") == 404
+    assert status("dashboard-agent-listen-port", "/api/healthz") == 200
 
 
 @pytest.mark.parametrize("client_auth, error", [
@@ -218,28 +266,30 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
-    import mlflow
-
-    home = tmp_path / "qformer_home"
-    data_dir = home / "data" / "synth_shapes"
+def tiny_training_job(home: Path, tracking_uri: str, experiment: str, *extra: str) -> dict:
+    """Synthetic data under `home` and the tiny `qformer train` job over it: entrypoint and env_vars."""
     synth = subprocess.run(
-        [str(VENV_BIN / "qformer"), "data", "synth", "--out", str(data_dir), "--n-train", "16", "--n-val", "4",
-         "--n-test", "4", "--image-size", "64"],
+        [str(VENV_BIN / "qformer"), "data", "synth", "--out", str(home / "data" / "synth_shapes"), "--n-train", "16",
+         "--n-val", "4", "--n-test", "4", "--image-size", "64"],
         env={**os.environ, "QFORMER_HOME": str(home)}, capture_output=True, text=True, timeout=300)
     assert synth.returncode == 0, synth.stderr[-3000:]
-
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    experiment = "job-submit-e2e"
     options = ["run.max_epoch=1", "run.max_steps_per_epoch=2", "run.batch_size_train=4", "run.batch_size_eval=4",
                "run.log_freq=1", "run.warmup_steps=1", "run.valid_splits=[]", "run.test_splits=[]",
                "run.ray.use_gpu=false", "run.ray.num_workers=1", "run.data.shuffle_buffer=0",
-               "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}"]
-    proc = ray_head.submit(
-        ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options", *options],
-        env_vars={"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home),
-                  "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+               "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}", *extra]
+    return {"entrypoint": ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options",
+                           *options],
+            "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home),
+                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                         "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+
+
+def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    experiment = "job-submit-e2e"
+    proc = ray_head.submit(**tiny_training_job(tmp_path / "qformer_home", tracking_uri, experiment))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
@@ -326,3 +376,38 @@ def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
                               filter_string="tags.`qformer.kind` = 'eval'")
     assert len(runs) == 1 and runs[0].data.metrics["skipped_images"] == 1.0, [r.data.metrics for r in runs]
     assert runs[0].data.metrics["test/skipped_images"] == 1.0
+
+
+def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tmp_path):
+    """`ray job stop` SIGTERMs the driver (SIGKILL 3 s later): its MLflow run ends KILLED, not FAILED.
+    `ray job submit` itself exits 0 for a STOPPED job (only FAILED gives 1), as the README says."""
+    import mlflow
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    job = tiny_training_job(tmp_path / "qformer_home", tracking_uri, "job-stop-e2e",
+                            "run.max_epoch=50", "run.max_steps_per_epoch=1000")  # runs until stopped
+    sid = f"stop-{secrets.token_hex(4)}"
+    submit = subprocess.Popen(ray_head.submit_command(**job, submission_id=sid), env=ray_head.env, cwd=ray_head.temp_dir,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        run = None
+        for _ in range(600):  # until the run has logged a training step (the loop is inside trainer.fit())
+            exp = client.get_experiment_by_name("job-stop-e2e") if (tmp_path / "mlflow" / "mlflow.db").exists() else None
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and runs[0].data.metrics:
+                run = runs[0]
+                break
+            assert submit.poll() is None, submit.communicate()[0][-4000:]
+            time.sleep(1)
+        assert run is not None and run.info.status == "RUNNING"
+        stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.address, sid],
+                              env=ray_head.env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        output = submit.communicate(timeout=120)[0]
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert ray_head.job_status(sid) == "STOPPED"
+    assert submit.returncode == 0, output[-3000:]  # Ray's CLI: only FAILED exits 1
+    assert client.get_run(run.info.run_id).info.status == "KILLED", output[-3000:]

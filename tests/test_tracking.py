@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qformer import paths
-from qformer.tracking import TRAIN_KEY_TAG, RunTracker, flatten_params, resolve_tracking_uri, ui_hint
+from qformer.tracking import TRAIN_KEY_TAG, RunTracker, end_status, flatten_params, resolve_tracking_uri, ui_hint
 
 
 def test_flatten_params_respects_limits():
@@ -57,3 +57,45 @@ def test_run_lifecycle_params_metrics_artifacts_reopen(tmp_path: Path):
     assert RunTracker.find_by_train_key(uri, "exp-a", "/other") is None
     with pytest.raises(Exception):
         RunTracker.reopen(uri, "0" * 32)
+
+
+def test_a_stopped_driver_ends_its_run_killed_and_a_broken_one_failed():
+    """`ray job stop` SIGTERMs the driver; ray.init's handler exits, which Ray re-raises as SystemExit(1)."""
+    import os
+    import signal
+
+    from qformer import tracking
+
+    assert end_status(KeyboardInterrupt()) == "KILLED"  # Ctrl+C
+    assert end_status(SystemExit(1)) == end_status(RuntimeError("boom")) == "FAILED"
+    previous = signal.getsignal(signal.SIGTERM)
+    seen: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # stands for ray.init's handler
+    try:
+        tracking.watch_stop_signal()
+        tracking.watch_stop_signal()  # idempotent: one note per signal, the previous handler still called
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+        assert end_status(SystemExit(1)) == "KILLED"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        tracking._stop_signals.clear()
+
+
+def test_a_new_sqlite_store_keeps_every_artifact_location_beside_it(tmp_path, monkeypatch):
+    """Created from a job's working directory (deleted after the job), MLflow's Default experiment once
+    pointed at <CWD>/mlruns."""
+    from qformer.tracking import ensure_experiment
+
+    cwd = tmp_path / "job_working_dir"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    ensure_experiment(uri, "exp")
+    from mlflow.tracking import MlflowClient
+
+    experiments = MlflowClient(tracking_uri=uri).search_experiments()
+    assert {e.name for e in experiments} == {"Default", "exp"}
+    for exp in experiments:
+        assert exp.artifact_location.startswith((tmp_path / "store" / "artifacts").as_uri()), exp.artifact_location
+    assert not any(cwd.iterdir())

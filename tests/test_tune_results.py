@@ -13,7 +13,7 @@ from qformer.tuning.best_config import resolve_trial_config, retrain_command, wr
 from qformer.tuning.early_stop import FLAG, EarlyStopMarker
 from qformer.tuning.results import TrialRow
 from qformer.tuning.spec import load_sweep
-from qformer.tuning.trainable import TrialPlumbing, carries_metric, train_run_name, trial_options
+from qformer.tuning.trainable import TrialPlumbing, carries_metric, evaluation_count, train_run_name, trial_options
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"
@@ -71,14 +71,22 @@ def test_plot_is_a_png(spec, tmp_path):
 
 def test_best_config_is_a_ready_to_run_experiment(spec, tmp_path):
     sampled = {"run.init_lr": 2.5e-4, "model.num_query_token": 8}
-    path = write_best_config(spec, sampled, tmp_path / "best.yaml", header="best trial x\nretrain: ...")
+    path = write_best_config(spec, sampled, "a_00001", tmp_path / "best.yaml", header="best trial x\nretrain: ...")
     assert path.read_text().startswith("# best trial x\n# retrain: ...\n")
     cfg = load_config(str(path))
     assert cfg.run.init_lr == pytest.approx(2.5e-4) and cfg.model.num_query_token == 8
     assert cfg.run.max_steps_per_epoch == 2  # the sweep's base options are baked in
     from omegaconf import OmegaConf
 
-    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(resolve_trial_config(spec, sampled))
+    from qformer.train.launcher import run_name
+
+    trial = resolve_trial_config(spec, sampled)
+    # its own run: not the base experiment's output_dir and Ray run name (retraining would resume that run)
+    assert cfg.run.output_dir == f"{trial.run.output_dir}/sweeps/tiny_lr_queries/best_a_00001"
+    assert run_name(cfg) == cfg.run.mlflow.run_name == "tiny_lr_queries_best_a_00001" != run_name(trial)
+    trial.run.output_dir, trial.run.ray.name, trial.run.mlflow.run_name = (
+        cfg.run.output_dir, cfg.run.ray.name, cfg.run.mlflow.run_name)
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(trial)  # otherwise what the trial trained
     assert retrain_command(path) == f"qformer train --cfg-path {path}"
 
 
@@ -119,3 +127,15 @@ def test_driver_callbacks_override_real_tune_hooks():
 
     for cls, hook in ((PlacementGroupReaper, "on_step_end"), (EarlyStopMarker, "on_trial_result")):
         assert hasattr(Callback, hook) and getattr(cls, hook) is not getattr(Callback, hook)
+
+
+@pytest.mark.parametrize("metric, epoch, val_freq, count", [
+    ("train_epoch/loss", 0, 1, 1), ("train_epoch/loss", 4, 3, 5),  # every epoch
+    ("val/r_mean", 0, 1, 1), ("val/r_mean", 2, 1, 3),
+    ("val/r_mean", 0, 2, 1), ("val/r_mean", 4, 2, 3),  # evaluations at epochs 0, 2, 4
+    ("test/r_mean", 4, 1, None), ("val/r_mean", None, 1, None),  # no epoch count to give: Tune counts
+])
+def test_evaluation_count_follows_the_epoch_not_the_restart(metric, epoch, val_freq, count):
+    """A trial resumed at epoch 2 reports its third evaluation as iteration 3, not 1 (ASHA's rungs count these)."""
+    report = {"step": 10, metric: 0.5, **({"epoch": epoch} if epoch is not None else {})}
+    assert evaluation_count(report, metric, ["val"], val_freq) == count

@@ -118,6 +118,32 @@ def test_invalid_search_space_key_fails_validation(tmp_path, search_space, needl
     assert needle in message and "tune.search_space." in message and str(spec.sweep_path) in message
 
 
+@pytest.mark.parametrize("search_space, options, needle", [
+    # the shipped tiny sweep once sampled init_lr down to 1e-6 over the base's min_lr 1e-5
+    ("run.init_lr: {loguniform: [1e-6, 1e-2]}", [],
+     "tune.search_space.run.init_lr: loguniform [1e-06, 0.01] samples 1e-06, below run.min_lr (1e-05)"),
+    ("run.min_lr: {uniform: [1e-5, 1e-3]}", [], "tune.search_space.run.min_lr: uniform [1e-05, 0.001] samples "
+                                                "0.001, above run.init_lr (0.0003)"),
+    ("run.init_lr: {choice: [1e-4, 1e-3]}\nrun.min_lr: {choice: [0.0, 2e-4]}", [], "tune.search_space.run.init_lr"),
+    ("run.warmup_lr: {uniform: [0.0, 1e-3]}", [], "warm-up would start above"),
+], ids=["init_lr-below-min_lr", "min_lr-above-init_lr", "both-swept", "warmup_lr"])
+def test_search_space_crossing_another_keys_bound_is_refused(tmp_path, search_space, options, needle):
+    spec = load_sweep(write_sweep(tmp_path, search_space), options)
+    with pytest.raises(ConfigError) as err:
+        validate_sweep(spec)
+    assert needle in str(err.value) and str(spec.sweep_path) in str(err.value)
+
+
+@pytest.mark.parametrize("search_space, options", [
+    ("run.init_lr: {loguniform: [1e-6, 1e-2]}", ["run.min_lr=0.0"]),
+    ("run.init_lr: {loguniform: [1e-6, 1e-2]}", ["run.lr_sched=constant_lr", "run.warmup_lr=-1"]),  # no decay
+    ("run.warmup_lr: {uniform: [0.0, 1e-3]}", ["run.warmup_steps=0"]),  # no warm-up
+    ("run.init_lr: {loguniform: [1e-5, 1e-3]}\nrun.min_lr: {choice: [0.0, 1e-5]}", []),  # equal is no crossing
+])
+def test_search_space_within_bounds_is_accepted(tmp_path, search_space, options):
+    validate_sweep(load_sweep(write_sweep(tmp_path, search_space), options))
+
+
 def test_domains_translate_to_tune():
     from ray.tune.search.sample import Categorical, Float, Integer
 

@@ -8,6 +8,8 @@ The metric is the epoch's mean training loss (min): continuous, so no ties at th
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +23,7 @@ from qformer.tuning.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"
+TINY_BASE = REPO / "experiments" / "demo" / "tiny_shapes.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -33,6 +36,7 @@ def sweep_options(root: Path) -> list[str]:
         f"run.ray.storage_path={root / 'train'}",
         "tune.metric=train_epoch/loss", "tune.mode=min",
         "tune.search_space.run.init_lr={grid: [1.0e-3, 1.0e-3, 1.0e-8, 1.0e-8]}",
+        "run.min_lr=0.0",  # 1e-8 is below the base's min_lr, which the sweep would refuse
         "tune.num_samples=1",
         "run.max_epoch=2", "tune.scheduler.max_t=2",
         "run.warmup_lr=-1",  # the first step already trains at the sampled lr
@@ -48,9 +52,18 @@ def sweep(ray_cluster):
     # (keep the 3 newest) can delete it under a sweep that runs for minutes.
     root = Path(tempfile.mkdtemp(prefix="qformer_tune_e2e_"))
     write_synthetic(root / "data" / "synth_shapes", n_train=16, n_val=8, n_test=4, seed=0, image_size=64)
-    spec = load_sweep(TINY_SWEEP, sweep_options(root))
-    printed: list[str] = []
-    outcome = run_sweep(spec, print_fn=printed.append)
+    # Run as a `ray job` runs it: from a copy of the repo (its working directory), which is deleted after.
+    workdir = root / "job_working_dir"
+    shutil.copytree(REPO / "experiments", workdir / "experiments")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        spec = load_sweep("experiments/sweeps/tiny_lr_queries.yaml", sweep_options(root))
+        printed: list[str] = []
+        outcome = run_sweep(spec, print_fn=printed.append)
+    finally:
+        os.chdir(cwd)
+    shutil.rmtree(workdir)
     yield spec, outcome, "\n".join(printed), root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -105,7 +118,35 @@ def test_results_on_disk_and_printed(sweep):
     assert f"qformer train --cfg-path {results_dir / 'best_config.yaml'}" in printed
 
 
-def test_best_config_loads_and_trains(sweep, tmp_path):
+def test_no_sweep_record_points_into_the_deleted_working_dir(sweep, tmp_path):
+    """Params, state file, best-config header and every MLflow location outlive the job's working directory;
+    the sweep file and its base are kept as artifacts of the parent run."""
+    spec, outcome, _, root = sweep
+    workdir = str(root / "job_working_dir")
+    client = MlflowClient(tracking_uri=outcome.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.params["sweep_file"] == "experiments/sweeps/tiny_lr_queries.yaml"  # as in the repo
+    assert parent.data.params["base"] == "experiments/demo/tiny_shapes.yaml"
+    for artifact, source in (("inputs/sweep/tiny_lr_queries.yaml", TINY_SWEEP),
+                             ("inputs/base/tiny_shapes.yaml", TINY_BASE)):
+        kept = client.download_artifacts(parent.info.run_id, artifact, str(tmp_path))
+        assert Path(kept).read_text() == source.read_text()
+    children = client.search_runs([outcome.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    records = {
+        "state": (outcome.sweep_dir / "qformer_sweep.json").read_text(),
+        "best_config": outcome.files["best_config"].read_text(),
+        **{f"experiment {e.name}": e.artifact_location for e in client.search_experiments()},
+        **{f"run {r.info.run_id}": json.dumps([r.info.artifact_uri, r.data.params, r.data.tags])
+           for r in [parent, *children]},
+    }
+    assert {name for name, text in records.items() if workdir in text} == set()
+    assert json.loads(records["state"])["sweep_file"] == "experiments/sweeps/tiny_lr_queries.yaml"
+
+
+def test_best_config_loads_and_trains_a_new_run(sweep):
+    """The retrain YAML once kept the base experiment's output_dir, hence its Ray run name: `qformer train` on
+    it continued the base's earlier run (same MLflow run, "start at epoch 1") instead of starting its own."""
     from qformer.train.launcher import launch_training
 
     spec, outcome, _, root = sweep
@@ -113,10 +154,17 @@ def test_best_config_loads_and_trains(sweep, tmp_path):
     cfg = load_config(str(path))
     assert cfg.run.init_lr == pytest.approx(outcome.best.sampled["run.init_lr"])
     assert cfg.model.num_query_token == outcome.best.sampled["model.num_query_token"]
-    short = load_config(str(path), ["run.max_epoch=1", "run.max_steps_per_epoch=1", "run.valid_splits=[]",
-                                    f"run.ray.storage_path={tmp_path}", "run.ray.name=retrain_best"])
-    result = launch_training(short)
-    assert result.error is None and result.metrics["step"] == 1
+    short = ["run.max_epoch=1", "run.max_steps_per_epoch=1", "run.valid_splits=[]"]
+    earlier = launch_training(load_config(str(TINY_BASE), [*spec.base_options, *short]))  # e.g. the demo's run
+    assert earlier.error is None and earlier.mlflow_run_id
+    result = launch_training(load_config(str(path), short))
+    assert result.error is None and result.metrics["step"] == 1  # trained from step 0, not resumed
+    client = MlflowClient(tracking_uri=outcome.tracking_uri)
+    trial_runs = {r.mlflow_run_id for r in outcome.rows}
+    assert result.mlflow_run_id not in {earlier.mlflow_run_id, *trial_runs}
+    assert client.get_run(earlier.mlflow_run_id).info.status == "FINISHED"  # untouched by the retrain
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == f"{spec.name}_best_{outcome.best.trial_id}"
 
 
 def test_existing_sweep_needs_resume_and_resume_restores(sweep):
@@ -127,6 +175,59 @@ def test_existing_sweep_needs_resume_and_resume_restores(sweep):
     assert again.parent_run_id == outcome.parent_run_id  # the same parent run, reopened and finished again
     assert sorted(r.trial_id for r in again.rows) == sorted(r.trial_id for r in outcome.rows)
     assert [r.iterations for r in again.rows] == [r.iterations for r in outcome.rows]  # nothing re-ran
+
+
+def test_interrupted_sweep_is_killed_and_its_resume_continues_the_iteration_count(ray_cluster):
+    """SIGINT to the driver (Ctrl+C): Tune stops the trial and fit() returns. The sweep says so, names no
+    best trial, tells how to resume and leaves its parent run KILLED. `--resume` restores the trial, whose
+    Train run resumes from its last epoch checkpoint, and its Tune iteration count goes on from there."""
+    import signal
+    import threading
+    import time
+
+    from qformer.data.synth import write_synthetic
+
+    root = Path(tempfile.mkdtemp(prefix="qformer_tune_int_"))
+    write_synthetic(root / "data" / "synth_shapes", n_train=16, n_val=8, n_test=4, seed=0, image_size=64)
+    options = [*sweep_options(root), "tune.name=interrupted", "tune.search_space.run.init_lr={grid: [1.0e-3]}",
+               "tune.search_space.model.num_query_token={choice: [4]}", "run.max_epoch=4", "tune.scheduler.max_t=4"]
+    sweep_dir = root / "sweeps" / "interrupted"
+
+    def interrupt_after_the_first_result() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if any(f.stat().st_size for f in sweep_dir.glob("trial_*/result.json")):
+                os.kill(os.getpid(), signal.SIGINT)  # Tune's handler (set while fit() runs) takes it
+                return
+            time.sleep(0.2)
+
+    handler = signal.getsignal(signal.SIGINT)
+    printed: list[str] = []
+    spec = load_sweep(TINY_SWEEP, options)
+    try:
+        threading.Thread(target=interrupt_after_the_first_result, daemon=True).start()
+        first = run_sweep(spec, print_fn=printed.append)
+        client = MlflowClient(tracking_uri=first.tracking_uri)
+        parent_status = client.get_run(first.parent_run_id).info.status
+        signal.signal(signal.SIGINT, handler)
+        resumed = run_sweep(load_sweep(TINY_SWEEP, options), resume=True, print_fn=lambda *_: None)
+        resumed_status = client.get_run(resumed.parent_run_id).info.status
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        shutil.rmtree(root, ignore_errors=True)
+
+    text = "\n".join(printed)
+    [row] = first.rows
+    assert first.interrupted and first.best is None and not row.finished and 1 <= row.iterations < 4, text
+    assert "INTERRUPTED" in text and "retrain" not in text and "best_config" not in first.files
+    assert spec.command("--resume") in text and "--options" in spec.command()  # the same options again
+    assert parent_status == "KILLED"
+
+    [again] = resumed.rows
+    assert resumed.parent_run_id == first.parent_run_id and not resumed.interrupted
+    assert again.finished and again.iterations == 4, (row.iterations, again.iterations)  # not restarted at 1
+    assert again.mlflow_run_id == row.mlflow_run_id  # the same training, continued
+    assert resumed_status == "FINISHED"
 
 
 def test_invalid_search_space_key_fails_before_any_trial(tmp_path):

@@ -280,12 +280,15 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
     result = None
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as err:
         if tracker is not None:
+            from qformer.tracking import end_status
+
+            status = end_status(err)  # stopped (Ctrl+C, `ray job stop`): KILLED; broken: FAILED
             try:
-                tracker.end("FAILED")
-            except Exception as err:  # noqa: BLE001 - report the training's error, not the tracker's
-                log.warning("MLflow: could not mark run %s FAILED (%s)", tracker.run_id, err)
+                tracker.end(status)
+            except Exception as track_err:  # noqa: BLE001 - report the training's error, not the tracker's
+                log.warning("MLflow: could not mark run %s %s (%s)", tracker.run_id, status, track_err)
         raise
     finish_tracking(tracker, result, cfg)
     checkpoint = result.checkpoint

@@ -25,7 +25,7 @@ def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, swee
                             tags={SWEEP_TAG: spec.name, "qformer.sweep_dir": str(sweep_dir),
                                   "qformer.kind": "sweep"})
     params = {
-        "sweep_file": str(spec.sweep_path), "base": str(spec.base_path),
+        "sweep_file": spec.shown(spec.sweep_path), "base": spec.shown(spec.base_path),
         "base_options": " ".join(spec.base_options) or "-", "metric": spec.metric, "mode": spec.mode,
         "num_samples": spec.num_samples, "max_concurrent_trials": spec.max_concurrent_trials,
         "resources_per_trial": json.dumps(spec.resources_per_trial), "scheduler": spec.scheduler.type,
@@ -36,6 +36,9 @@ def start_parent(client: MlflowClient, experiment_id: str, spec: SweepSpec, swee
     }
     for key, value in params.items():
         client.log_param(run.info.run_id, key, str(value))
+    # The files themselves: the paths above may name a job's deleted copy, or a file edited since.
+    client.log_artifact(run.info.run_id, str(spec.sweep_path), artifact_path="inputs/sweep")
+    client.log_artifact(run.info.run_id, str(spec.base_path), artifact_path="inputs/base")
     return run.info.run_id
 
 

@@ -18,6 +18,7 @@ class TrialRow:
     iterations: int  # reports Tune received (ASHA's default time unit)
     stopped_early: bool  # the scheduler stopped it before max_t
     status: str  # ok | error
+    finished: bool = True  # ran to its end or was stopped by the scheduler (False: interrupted, or never started)
     checkpoint_path: str | None = None
     mlflow_run_id: str | None = None
     mlflow_status: str | None = None
@@ -36,6 +37,7 @@ def rows_from_result_grid(grid: Any, spec: SweepSpec) -> list[TrialRow]:
             iterations=int(metrics.get("training_iteration") or 0),
             stopped_early=bool(metrics.get("stopped_early", False)),
             status="error" if result.error is not None else "ok",
+            finished=bool(metrics.get("done")),  # Tune sets done on a trial's last result, not on an interrupted one
             checkpoint_path=metrics.get("checkpoint_path"),
         ))
     return sorted(rows, key=lambda r: r.trial_id)

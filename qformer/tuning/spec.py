@@ -64,6 +64,23 @@ class SweepSpec:
     seed: int | None = None
     storage_path: str | None = None
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    options: tuple[str, ...] = ()  # the --options it was loaded with (a resume needs them again)
+
+    def shown(self, path: Path) -> str:
+        """How records name an input file: relative to the working directory when inside it. A `ray job`'s
+        working directory is a temporary copy Ray deletes, so an absolute path there outlives nothing, while
+        `experiments/sweeps/x.yaml` still names the file in the submitted repo (contents go in as artifacts)."""
+        try:
+            return str(path.relative_to(Path.cwd().resolve()))
+        except ValueError:
+            return str(path)
+
+    def command(self, *flags: str) -> str:
+        """The `qformer tune` command line that loads this same sweep (plus flags, e.g. --resume)."""
+        import shlex
+
+        options = ["--options", *map(shlex.quote, self.options)] if self.options else []
+        return " ".join(["qformer", "tune", "--cfg-path", self.shown(self.sweep_path), *options, *flags])
 
 
 def load_sweep(path: str | Path, options: list[str] | None = None) -> SweepSpec:
@@ -118,6 +135,7 @@ def load_sweep(path: str | Path, options: list[str] | None = None) -> SweepSpec:
         seed=_int(tune, "seed", None, where, minimum=0),
         storage_path=tune.get("storage_path"),
         scheduler=_scheduler(tune.get("scheduler"), where),
+        options=tuple(options or ()),
     )
 
 

@@ -30,16 +30,32 @@ class MetricReportCallback(TuneReportCallback):
 
     Training also reports at plain log/checkpoint steps; Tune rejects a result without its metric
     (strict metric checking), and each forwarded report is one `training_iteration`, so with this
-    filter ASHA's rungs count evaluations.
+    filter ASHA's rungs count evaluations. The count is set from the report's epoch: a restored trial
+    (`--resume`) resumes its Train run mid-way, while Tune's own count would start over at 1.
     """
 
-    def __init__(self, metric: str) -> None:
+    def __init__(self, metric: str, valid_splits: list[str], val_freq: int) -> None:
         super().__init__()
-        self._metric = metric
+        self._metric, self._valid_splits, self._val_freq = metric, list(valid_splits), val_freq
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if metrics and carries_metric(metrics[0], self._metric):
+            iteration = evaluation_count(metrics[0], self._metric, self._valid_splits, self._val_freq)
+            if iteration is not None:  # Tune keeps a reported training_iteration (it only fills a missing one)
+                metrics = [{**metrics[0], "training_iteration": iteration}, *metrics[1:]]
             super().after_report(run_context, metrics, checkpoint)
+
+
+def evaluation_count(report: dict[str, Any], metric: str, valid_splits: list[str], val_freq: int) -> int | None:
+    """Which report of `metric` an epoch-end report is (1-based): train_epoch/* comes every epoch, a
+    validation split's metrics every val_freq-th (epochs 0, f, 2f, ...). None when the report has no epoch."""
+    epoch = report.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+        return None
+    prefix = metric.split("/", 1)[0]
+    if prefix in valid_splits:
+        return int(epoch) // max(1, val_freq) + 1
+    return int(epoch) + 1 if prefix == "train_epoch" else None
 
 
 def carries_metric(report: dict[str, Any], metric: str) -> bool:
@@ -83,4 +99,5 @@ def train_trial(config: dict[str, Any], *, spec: SweepSpec, plumbing: TrialPlumb
     cfg = load_config(str(spec.base_path), trial_options(spec, sampled, trial_id, plumbing))
     # Exactly `qformer train`'s entry point; the trial's run name (run.ray.name) makes a retry resume, and
     # its MLflow run is opened nested under the sweep's parent run.
-    launch_training(cfg, callbacks=[MetricReportCallback(spec.metric)], parent_run_id=plumbing.parent_run_id)
+    callback = MetricReportCallback(spec.metric, list(cfg.run.valid_splits), int(cfg.run.val_freq))
+    launch_training(cfg, callbacks=[callback], parent_run_id=plumbing.parent_run_id)

@@ -1,7 +1,9 @@
 """Check every swept key against the config schema before any trial starts.
 
 Each entry's probe values (every choice, both range ends) go through `load_config` as overrides, so an
-unknown key or a value the schema rejects fails in the driver with the sweep file and key named.
+unknown key or a value the schema rejects fails in the driver with the sweep file and key named. Then keys
+bound by another key (init_lr above min_lr) are checked across the whole space: each value alone may be
+valid while a sampled combination is not.
 """
 from __future__ import annotations
 
@@ -29,7 +31,41 @@ def validate_sweep(spec: SweepSpec) -> DictConfig:
         raise ConfigError(f"{where}: base {spec.base_path}: {err}") from err
     for dim in spec.search_space.values():
         _check_dim(dim, base, spec, where)
+    _check_bounds(spec, base, where)
     return base
+
+
+# (lower key, upper key, when the bound matters, what crossing it does). Only decaying schedules use min_lr;
+# warmup_lr -1 means "no warm-up".
+DECAYING = ("linear_warmup_cosine_lr", "linear_warmup_step_lr")
+BOUNDS: tuple[tuple[str, str, Any, str], ...] = (
+    ("run.min_lr", "run.init_lr", lambda v: any(s in DECAYING for s in v("run.lr_sched")),
+     "the learning rate would rise while it decays"),
+    ("run.warmup_lr", "run.init_lr", lambda v: max(v("run.warmup_steps")) > 0 and max(v("run.warmup_lr")) >= 0,
+     "warm-up would start above the rate it warms up to"),
+)
+
+
+def _check_bounds(spec: SweepSpec, base: DictConfig, where: str) -> None:
+    """Refuse a space where some sampled value of one key crosses another key's value (swept or from the base)."""
+    def values(key: str) -> list[Any]:
+        dim = spec.search_space.get(key)
+        return dim.probe_values() if dim else [OmegaConf.select(base, key)]
+
+    for low_key, high_key, applies, harm in BOUNDS:
+        swept = [k for k in (high_key, low_key) if k in spec.search_space]
+        if not swept or not applies(values):
+            continue
+        highest_low, lowest_high = max(values(low_key)), min(values(high_key))
+        if highest_low > lowest_high:
+            key = swept[0]
+            dim = spec.search_space[key]
+            other = f"{low_key} ({highest_low:g})" if key == high_key else f"{high_key} ({lowest_high:g})"
+            side = "below" if key == high_key else "above"
+            raise ConfigError(
+                f"{where}: tune.search_space.{key}: {dim.kind} {list(dim.args)!r} samples "
+                f"{lowest_high if key == high_key else highest_low:g}, {side} {other}: {harm}; "
+                f"keep {high_key} >= {low_key} over the whole search space")
 
 
 def _check_dim(dim: SearchDim, base: DictConfig, spec: SweepSpec, where: str) -> None:

@@ -87,6 +87,9 @@ def _eval_worker(config: dict) -> None:
     import ray.train.torch
     from omegaconf import OmegaConf
 
+    from qformer.logging_setup import setup_logging
+
+    setup_logging(ray.train.get_context().get_world_rank())  # rank 0's progress lines reach the job log
     cfg = OmegaConf.create(config["cfg"])
     device = ray.train.torch.get_device()
     metrics = _evaluate_here(cfg, config["checkpoint"], config["splits"], device)

@@ -231,15 +231,15 @@ class _Runner:
             round_ += 1
 
     def train_epoch(self, epoch: int, begin: int) -> None:
-        from tqdm import tqdm
+        from qformer.progress import Progress
 
         self.state.model.train()
         length = self.epoch_length()
         total = length
         if total is None and self.config.get("num_rows"):
             total = int(self.config["num_rows"].get("train", 0)) // (self.batch_size * self.world) or None
-        bar = tqdm(total=total, initial=begin, desc=f"epoch {epoch}", disable=self.rank != 0, dynamic_ncols=True,
-                   mininterval=2.0)
+        # a bar on a terminal; in a job log log_step's lines are the progress (log_every_s=None)
+        bar = Progress(total, f"epoch {epoch}", "steps", initial=begin, enabled=self.rank == 0, log_every_s=None)
         epoch_meter = LossMeter()
         i = begin
         batches = self._batches(epoch, begin)

@@ -321,12 +321,17 @@ class _Runner:
 
     def evaluate(self, split: str) -> dict[str, float]:
         from qformer.data.pipeline import build_eval_split
-        from qformer.evaluate.retrieval import evaluate_retrieval
+        from qformer.evaluate.retrieval import evaluate_retrieval_scores
+        from qformer.evaluate.visuals import log_eval_visuals
 
         data = build_eval_split(self.cfg, split)
-        result = evaluate_retrieval(self.unwrapped, data, k_test=int(self.run_cfg.k_test),
-                                    batch_size=int(self.run_cfg.batch_size_eval), device=self.state.device,
-                                    rank=self.rank, world_size=self.world, autocast_dtype=self.state.amp.dtype)
+        result, scores = evaluate_retrieval_scores(
+            self.unwrapped, data, k_test=int(self.run_cfg.k_test), batch_size=int(self.run_cfg.batch_size_eval),
+            device=self.state.device, rank=self.rank, world_size=self.world, autocast_dtype=self.state.amp.dtype,
+            label=f"eval {split}")
+        if self.rank == 0 and self.tracker is not None:  # gallery + attention maps, rank 0 only (no collective)
+            log_eval_visuals(self.tracker, self.unwrapped, data, scores, split, f"step_{self.state.global_step:08d}",
+                             self.state.device)
         self.state.model.train()
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 

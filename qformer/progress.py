@@ -36,6 +36,13 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
+def _size(stream: Any) -> tuple[int, int]:
+    try:
+        return tuple(os.get_terminal_size(stream.fileno()))
+    except (AttributeError, OSError, ValueError):
+        return (0, 0)
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -63,8 +70,12 @@ class Progress:
         if enabled and (is_interactive(stream) if interactive is None else interactive):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=f" {unit}", file=stream or sys.stderr,
-                            dynamic_ncols=True, mininterval=0.5)
+            stream = stream or sys.stderr
+            # a terminal that reports no size (0x0: `script`, some containers) would get no bar at all
+            sized = min(_size(stream)) > 0
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=f" {unit}", file=stream,
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24,
+                            mininterval=0.5)
 
     def __enter__(self) -> "Progress":
         return self

@@ -52,7 +52,7 @@ def _latest_checkpoint(run_dir: Path) -> str:
     return str(max(dirs, key=lambda d: int(read_meta(d).get("step") or 0)))
 
 
-def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_path):
+def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from qformer.cli import main
@@ -84,6 +84,7 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_pa
     rc = main(["eval", "--cfg-path", str(yaml_path), "--checkpoint", checkpoint,
                "--options", "run.ray.num_workers=1", "run.ray.resources_per_worker={CPU: 0.5}"])
     assert rc == 0
+    assert "picture: visuals/test/retrieval_gallery.png" in capsys.readouterr().out
     exp = client.get_experiment_by_name("test-eval")
     evals = client.search_runs([exp.experiment_id], filter_string="tags.`qformer.kind` = 'eval'")
     assert len(evals) == 1

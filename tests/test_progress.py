@@ -1,15 +1,17 @@
 """Progress output: a bar with rate and time left on a terminal (a real pty), plain log lines otherwise."""
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
 import pty
-import struct
-import termios
-import fcntl
 import select
+import struct
 import sys
+import termios
+
+import pytest
 
 from qformer.progress import Progress, is_interactive
 
@@ -28,9 +30,10 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_a_terminal_gets_a_bar_with_rate_and_time_left(monkeypatch, caplog):
+@pytest.mark.parametrize("size", [(24, 120), (0, 0)])  # 0x0: a terminal that reports no size (`script`, containers)
+def test_a_terminal_gets_a_bar_with_rate_and_time_left(monkeypatch, caplog, size):
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     term = os.fdopen(slave, "w", buffering=1)
     try:
         monkeypatch.setattr(sys, "stdout", term)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import fcntl
 import io
-import logging
 import os
 import pty
 import select
@@ -31,17 +30,16 @@ def _read_all(fd: int) -> str:
 
 
 @pytest.mark.parametrize("size", [(24, 120), (0, 0)])  # 0x0: a terminal that reports no size (`script`, containers)
-def test_a_terminal_gets_a_bar_with_rate_and_time_left(monkeypatch, caplog, size):
+def test_a_terminal_gets_a_bar_with_rate_and_time_left(monkeypatch, progress_log, size):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     term = os.fdopen(slave, "w", buffering=1)
     try:
         monkeypatch.setattr(sys, "stdout", term)
         assert is_interactive(term)
-        with caplog.at_level(logging.INFO, logger="qformer"):
-            with Progress(40, "eval test: encode images", "images", stream=term, log_every_s=0) as bar:
-                for _ in range(4):
-                    bar.update(10)
+        with Progress(40, "eval test: encode images", "images", stream=term, log_every_s=0) as bar:
+            for _ in range(4):
+                bar.update(10)
         term.flush()
         out = _read_all(master)
     finally:
@@ -51,34 +49,32 @@ def test_a_terminal_gets_a_bar_with_rate_and_time_left(monkeypatch, caplog, size
     assert "40/40" in out and "100%" in out
     assert "images/s" in out  # the rate
     assert "<" in out  # tqdm's "elapsed<left"
-    assert not [r for r in caplog.records if r.name == "qformer.progress"]  # no log lines beside the bar
+    assert progress_log() == []  # no log lines beside the bar
 
 
-def test_a_job_log_gets_plain_lines_with_rate_and_time_left(monkeypatch, caplog):
+def test_a_job_log_gets_plain_lines_with_rate_and_time_left(monkeypatch, progress_log):
     monkeypatch.setattr(sys, "stdout", io.StringIO())  # not a terminal
     stream = io.StringIO()
     assert not is_interactive(stream)
-    with caplog.at_level(logging.INFO, logger="qformer"):
-        with Progress(4, "eval test: ITM re-rank", "pairs", stream=stream, log_every_s=0) as bar:
-            for _ in range(4):
-                bar.update(1)
+    with Progress(4, "eval test: ITM re-rank", "pairs", stream=stream, log_every_s=0) as bar:
+        for _ in range(4):
+            bar.update(1)
     assert stream.getvalue() == ""  # no bar characters in a log file
-    lines = [r.getMessage() for r in caplog.records if r.name == "qformer.progress"]
+    lines = progress_log()
     assert len(lines) == 5  # one per update (log_every_s=0) and the closing line
     assert lines[1].startswith("eval test: ITM re-rank: 2/4 pairs (50%), ") and "pairs/s" in lines[1]
     assert lines[1].endswith(" left")
     assert lines[-1].startswith("eval test: ITM re-rank: 4/4 pairs (100%)") and "done in 0:00:0" in lines[-1]
 
 
-def test_lines_are_spaced_in_time_and_hidden_ranks_are_silent(monkeypatch, caplog):
+def test_lines_are_spaced_in_time_and_hidden_ranks_are_silent(monkeypatch, progress_log):
     monkeypatch.setattr(sys, "stdout", io.StringIO())
-    with caplog.at_level(logging.INFO, logger="qformer"):
-        with Progress(1000, "slow", log_every_s=3600) as bar:  # an hour between lines: only the closing one
-            for _ in range(1000):
-                bar.update()
-        with Progress(10, "rank 1", enabled=False) as hidden:
-            hidden.update(10)
-        with Progress(10, "train epoch", log_every_s=None) as quiet:  # the caller logs its own lines
-            quiet.update(10)
-    lines = [r.getMessage() for r in caplog.records if r.name == "qformer.progress"]
+    with Progress(1000, "slow", log_every_s=3600) as bar:  # an hour between lines: only the closing one
+        for _ in range(1000):
+            bar.update()
+    with Progress(10, "rank 1", enabled=False) as hidden:
+        hidden.update(10)
+    with Progress(10, "train epoch", log_every_s=None) as quiet:  # the caller logs its own lines
+        quiet.update(10)
+    lines = progress_log()
     assert len(lines) == 1 and lines[0].startswith("slow: 1000/1000 it (100%)")

@@ -92,9 +92,7 @@ def test_attention_grid_has_one_tile_per_query_and_image():
     assert (y * 8 // TILE, x * 8 // TILE) == (2, 5)
 
 
-def test_visuals_of_a_real_tiny_model_on_the_synthetic_split(synth_data, tmp_path, caplog):
-    import logging
-
+def test_visuals_of_a_real_tiny_model_on_the_synthetic_split(synth_data, tmp_path, progress_log):
     import torch
 
     from qformer.config import load_config_dict
@@ -109,12 +107,10 @@ def test_visuals_of_a_real_tiny_model_on_the_synthetic_split(synth_data, tmp_pat
     torch.manual_seed(0)
     model = build_model(cfg.model)
     split = build_eval_split(cfg, "test")
-    with caplog.at_level(logging.INFO, logger="qformer"):
-        metrics, scores = evaluate_retrieval_scores(model, split, k_test=4, batch_size=8, device="cpu",
-                                                    label="eval test")
+    metrics, scores = evaluate_retrieval_scores(model, split, k_test=4, batch_size=8, device="cpu", label="eval test")
     assert metrics["skipped_images"] == 0 and 0 <= metrics["r_mean"] <= 100
     # not a terminal here: each stage of the evaluation ends with a plain progress line
-    done = [r.getMessage() for r in caplog.records if r.name == "qformer.progress" and "done in" in r.getMessage()]
+    done = [line for line in progress_log() if "done in" in line]
     assert [line.split(":")[1].strip() for line in done] == ["encode texts", "encode images", "ITM re-rank"]
     assert done[0].startswith("eval test: encode texts: 80/80 texts (100%)")
     assert done[1].startswith("eval test: encode images: 16/16 images (100%)")

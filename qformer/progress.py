@@ -3,7 +3,8 @@
 One rule decides, the one Ray Data uses for its own progress output: when stdout is a terminal (and the
 bar's stream, stderr, is one too) a tqdm bar is drawn; otherwise (`ray job logs`, CI, a file) a line
 "<desc>: 120/2000 images (6%), 35.2 images/s, 0:00:53 left" is logged every `log_every_s` seconds,
-and one line when the step ends. A bar nobody sees (`enabled=False`: ranks other than 0) does nothing.
+and one line when the step ends (not after a failure). A bar nobody sees (`enabled=False`: ranks other
+than 0) does nothing.
 
 The training loop, evaluation (encoding, ITM re-ranking), `qformer data check` and `cache-features`
 all report through `Progress`, so they look alike and follow the same rule.
@@ -80,8 +81,8 @@ class Progress:
     def __enter__(self) -> "Progress":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(failed=exc_type is not None)
 
     def update(self, n: int = 1) -> None:
         if not self.enabled or self.closed:
@@ -116,7 +117,8 @@ class Progress:
             parts.append(f"{format_duration((self.total - self.n) / rate)} left")
         return ", ".join(parts)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Ends the bar, or logs the closing line ('done in ...'; not when the step `failed`)."""
         if self.closed:
             return
         self.closed = True
@@ -124,5 +126,5 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.close()
-        elif self.log_every_s is not None:
+        elif self.log_every_s is not None and not failed:
             self.log.info("%s", self.line())

@@ -78,3 +78,12 @@ def test_lines_are_spaced_in_time_and_hidden_ranks_are_silent(monkeypatch, progr
         quiet.update(10)
     lines = progress_log()
     assert len(lines) == 1 and lines[0].startswith("slow: 1000/1000 it (100%)")
+
+
+def test_a_failed_step_does_not_claim_to_be_done(monkeypatch, progress_log):
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    with pytest.raises(OSError):
+        with Progress(10, "data check: decode images", "images") as bar:
+            bar.update(3)
+            raise OSError("disk gone")
+    assert progress_log() == []

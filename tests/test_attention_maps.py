@@ -37,6 +37,11 @@ def test_maps_are_the_layers_attention_and_fit_the_patch_grid(minilm_path):
     assert maps.shape == (3, 4, 4, 4)  # images x queries x grid x grid (CLS dropped)
     assert torch.allclose(maps, probs.mean(1)[..., 1:].reshape(3, 4, 4, 4))
 
+    # in the evaluation's precision (bf16 autocast): fp32 probabilities, close to the fp32 ones
+    low = query_cross_attention(model, image, autocast_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and torch.allclose(low.sum(-1), torch.ones(3, 4), atol=1e-5)
+    assert torch.allclose(low, probs.mean(1), atol=0.02)
+
 
 def test_patch_grid_finds_the_prefix():
     from qformer.models.attention_maps import patch_grid

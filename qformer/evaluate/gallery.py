@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from qformer.evaluate.drawing import BACKGROUND, CORRECT, CORRECT_FILL, LINE_HEIGHT, MUTED, TEXT, WRONG, fit, font, framed, tile, wrap
+from qformer.evaluate.drawing import (BACKGROUND, CORRECT, CORRECT_FILL, LINE_HEIGHT, MUTED, TEXT, WRONG, fit, font,
+                                      framed, tile, wrap)
 
 TILE = 112  # thumbnail side in pixels
 PAD = 10

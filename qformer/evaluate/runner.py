@@ -77,7 +77,8 @@ def evaluate_model_on_split(model: torch.nn.Module, cfg: Any, split: str, device
                                                 world_size=world_size, autocast_dtype=amp.dtype, label=f"eval {split}")
     if visuals_dir is not None:
         try:
-            write_visuals(model, data, scores, Path(visuals_dir) / split, device=device, split_name=split)
+            write_visuals(model, data, scores, Path(visuals_dir) / split, device=device, split_name=split,
+                          autocast_dtype=amp.dtype)
         except Exception as err:  # pictures are a view on the evaluation, not part of it
             log.warning("retrieval gallery / attention maps for '%s' not written: %s", split, err)
     return metrics

@@ -31,8 +31,9 @@ ARTIFACT_ROOT = "visuals"
 
 def write_visuals(model: torch.nn.Module, split: Any, scores: Any, out_dir: str | Path, *, device: torch.device | str,
                   split_name: str = "", n_captions: int = 4, n_images: int = 4, n_attention: int = 3, k: int = 5,
-                  seed: int = 0) -> list[Path]:
-    """Render the gallery and the attention grid of `split` (a RetrievalSplit) into `out_dir`; returns the files."""
+                  seed: int = 0, autocast_dtype: torch.dtype | None = None) -> list[Path]:
+    """Render the gallery and the attention grid of `split` (a RetrievalSplit) into `out_dir`; returns the files.
+    `autocast_dtype`: the evaluation's (the attention pass runs in the same precision)."""
     from qformer.data.images import load_rgb
     from qformer.evaluate.gallery import build_gallery, render_gallery
 
@@ -48,12 +49,12 @@ def write_visuals(model: torch.nn.Module, split: Any, scores: Any, out_dir: str 
 
     chosen = [row.query_index for row in gallery.image_to_text][:n_attention]
     if chosen:
-        files.append(_write_attention(model, split, chosen, out / ATTENTION_PNG, device, split_name))
+        files.append(_write_attention(model, split, chosen, out / ATTENTION_PNG, device, split_name, autocast_dtype))
     return files
 
 
 def _write_attention(model: torch.nn.Module, split: Any, rows: list[int], target: Path,
-                     device: torch.device | str, split_name: str) -> Path:
+                     device: torch.device | str, split_name: str, autocast_dtype: torch.dtype | None) -> Path:
     from qformer.data.images import load_rgb
     from qformer.data.normalize import normalize_uint8
     from qformer.evaluate.attention_grid import render_attention_grid
@@ -64,7 +65,7 @@ def _write_attention(model: torch.nn.Module, split: Any, rows: list[int], target
     images = np.stack([split.vis_processor(load_rgb(p, getattr(split, "max_pixels", None))) for p in paths])
     pixels = normalize_uint8(torch.as_tensor(images).to(device), getattr(split, "mean", CLIP_MEAN),
                              getattr(split, "std", CLIP_STD))
-    attention = query_cross_attention(model, pixels)
+    attention = query_cross_attention(model, pixels, autocast_dtype)
     maps = patch_grid(attention).cpu().numpy()
     picture, _ = render_attention_grid(list(images), maps, paths, n_tokens=attention.shape[-1],
                                        title=f"{split_name}: where each of the {maps.shape[1]} queries looks")
@@ -84,13 +85,15 @@ def log_visuals(tracker: Any, folder: str | Path, split_name: str, label: str | 
 
 
 def log_eval_visuals(tracker: Any, model: torch.nn.Module, split: Any, scores: Any, split_name: str,
-                     label: str | None, device: torch.device | str) -> list[str]:
+                     label: str | None, device: torch.device | str, autocast_dtype: torch.dtype | None = None
+                     ) -> list[str]:
     """write_visuals + log_visuals through a temporary folder; a warning (and []) on any failure."""
     import tempfile
 
     try:
         with tempfile.TemporaryDirectory(prefix="qformer-visuals-") as tmp:
-            write_visuals(model, split, scores, tmp, device=device, split_name=split_name)
+            write_visuals(model, split, scores, tmp, device=device, split_name=split_name,
+                          autocast_dtype=autocast_dtype)
             return log_visuals(tracker, tmp, split_name, label)
     except Exception as err:  # pictures are a view on the run, not part of it
         log.warning("retrieval gallery / attention maps for '%s' not logged: %s", split_name, err)

@@ -9,6 +9,7 @@ forward and evaluation paths are untouched (no hook, no extra work) unless this 
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -25,9 +26,11 @@ def last_cross_attention(model: nn.Module) -> nn.Module:
     return layers[-1].crossattention.self
 
 
-def cross_attention_probs(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+def cross_attention_probs(model: nn.Module, image: torch.Tensor, autocast_dtype: torch.dtype | None = None
+                          ) -> torch.Tensor:
     """[B, heads, queries, image tokens] attention probabilities (rows sum to 1) of the last cross-attention
-    layer for normalised images [B,3,S,S]. Runs in eval mode without gradients; fp32 maths."""
+    layer for normalised images [B,3,S,S]. Runs in eval mode without gradients; the pass runs under
+    `autocast_dtype` as the evaluation does (an fp16 ViT needs it on CUDA), the probabilities in fp32."""
     core = getattr(model, "module", model)
     attn = last_cross_attention(core)
     signature = inspect.signature(attn.forward)
@@ -42,8 +45,10 @@ def cross_attention_probs(model: nn.Module, image: torch.Tensor) -> torch.Tensor
     core.eval()
     handle = attn.register_forward_pre_hook(record, with_kwargs=True)
     try:
+        cast = torch.autocast(image.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with torch.no_grad():
-            core.encode_image(image=image)
+            with cast:
+                core.encode_image(image=image)
             q = attn._heads(_linear(attn.query, seen["hidden"]))
             k = attn._heads(_linear(attn.key, seen["image"]))
             return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim), dim=-1)
@@ -52,9 +57,10 @@ def cross_attention_probs(model: nn.Module, image: torch.Tensor) -> torch.Tensor
         core.train(was_training)
 
 
-def query_cross_attention(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+def query_cross_attention(model: nn.Module, image: torch.Tensor, autocast_dtype: torch.dtype | None = None
+                          ) -> torch.Tensor:
     """[B, queries, image tokens]: `cross_attention_probs` averaged over heads."""
-    return cross_attention_probs(model, image).mean(dim=1)
+    return cross_attention_probs(model, image, autocast_dtype).mean(dim=1)
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

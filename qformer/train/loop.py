@@ -331,7 +331,7 @@ class _Runner:
             label=f"eval {split}")
         if self.rank == 0 and self.tracker is not None:  # gallery + attention maps, rank 0 only (no collective)
             log_eval_visuals(self.tracker, self.unwrapped, data, scores, split, f"step_{self.state.global_step:08d}",
-                             self.state.device)
+                             self.state.device, self.state.amp.dtype)
         self.state.model.train()
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 

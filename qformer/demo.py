@@ -63,9 +63,30 @@ def run_demo(cfg_path: str | None = None, options: list[str] | None = None) -> d
         after = _evaluate_checkpoint(cfg, result.checkpoint_path, split)
     summary = {"data": str(data_root), "split": split, "before": before, "after": after,
                "checkpoint": result.checkpoint_path, "mlflow_run_id": result.mlflow_run_id,
-               "tracking_uri": result.tracking_uri}
+               "tracking_uri": result.tracking_uri, **_pictures(result.tracking_uri, result.mlflow_run_id)}
     _print_summary(summary)
     return summary
+
+
+def _pictures(uri: str | None, run_id: str | None) -> dict[str, Any]:
+    """The run's newest retrieval gallery and attention grid (artifact paths), where its artifacts live on disk,
+    and its experiment (for a link straight to the run)."""
+    if not (uri and run_id):
+        return {}
+    from mlflow.tracking import MlflowClient
+
+    from qformer.evaluate.visuals import ATTENTION_PNG, GALLERY_PNG, visual_artifacts
+
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+        found = visual_artifacts(uri, run_id)
+    except Exception as err:  # the summary still prints
+        print(f"(could not list the run's pictures: {err})")
+        return {}
+    newest = {name: next((p for p in reversed(found) if p.endswith("/" + name)), None)
+              for name in (GALLERY_PNG, ATTENTION_PNG)}
+    return {"gallery": newest[GALLERY_PNG], "attention": newest[ATTENTION_PNG],
+            "artifact_uri": run.info.artifact_uri, "experiment_id": run.info.experiment_id}
 
 
 def _evaluate_checkpoint(cfg: Any, checkpoint: str | None, split: str) -> dict[str, float]:
@@ -91,7 +112,12 @@ def _print_summary(s: dict) -> None:
     print(f"checkpoint:  {s['checkpoint']}")
     if s["mlflow_run_id"]:
         print(f"MLflow:      run {s['mlflow_run_id']} at {s['tracking_uri']}")
-        print(f"             {ui_hint(s['tracking_uri'])}")
+        print(f"             {ui_hint(s['tracking_uri'], s.get('experiment_id'), s['mlflow_run_id'])}")
+        for key, what in (("gallery", "retrieval gallery"), ("attention", "query attention")):
+            if s.get(key):
+                print(f"{key + ':':12s} {s[key]}   ({what}, in the run's Artifacts tab)")
+        if str(s.get("artifact_uri", "")).startswith("file://"):
+            print(f"artifacts:   {s['artifact_uri'][len('file://'):]}")
     print(f"retrieval on '{s['split']}' (recall %, before -> after training):")
     for key in REPORTED:
         b, a = s["before"].get(key), s["after"].get(key)

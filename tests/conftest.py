@@ -62,3 +62,16 @@ def synth_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_shapes")
     write_synthetic(out, n_train=48, n_val=16, n_test=16, seed=0, image_size=72)
     return out
+
+
+@pytest.fixture
+def progress_log(caplog, monkeypatch):
+    """Messages of qformer.progress at INFO, caught even after `setup_logging` (which stops propagation)."""
+    import logging
+
+    from qformer.logging_setup import setup_logging
+
+    setup_logging()  # as every command does, whatever ran before
+    monkeypatch.setattr(logging.getLogger("qformer"), "propagate", True)  # to caplog's handler on the root
+    with caplog.at_level(logging.INFO, logger="qformer"):
+        yield lambda: [r.getMessage() for r in caplog.records if r.name == "qformer.progress"]

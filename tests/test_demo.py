@@ -30,3 +30,51 @@ def test_demo_trains_and_reports_before_after(ray_cluster, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "=== qformer demo ===" in out and f"run {summary['mlflow_run_id']}" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out and " -> " in out
+    # the pictures: named in the printout, logged in the run, drawn as a person would want them
+    assert summary["gallery"].endswith("/retrieval_gallery.png") and summary["gallery"] in out
+    assert summary["attention"].endswith("/query_attention.png") and summary["attention"] in out
+    _check_demo_pictures(summary, tmp_path)
+
+
+def _check_demo_pictures(summary: dict, tmp_path: Path) -> None:
+    """Read the demo run's gallery and attention grid back from MLflow and check what they show."""
+    import json
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from qformer.data.images import load_rgb
+    from qformer.evaluate.attention_grid import render_attention_grid
+    from qformer.evaluate.drawing import BACKGROUND, CORRECT, WRONG
+    from qformer.evaluate.gallery import Gallery, render_gallery
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    run_id = summary["mlflow_run_id"]
+    folder = summary["gallery"].rsplit("/", 1)[0]
+    assert folder.startswith("visuals/test/step_")
+    local = Path(client.download_artifacts(run_id, folder, str(tmp_path / "pictures")))
+    gallery_png = Image.open(local / "retrieval_gallery.png")
+    gallery = Gallery.from_dict(json.loads((local / "retrieval_gallery.json").read_text()))
+
+    # 4 test images: every caption's top 5 holds all 4 images, its own among them; each image gets 5 captions
+    assert len(gallery.text_to_image) == 4 and len(gallery.image_to_text) == 4
+    assert all(len(row.hits) == 4 and sum(h.correct for h in row.hits) == 1 for row in gallery.text_to_image)
+    redrawn, marks = render_gallery(gallery, load_rgb)
+    assert gallery_png.size == redrawn.size and gallery_png.mode == "RGB"
+    assert len(marks) == 4 * 4 + 4 * 5  # image tiles + caption boxes
+    for mark in marks:  # the marks in the logged picture, where the layout puts them
+        x0, y0, x1, _ = mark.box
+        assert gallery_png.getpixel(((x0 + x1) // 2, y0 + 1)) == (CORRECT if mark.correct else WRONG)
+    assert sum(m.correct for m in marks if m.kind == "image") == 4
+    assert np.array_equal(np.asarray(gallery_png), np.asarray(redrawn))  # the same picture, nothing else drawn
+
+    grid_png = Image.open(local / "query_attention.png")
+    queries = 4  # model.num_query_token
+    blank = [np.zeros((3, 64, 64), np.uint8)] * 3
+    layout, tiles = render_attention_grid(blank, np.zeros((3, queries, 8, 8)), ["a"] * 3)  # the same layout
+    assert len(tiles) == 3 * (1 + queries)  # 3 images, each beside one map per query
+    assert grid_png.size == layout.size
+    for t in tiles:  # every tile holds a picture, not background
+        crop = np.asarray(grid_png.crop((t.box[0], t.box[1], t.box[2] + 1, t.box[3] + 1)))
+        assert (crop != np.array(BACKGROUND, np.uint8)).any(axis=-1).mean() > 0.9

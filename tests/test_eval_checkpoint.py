@@ -5,6 +5,7 @@ Real Ray Train (the training in Train local mode; `qformer eval` on one Ray Trai
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,16 +54,22 @@ def _latest_checkpoint(run_dir: Path) -> str:
     return str(max(dirs, key=lambda d: int(read_meta(d).get("step") or 0)))
 
 
-def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_path):
+def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from qformer.cli import main
     from qformer.evaluate.runner import evaluate_checkpoint
+    from qformer.evaluate.visuals import visual_artifacts
     from qformer.train.launcher import launch_training
 
-    cfg = _cfg(shapes, tmp_path)
+    cfg = _cfg(shapes, tmp_path, valid_splits=["val"])
     trained = launch_training(cfg, local_mode=True)
     assert trained.error is None
+    client = MlflowClient(tracking_uri=cfg.run.mlflow.tracking_uri)
+    # every evaluation of the training run left its pictures: val after the epoch, test at the end (step 3)
+    pictures = set(visual_artifacts(cfg.run.mlflow.tracking_uri, trained.mlflow_run_id))
+    assert pictures == {f"visuals/{split}/step_00000003/{name}" for split in ("val", "test")
+                        for name in ("retrieval_gallery.png", "query_attention.png")}
     checkpoint = trained.checkpoint_path or _latest_checkpoint(Path(trained.storage_path) / trained.name)
     at_end = {k: trained.metrics[f"test/{k}"] for k in METRIC_KEYS}
 
@@ -79,7 +86,7 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_pa
     rc = main(["eval", "--cfg-path", str(yaml_path), "--checkpoint", checkpoint,
                "--options", "run.ray.num_workers=1", "run.ray.resources_per_worker={CPU: 0.5}"])
     assert rc == 0
-    client = MlflowClient(tracking_uri=cfg.run.mlflow.tracking_uri)
+    assert "picture: visuals/test/retrieval_gallery.png" in capsys.readouterr().out
     exp = client.get_experiment_by_name("test-eval")
     evals = client.search_runs([exp.experiment_id], filter_string="tags.`qformer.kind` = 'eval'")
     assert len(evals) == 1
@@ -88,6 +95,16 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_pa
     assert run.data.tags["qformer.checkpoint"] == str(Path(checkpoint).resolve())
     assert {k: run.data.metrics[f"test/{k}"] for k in METRIC_KEYS} == pytest.approx(at_end, abs=1e-9)
     assert run.data.params["run.k_test"] == "3"
+    # the pictures came back from the Ray worker into the eval run, beside a readable gallery record
+    assert set(visual_artifacts(cfg.run.mlflow.tracking_uri, run.info.run_id)) == {
+        "visuals/test/retrieval_gallery.png", "visuals/test/query_attention.png"}
+    record = Path(client.download_artifacts(run.info.run_id, "visuals/test/retrieval_gallery.json", str(tmp_path)))
+    assert len(json.loads(record.read_text())["text_to_image"]) == 4
+
+    # `qformer eval --local`: the same pictures, drawn in this process
+    local = evaluate_checkpoint(cfg, checkpoint, ["test"], local=True)
+    assert set(visual_artifacts(local.tracking_uri, local.mlflow_run_id)) == {
+        "visuals/test/retrieval_gallery.png", "visuals/test/query_attention.png"}
 
 
 def test_bad_checkpoints_are_named_and_lavis_style_files_load(shapes, tmp_path):

@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from qformer.config import load_config
     from qformer.data.check import check_config, failed, format_report
+    from qformer.logging_setup import setup_logging
+
+    setup_logging()  # progress lines when stdout is not a terminal
 
     reports = check_config(load_config(args.cfg_path, args.options), images=not args.no_images, workers=args.workers)
     print(format_report(reports))

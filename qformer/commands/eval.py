@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     if result.mlflow_run_id:
+        from qformer.evaluate.visuals import visual_artifacts
         from qformer.tracking import ui_hint
 
         print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}\n  {ui_hint(result.tracking_uri)}")
+        for path in visual_artifacts(result.tracking_uri, result.mlflow_run_id):
+            print(f"  picture: {path}")
     return 0

@@ -63,17 +63,26 @@ def check_config(cfg, images: bool = True, workers: int | None = None) -> list[S
                 rep.bad_images = [f"{p}: image directory missing" for p in paths
                                   if p.startswith(rep.missing_image_root.rstrip("/") + "/")]
             elif images:
-                rep.bad_images = _check_images(paths, workers)
+                rep.bad_images = _check_images(paths, workers, f"data check {name}/{split}")
     return reports
 
 
-def _check_images(paths: list[str], workers: int | None) -> list[str]:
+def _check_images(paths: list[str], workers: int | None, label: str = "data check") -> list[str]:
+    """'path: reason' of each image that does not decode, with progress (qformer.progress) as they are read."""
+    from qformer.progress import Progress
+
     workers = workers or min(8, os.cpu_count() or 1)
-    if workers <= 1 or len(paths) < 256:
-        results = [image_error(p) for p in paths]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(image_error, paths, chunksize=64))
+    results = []
+    with Progress(len(paths), f"{label}: decode images", "images") as bar:
+        if workers <= 1 or len(paths) < 256:
+            for p in paths:
+                results.append(image_error(p))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for r in pool.map(image_error, paths, chunksize=64):
+                    results.append(r)
+                    bar.update()
     return [r for r in results if r]
 
 

@@ -15,7 +15,7 @@ directions. So each shard needs the frozen-ViT features of its own images only, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -73,11 +73,13 @@ def itm_rerank(
     *,
     owned_images: range | None = None,
     batch_size: int = 128,
+    progress: Callable[[int], Any] | None = None,
 ) -> RerankEntries:
     """ITM-re-rank the pairs whose image lies in `owned_images` (default: all), both directions.
 
     sims: coarse similarities [N_img, N_txt] (all images and texts, as every shard sees them).
     The scorer gets pairs sorted by image, in batches of at most `batch_size`.
+    `progress(total_pairs)`: makes a qformer.progress.Progress-like object, updated per scored batch.
     """
     if k_test < 1:
         raise ValueError(f"run.k_test must be >= 1, got {k_test}")
@@ -107,12 +109,17 @@ def itm_rerank(
     keys_t2i = t2i_img * n_txt + t2i_txt
     keys, inverse = torch.unique(torch.cat([keys_i2t, keys_t2i]), sorted=True, return_inverse=True)
     itm = torch.empty(keys.shape[0], dtype=torch.float32, device=device)
+    bar = progress(int(keys.shape[0])) if progress is not None else None
     for lo in range(0, keys.shape[0], batch_size):
         k = keys[lo : lo + batch_size]
         out = itm_scorer(k // n_txt, k % n_txt)
         if out.shape != k.shape:
             raise ValueError(f"ITM scorer returned shape {tuple(out.shape)} for {k.shape[0]} pairs")
         itm[lo : lo + batch_size] = out.float()
+        if bar is not None:
+            bar.update(int(k.shape[0]))
+    if bar is not None:
+        bar.close()
     itm_i2t, itm_t2i = itm[inverse[: keys_i2t.shape[0]]], itm[inverse[keys_i2t.shape[0] :]]
 
     cpu = torch.device("cpu")

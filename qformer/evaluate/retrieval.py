@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -60,10 +60,13 @@ class ScoreMatrices:
     img2txt: list[list[int]]
     txt2img: list[int]
     skipped_images: int = 0
+    kept_images: list[int] = field(default_factory=list)  # row i of i2t is the split's image kept_images[i]
+    kept_texts: list[int] = field(default_factory=list)  # row t of t2i is the split's text kept_texts[t]
 
 
-def _image_batches(split: Any, rows: range, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(indices, eval-processed uint8 [b,3,S,S]) for split rows `rows`; undecodable images are absent."""
+def _image_batches(split: Any, rows: range, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(rows read, indices, eval-processed uint8 [b,3,S,S]) for split rows `rows`; undecodable images are
+    absent from the indices."""
     from qformer.data.transform import eval_batch
 
     paths = split.image_paths
@@ -71,7 +74,7 @@ def _image_batches(split: Any, rows: range, batch_size: int) -> Iterator[tuple[n
         hi = min(rows.stop, lo + batch_size)
         batch = {"index": np.arange(lo, hi, dtype=np.int64), "path": np.array(paths[lo:hi], dtype=object)}
         out = eval_batch(batch, split.vis_processor, getattr(split, "max_pixels", None))
-        yield out["index"], out["image"]
+        yield hi - lo, out["index"], out["image"]
 
 
 @contextlib.contextmanager
@@ -96,9 +99,14 @@ def compute_score_matrices(
     world_size: int | None = None,
     itm_batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    label: str = "retrieval eval",
 ) -> ScoreMatrices:
-    """LAVIS's compute_sim_matrix: ITC sims + ITM re-rank of the top k_test, on every rank."""
+    """LAVIS's compute_sim_matrix: ITC sims + ITM re-rank of the top k_test, on every rank.
+
+    Rank 0 shows the progress of each stage (texts, images, ITM pairs) under `label` (qformer.progress).
+    """
     from qformer.data.normalize import normalize_uint8
+    from qformer.progress import Progress
 
     rank, world_size = resolve_rank_world(rank, world_size)
     device = torch.device(device)
@@ -128,24 +136,28 @@ def compute_score_matrices(
         text_ids, text_atts = torch.cat(ids_l), torch.cat(atts_l)
         my_txt = shard_range(n_txt, rank, world_size)
         local_text: list[torch.Tensor | None] = []
-        for lo, hi in _batches(my_txt, batch_size):
-            with cast():
-                local_text.extend(core.encode_text(text_ids[lo:hi].to(device), text_atts[lo:hi].to(device)).float())
+        with Progress(len(my_txt), f"{label}: encode texts", "texts", enabled=rank == 0) as bar:
+            for lo, hi in _batches(my_txt, batch_size):
+                with cast():
+                    local_text.extend(core.encode_text(text_ids[lo:hi].to(device), text_atts[lo:hi].to(device)).float())
+                bar.update(hi - lo)
         text_feats = gather_shards(_stack_rows(local_text, device), n_txt, world_size)
 
         # 2. images: this rank's share; ln_vision tokens stay on the CPU (as LAVIS), one batch on device at a time
         my_img = shard_range(n_img, rank, world_size)
         feats_by_row: list[torch.Tensor | None] = [None] * len(my_img)
         local_vit = []
-        for idx, images in _image_batches(split, my_img, batch_size):
-            if len(idx) == 0:
-                continue
-            image = normalize_uint8(torch.as_tensor(images).to(device), mean, std)
-            with cast():
-                feats, embeds_ln = core.encode_image(image=image)
-            for j, row in enumerate(idx):
-                feats_by_row[int(row) - my_img.start] = feats[j].float()
-            local_vit.append(embeds_ln.cpu())
+        with Progress(len(my_img), f"{label}: encode images", "images", enabled=rank == 0) as bar:
+            for read, idx, images in _image_batches(split, my_img, batch_size):
+                bar.update(read)
+                if len(idx) == 0:
+                    continue
+                image = normalize_uint8(torch.as_tensor(images).to(device), mean, std)
+                with cast():
+                    feats, embeds_ln = core.encode_image(image=image)
+                for j, row in enumerate(idx):
+                    feats_by_row[int(row) - my_img.start] = feats[j].float()
+                local_vit.append(embeds_ln.cpu())
         valid_local = torch.tensor([f is not None for f in feats_by_row], dtype=torch.uint8, device=device)
         valid = gather_shards(valid_local, n_img, world_size).bool().cpu()
         image_feats = gather_shards(_stack_rows(feats_by_row, device), n_img, world_size)
@@ -170,9 +182,15 @@ def compute_score_matrices(
                     vit[img_idx - owned.start].to(device), text_ids[txt_idx].to(device), text_atts[txt_idx].to(device)
                 ).float()
 
-        entries = itm_rerank(sims, k_test, itm_scorer, owned_images=owned, batch_size=itm_batch_size or batch_size)
+        def itm_progress(total: int) -> Progress:
+            return Progress(total, f"{label}: ITM re-rank", "pairs", enabled=rank == 0)
+
+        entries = itm_rerank(sims, k_test, itm_scorer, owned_images=owned, batch_size=itm_batch_size or batch_size,
+                             progress=itm_progress)
     i2t, t2i = gather_entries(entries, world_size).to_dense(*sims.shape)
-    return ScoreMatrices(i2t, t2i, gt.img2txt, gt.txt2img, skipped_images=int((~valid).sum()))
+    kept_images = [i for i, ok in enumerate(valid.tolist()) if ok]
+    return ScoreMatrices(i2t, t2i, gt.img2txt, gt.txt2img, skipped_images=int((~valid).sum()),
+                         kept_images=kept_images, kept_texts=list(gt.kept_texts))
 
 
 def _batches(rows: range, batch_size: int) -> Iterator[tuple[int, int]]:
@@ -246,13 +264,15 @@ def evaluate_retrieval(
     world_size: int | None = None,
     itm_batch_size: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    label: str = "retrieval eval",
 ) -> dict[str, float]:
     """LAVIS retrieval metrics (txt/img_r1/5/10, means, r_mean, agg_metrics = txt_r_mean) of `model` on `split`,
     plus `skipped_images`: the undecodable images left out (with their captions).
 
     Call on every rank of an initialised process group (it is a collective), or in a single process.
     `batch_size` is the encoding batch (run.batch_size_eval), `itm_batch_size` the number of pairs per ITM
-    forward (default batch_size). Restores the model's train/eval mode afterwards.
+    forward (default batch_size). Restores the model's train/eval mode afterwards. `label` names the
+    progress output. `evaluate_retrieval_scores` also returns the score matrices.
     """
     scores = compute_score_matrices(
         model,
@@ -264,7 +284,20 @@ def evaluate_retrieval(
         world_size=world_size,
         itm_batch_size=itm_batch_size,
         autocast_dtype=autocast_dtype,
+        label=label,
     )
+    return scores_to_metrics(scores)
+
+
+def evaluate_retrieval_scores(model: torch.nn.Module, split: RetrievalData, **options: Any
+                              ) -> tuple[dict[str, float], ScoreMatrices]:
+    """`evaluate_retrieval`'s metrics (same keyword options) and the score matrices they come from, which the
+    retrieval gallery (qformer.evaluate.gallery) draws."""
+    scores = compute_score_matrices(model, split, **options)
+    return scores_to_metrics(scores), scores
+
+
+def scores_to_metrics(scores: ScoreMatrices) -> dict[str, float]:
     if scores.skipped_images:
         log.warning("retrieval eval: %d undecodable images left out with their captions", scores.skipped_images)
     metrics = retrieval_metrics(scores.i2t, scores.t2i, scores.img2txt, scores.txt2img)

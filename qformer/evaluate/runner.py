@@ -9,12 +9,15 @@ A TorchTrainer of run.ray.num_workers workers runs `evaluate_retrieval` in its p
 texts and the ITM re-rank are split across the workers); `local=True` (`qformer eval --local`) runs it
 in this process without Ray.
 Autocast follows run.amp / run.amp_dtype exactly as the training loop's evaluation does, so the numbers
-equal the ones the training run logged for the same weights.
+equal the ones the training run logged for the same weights. The MLflow run also gets each split's
+retrieval gallery and query attention grid (qformer.evaluate.visuals) under visuals/<split>/, rendered
+by rank 0 (on Ray, carried back in the checkpoint its report attaches).
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 
 log = logging.getLogger("qformer.evaluate")
+
+VISUALS_DIR = "visuals"  # in the checkpoint an eval worker reports: the pictures of each split
 
 
 @dataclass
@@ -53,20 +58,35 @@ def load_weights(model: torch.nn.Module, checkpoint: str | Path) -> dict[str, li
 
 
 def evaluate_model_on_split(model: torch.nn.Module, cfg: Any, split: str, device: torch.device,
-                            rank: int | None = None, world_size: int | None = None) -> dict[str, float]:
-    """evaluate_retrieval with the config's k_test, batch_size_eval and AMP policy."""
+                            rank: int | None = None, world_size: int | None = None,
+                            visuals_dir: Path | None = None) -> dict[str, float]:
+    """evaluate_retrieval with the config's k_test, batch_size_eval and AMP policy.
+
+    visuals_dir (give it on one rank only): the split's retrieval gallery and attention grid go to
+    visuals_dir/<split>/ (qformer.evaluate.visuals); a rendering failure is a warning.
+    """
     from qformer.data.pipeline import build_eval_split
-    from qformer.evaluate.retrieval import evaluate_retrieval
+    from qformer.evaluate.retrieval import evaluate_retrieval_scores
+    from qformer.evaluate.visuals import write_visuals
     from qformer.train.amp import resolve_amp
 
     amp = resolve_amp(bool(cfg.run.amp), cfg.run.get("amp_dtype"), device)
-    return evaluate_retrieval(model, build_eval_split(cfg, split), k_test=int(cfg.run.k_test),
-                              batch_size=int(cfg.run.batch_size_eval), device=device, rank=rank,
-                              world_size=world_size, autocast_dtype=amp.dtype)
+    data = build_eval_split(cfg, split)
+    metrics, scores = evaluate_retrieval_scores(model, data, k_test=int(cfg.run.k_test),
+                                                batch_size=int(cfg.run.batch_size_eval), device=device, rank=rank,
+                                                world_size=world_size, autocast_dtype=amp.dtype, label=f"eval {split}")
+    if visuals_dir is not None:
+        try:
+            write_visuals(model, data, scores, Path(visuals_dir) / split, device=device, split_name=split,
+                          autocast_dtype=amp.dtype)
+        except Exception as err:  # pictures are a view on the evaluation, not part of it
+            log.warning("retrieval gallery / attention maps for '%s' not written: %s", split, err)
+    return metrics
 
 
 def _evaluate_here(cfg: Any, checkpoint: str, splits: list[str], device: torch.device,
-                   rank: int | None = None, world_size: int | None = None) -> dict[str, float]:
+                   rank: int | None = None, world_size: int | None = None,
+                   visuals_dir: Path | None = None) -> dict[str, float]:
     from qformer.models import build_model
     from qformer.seeding import setup_seeds
 
@@ -76,7 +96,7 @@ def _evaluate_here(cfg: Any, checkpoint: str, splits: list[str], device: torch.d
     model.to(device)
     metrics: dict[str, float] = {}
     for split in splits:
-        result = evaluate_model_on_split(model, cfg, split, device, rank, world_size)
+        result = evaluate_model_on_split(model, cfg, split, device, rank, world_size, visuals_dir)
         metrics.update({f"{split}/{k}": float(v) for k, v in result.items()})
     return metrics
 
@@ -87,19 +107,26 @@ def _eval_worker(config: dict) -> None:
     import ray.train.torch
     from omegaconf import OmegaConf
 
+    from qformer.logging_setup import setup_logging
+
+    rank = ray.train.get_context().get_world_rank()
+    setup_logging(rank)  # rank 0's progress lines reach the job log
     cfg = OmegaConf.create(config["cfg"])
     device = ray.train.torch.get_device()
-    metrics = _evaluate_here(cfg, config["checkpoint"], config["splits"], device)
-    # Train V2's Result.metrics are those of the latest *checkpoint* report, so rank 0 attaches a tiny one.
-    if ray.train.get_context().get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    else:
-        ray.train.report(metrics)
+    if rank != 0:
+        ray.train.report(_evaluate_here(cfg, config["checkpoint"], config["splits"], device))
+        return
+    # Train V2's Result.metrics are those of the latest *checkpoint* report, so rank 0 attaches a small one,
+    # which also carries the pictures (visuals/<split>/) back to the driver.
+    with tempfile.TemporaryDirectory() as tmp:
+        visuals = Path(tmp) / VISUALS_DIR if config.get("visuals") else None
+        metrics = _evaluate_here(cfg, config["checkpoint"], config["splits"], device, visuals_dir=visuals)
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str]) -> dict[str, float]:
+def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str], visuals_dir: Path | None = None
+                     ) -> dict[str, float]:
     import ray.train
     from omegaconf import OmegaConf
     from ray.train.torch import TorchTrainer
@@ -119,11 +146,16 @@ def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str]) -> dict[str, 
         trainer = TorchTrainer(
             _eval_worker,
             train_loop_config={"cfg": OmegaConf.to_container(cfg, resolve=True),
-                               "checkpoint": str(Path(checkpoint).expanduser().resolve()), "splits": splits},
+                               "checkpoint": str(Path(checkpoint).expanduser().resolve()), "splits": splits,
+                               "visuals": visuals_dir is not None},
             scaling_config=scaling,
             run_config=ray.train.RunConfig(name="qformer-eval", storage_path=storage),
         )
         result = trainer.fit()
+        if visuals_dir is not None and result.error is None and result.checkpoint is not None:
+            with result.checkpoint.as_directory() as reported:  # before the temporary storage goes
+                if (Path(reported) / VISUALS_DIR).is_dir():
+                    shutil.copytree(Path(reported) / VISUALS_DIR, visuals_dir, dirs_exist_ok=True)
     if result.error is not None:
         raise result.error
     if not result.metrics:
@@ -144,21 +176,27 @@ def evaluate_checkpoint(cfg: Any, checkpoint: str | Path, splits: list[str] | No
     checkpoint = str(checkpoint)
     check_readable(checkpoint)  # a missing or foreign file, and a wrong image folder, fail here, not in
     check_images(cfg, splits)   # every Ray worker
-    if not local and int(cfg.run.ray.num_workers) > 0:
-        metrics = _evaluate_on_ray(cfg, checkpoint, splits)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        metrics = _evaluate_here(cfg, checkpoint, splits, device)
-    run_id = uri = None
-    if track and cfg.run.mlflow.get("enabled", True):
-        run_id, uri = _log_to_mlflow(cfg, checkpoint, splits, metrics)
+    tracked = track and cfg.run.mlflow.get("enabled", True)
+    with tempfile.TemporaryDirectory(prefix="qformer-eval-visuals-") as tmp:
+        visuals = Path(tmp) if tracked else None  # the pictures only go to the MLflow run
+        if not local and int(cfg.run.ray.num_workers) > 0:
+            metrics = _evaluate_on_ray(cfg, checkpoint, splits, visuals)
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            metrics = _evaluate_here(cfg, checkpoint, splits, device, visuals_dir=visuals)
+        run_id = uri = None
+        if tracked:
+            run_id, uri = _log_to_mlflow(cfg, checkpoint, splits, metrics, visuals)
     return EvalResult(metrics, run_id, uri)
 
 
-def _log_to_mlflow(cfg: Any, checkpoint: str, splits: list[str], metrics: dict[str, float]) -> tuple[str, str]:
-    """An evaluation is its own MLflow run, in the config's experiment, tagged with what it evaluated."""
+def _log_to_mlflow(cfg: Any, checkpoint: str, splits: list[str], metrics: dict[str, float],
+                   visuals_dir: Path | None = None) -> tuple[str, str]:
+    """An evaluation is its own MLflow run, in the config's experiment, tagged with what it evaluated;
+    with the pictures of each split (visuals_dir/<split>/) under visuals/<split>/."""
     from omegaconf import OmegaConf
 
+    from qformer.evaluate.visuals import log_visuals
     from qformer.tracking import RunTracker, flatten_params, git_commit, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.run.mlflow.get("tracking_uri"))
@@ -177,5 +215,11 @@ def _log_to_mlflow(cfg: Any, checkpoint: str, splits: list[str], metrics: dict[s
     except Exception:
         tracker.end("FAILED")
         raise
+    for split in splits:
+        if visuals_dir is not None and (visuals_dir / split).is_dir():
+            try:
+                log_visuals(tracker, visuals_dir / split, split)
+            except Exception as err:  # the metrics are logged: pictures missing is a warning
+                log.warning("retrieval gallery / attention maps for '%s' not logged: %s", split, err)
     tracker.end("FINISHED")
     return tracker.run_id, uri

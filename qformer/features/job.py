@@ -14,6 +14,7 @@ import numpy as np
 
 from qformer.features import store
 from qformer.features.views import ViewMaker
+from qformer.progress import Progress
 
 # (uint8 [B,3,S,S] NumPy) -> float [B,N,D] (NumPy or torch); built inside each actor.
 Encoder = Callable[[np.ndarray], Any]
@@ -144,13 +145,15 @@ def run_cache_job(
     index: dict[str, tuple[str, int]] = {}
     skipped: list[str] = []
     fingerprints: set[str] = set()
-    for out in ds.iter_batches(batch_format="numpy", batch_size=None):
-        fingerprints.update(str(f) for f in out["vit_fingerprint"])
-        for path, shard, row in zip(out["image"], out["shard"], out["row"]):
-            if int(row) < 0:
-                skipped.append(str(path))
-            else:
-                index[str(path)] = (str(shard), int(row))
+    with Progress(len(unique), "cache-features: encode images", "images") as bar:
+        for out in ds.iter_batches(batch_format="numpy", batch_size=None):
+            fingerprints.update(str(f) for f in out["vit_fingerprint"])
+            for path, shard, row in zip(out["image"], out["shard"], out["row"]):
+                if int(row) < 0:
+                    skipped.append(str(path))
+                else:
+                    index[str(path)] = (str(shard), int(row))
+            bar.update(len(out["image"]))
     if not index:
         raise RuntimeError(f"no image could be decoded (first: {unique[0][1]})")
     if len(fingerprints) > 1:  # e.g. randomly initialised ViTs seeded differently per actor

@@ -248,15 +248,15 @@ class _Runner:
             round_ += 1
 
     def train_epoch(self, epoch: int, begin: int) -> None:
-        from tqdm import tqdm
+        from qformer.progress import Progress
 
         self.state.model.train()
         length = self.epoch_length()
         total = length
         if total is None and self.config.get("num_rows"):
             total = int(self.config["num_rows"].get("train", 0)) // (self.batch_size * self.world) or None
-        bar = tqdm(total=total, initial=begin, desc=f"epoch {epoch}", disable=self.rank != 0, dynamic_ncols=True,
-                   mininterval=2.0)
+        # a bar on a terminal; in a job log log_step's lines are the progress (log_every_s=None)
+        bar = Progress(total, f"epoch {epoch}", "steps", initial=begin, enabled=self.rank == 0, log_every_s=None)
         epoch_meter = LossMeter()
         i = begin
         batches = self._batches(epoch, begin)
@@ -338,12 +338,17 @@ class _Runner:
 
     def evaluate(self, split: str) -> dict[str, float]:
         from qformer.data.pipeline import build_eval_split
-        from qformer.evaluate.retrieval import evaluate_retrieval
+        from qformer.evaluate.retrieval import evaluate_retrieval_scores
+        from qformer.evaluate.visuals import log_eval_visuals
 
         data = build_eval_split(self.cfg, split)
-        result = evaluate_retrieval(self.unwrapped, data, k_test=int(self.run_cfg.k_test),
-                                    batch_size=int(self.run_cfg.batch_size_eval), device=self.state.device,
-                                    rank=self.rank, world_size=self.world, autocast_dtype=self.state.amp.dtype)
+        result, scores = evaluate_retrieval_scores(
+            self.unwrapped, data, k_test=int(self.run_cfg.k_test), batch_size=int(self.run_cfg.batch_size_eval),
+            device=self.state.device, rank=self.rank, world_size=self.world, autocast_dtype=self.state.amp.dtype,
+            label=f"eval {split}")
+        if self.rank == 0 and self.tracker is not None:  # gallery + attention maps, rank 0 only (no collective)
+            log_eval_visuals(self.tracker, self.unwrapped, data, scores, split, f"step_{self.state.global_step:08d}",
+                             self.state.device, self.state.amp.dtype)
         self.state.model.train()
         return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
 

@@ -90,18 +90,14 @@ def _pictures(uri: str | None, run_id: str | None) -> dict[str, Any]:
 
 
 def _evaluate_checkpoint(cfg: Any, checkpoint: str | None, split: str) -> dict[str, float]:
-    import torch
+    """`split`'s metrics of the checkpoint, in this process, with the AMP policy the training loop's
+    evaluation uses (so a re-run of a finished demo prints the numbers its training run logged)."""
+    if not checkpoint:
+        return evaluate_untrained(cfg, split)
+    from qformer.evaluate.runner import evaluate_checkpoint
 
-    from qformer.data.pipeline import build_eval_split
-    from qformer.evaluate.retrieval import evaluate_retrieval
-    from qformer.models import build_model
-    from qformer.train.checkpoint import load_file
-
-    model = build_model(cfg.model)
-    if checkpoint:
-        model.load_checkpoint({"model": load_file(checkpoint)["model"]})
-    return evaluate_retrieval(model, build_eval_split(cfg, split), k_test=int(cfg.run.k_test),
-                              batch_size=int(cfg.run.batch_size_eval), device=torch.device("cpu"))
+    metrics = evaluate_checkpoint(cfg, checkpoint, [split], track=False, local=True).metrics
+    return {k[len(split) + 1:]: v for k, v in metrics.items() if k.startswith(f"{split}/")}
 
 
 def _print_summary(s: dict) -> None:

@@ -34,6 +34,12 @@ def test_demo_trains_and_reports_before_after(ray_cluster, tmp_path, capsys):
     assert summary["gallery"].endswith("/retrieval_gallery.png") and summary["gallery"] in out
     assert summary["attention"].endswith("/query_attention.png") and summary["attention"] in out
     _check_demo_pictures(summary, tmp_path)
+    # the same command again: the finished run is left alone, and its checkpoint evaluated in this process
+    # with the training loop's AMP policy prints the numbers the training run logged
+    again = run_demo(None, options)
+    assert "already finished" in capsys.readouterr().out
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"] and again["checkpoint"] == summary["checkpoint"]
+    assert again["after"] == pytest.approx(summary["after"])
 
 
 def _check_demo_pictures(summary: dict, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,8 +91,11 @@ def test_interrupted_or_killed_driver_resumes_with_the_same_command(shapes, tmp_
     uri = cfg.run.mlflow.tracking_uri
     rows = []
 
+    temp_dirs: list[str] = []
+
     def launch() -> tuple[subprocess.Popen, str]:
         temp_dir = tempfile.mkdtemp(prefix="qfc", dir="/tmp")  # short: Ray's socket paths are length-limited
+        temp_dirs.append(temp_dir)
         env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""}
         proc = subprocess.Popen([str(QFORMER), "train", "--cfg-path", str(exp)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -116,6 +120,8 @@ def test_interrupted_or_killed_driver_resumes_with_the_same_command(shapes, tmp_
         wait_for(lambda: not _ray_processes(temp_dir), 60, f"the Ray processes of the {sig.name}ed driver to end")
         rows.append([sig, previous, None])
     assert proc.wait(600) == 0
+    for temp_dir in temp_dirs:  # the private Rays' session files (logs, sockets)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     client = client_for(uri)
     assert latest_run_id(uri) == run_id and client.get_run(run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name("chaos").experiment_id])) == 1

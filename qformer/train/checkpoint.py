@@ -149,12 +149,7 @@ def check_readable(path: str | Path) -> Path:
     except FileNotFoundError as err:
         raise CheckpointError(str(err)) from None
     try:
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        state = _torch_load(file, "cpu", mmap=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {file} cannot be read as a torch checkpoint: {first[:200]}") from None
@@ -165,10 +160,22 @@ def check_readable(path: str | Path) -> Path:
     return file
 
 
-def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def _torch_load(file: Path, map_location: str | torch.device, mmap: bool) -> Any:
+    """torch.load(weights_only=True); mmap=True maps the tensors instead of reading them (zip format
+    only: a legacy file is read whole)."""
+    if mmap:
+        try:
+            return torch.load(file, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+    return torch.load(file, map_location=map_location, weights_only=True)
+
+
+def load_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     file = resolve_file(path)
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
+        state = _torch_load(file, map_location, mmap)
     except Exception as err:  # pickle with arbitrary objects: refuse rather than execute it
         raise ValueError(f"checkpoint {file} cannot be loaded with torch.load(weights_only=True): {err}") from err
     if not isinstance(state, dict) or "model" not in state:
@@ -177,12 +184,13 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
 
 
 def read_meta(directory: str | Path) -> dict:
-    """The small fields of a checkpoint directory (meta.json, else the .pth itself)."""
+    """The small fields of a checkpoint directory (meta.json), else of the checkpoint file it holds or
+    that `directory` names (memory-mapped: the tensors are not read)."""
     directory = Path(directory)
     meta = directory / META_FILE
     if meta.is_file():
         return json.loads(meta.read_text())
-    state = load_file(directory)
+    state = load_file(directory, mmap=True)
     meta = {k: state.get(k) for k in META_KEYS}
     config = state.get("config")
     if "step" in state and isinstance(config, dict):  # ours: its config has our layout (LAVIS's does not)

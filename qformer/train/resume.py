@@ -72,17 +72,8 @@ def find_prior(run_dir: Path | None, explicit: str | None, local_mode: bool) -> 
     if path is None:
         return None
     file = ckpt_io.resolve_file(path)
-    ours = file.name == ckpt_io.CKPT_FILE
-    return PriorCheckpoint(file.parent if ours else file, ckpt_io.read_meta(file.parent) if ours else _file_meta(file),
-                           tuple(passed))
-
-
-def _file_meta(file: Path) -> dict:
-    state = ckpt_io.load_file(file)
-    meta = {k: state.get(k) for k in ckpt_io.META_KEYS}
-    if "step" in state and isinstance(state.get("config"), dict):
-        meta["config"] = {k: state["config"].get(k) for k in ckpt_io.CONFIG_SECTIONS}
-    return meta
+    where = file.parent if file.name == ckpt_io.CKPT_FILE else file  # ours is a directory; LAVIS's a file
+    return PriorCheckpoint(where, ckpt_io.read_meta(where), tuple(passed))
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 
 from qformer.config import ConfigError, load_config_dict
 from qformer.data.pipeline import build_train_datasets
+from qformer.data.position import StreamPosition, create_plan
 from qformer.data.processors.text import pre_caption
 from qformer.data.stats import skipped_count
 from qformer.data.synth import coco_caption_section
@@ -39,6 +40,14 @@ def _items(ids: np.ndarray) -> list[int]:
     return [int(tok.decode(row, skip_special_tokens=True).split()[1]) for row in ids]
 
 
+def _pass(ds, plan, k: int):
+    """`ds`, after telling its source (as the training loop does) to read pass k."""
+    import ray
+
+    ray.get(plan.set.remote("train", StreamPosition(k).to_dict()))
+    return ds
+
+
 def test_rows_are_uint8_images_and_tokenised_captions(ray_cluster, synth_data: Path) -> None:
     cfg = _cfg(coco_caption_section(synth_data))
     data = build_train_datasets(cfg)
@@ -49,7 +58,8 @@ def test_rows_are_uint8_images_and_tokenised_captions(ray_cluster, synth_data: P
     assert b["image"].dtype.is_floating_point is False and str(b["image"].dtype) == "torch.uint8"
     assert tuple(b["image"].shape[1:]) == (3, 64, 64)
     assert tuple(b["text_ids"].shape[1:]) == (32,) and str(b["text_ids"].dtype) == "torch.int64"
-    assert set(b) == {"image", "text_ids", "text_atts"}  # no image_id reaches the model (spec §2.3)
+    # no image_id reaches the model (spec §2.3); the stream position columns are popped by the loop
+    assert set(b) == {"image", "text_ids", "text_atts", "unit", "unit_rows"}
     # text_ids are the tokenised blip_caption output of the annotation's captions
     raw = json.loads((synth_data / "annotations/coco_karpathy_train.json").read_text())
     tok = load_tokenizer(BERT)
@@ -82,8 +92,10 @@ def test_two_shards_disjoint_and_cover_the_epoch(ray_cluster, synth_data: Path, 
 
 def test_order_changes_every_epoch_but_content_does_not(ray_cluster, synth_data: Path, tmp_path: Path) -> None:
     cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 160)})
-    ds = build_train_datasets(cfg).datasets["train"]
-    epochs = [[i for b in ds.iter_batches(batch_size=40, batch_format="numpy") for i in _items(b["text_ids"])] for _ in range(2)]
+    plan = create_plan()
+    ds = build_train_datasets(cfg, plan=plan).datasets["train"]
+    epochs = [[i for b in _pass(ds, plan, k).iter_batches(batch_size=40, batch_format="numpy") for i in _items(b["text_ids"])]
+              for k in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(160))
     assert epochs[0] != epochs[1]
     assert epochs[0] != list(range(160))  # rows were shuffled, not read in file order
@@ -97,12 +109,12 @@ def test_every_epoch_reads_a_new_full_permutation_seeded_by_run_seed(ray_cluster
     from qformer.data.epoch_rows import EpochShuffledRows
 
     cfg = _cfg({"coco_caption": _numbered(synth_data, tmp_path, 160)}, data={"batch_size": 16, "task_rows": 16})
-    ds = build_train_datasets(cfg).datasets["train"]
+    plan = create_plan()
+    ds = build_train_datasets(cfg, plan=plan).datasets["train"]
     source = EpochShuffledRows(pa.table({"i": np.arange(160)}), 16, seed=(1, 0))  # (run.seed, stream)
     epochs = []
-    for _ in range(2):
-        index = ds.context._execution_idx  # this dataset's execution count: the epoch's part of the seed
-        items = [_items(b["text_ids"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy")]
+    for index in range(2):  # the pass comes from the training state, through the plan
+        items = [_items(b["text_ids"]) for b in _pass(ds, plan, index).iter_batches(batch_size=16, batch_format="numpy")]
         order = source.order(index)
         expected = sorted(tuple(sorted(order[k:k + 16])) for k in range(0, 160, 16))
         assert sorted(tuple(sorted(chunk)) for chunk in items) == expected  # tasks may finish in any order
@@ -116,15 +128,18 @@ def test_augmentations_follow_run_seed_and_change_every_epoch(ray_cluster, synth
     or the next epoch does not."""
     section = {"coco_caption": _numbered(synth_data, tmp_path, 64)}
 
-    def epoch_images(ds) -> dict[int, bytes]:
-        return {i: img.tobytes() for b in ds.iter_batches(batch_size=16, batch_format="numpy")
+    plan = create_plan()
+
+    def epoch_images(ds, epoch: int = 0) -> dict[int, bytes]:
+        return {i: img.tobytes() for b in _pass(ds, plan, epoch).iter_batches(batch_size=16, batch_format="numpy")
                 for i, img in zip(_items(b["text_ids"]), b["image"])}
 
     def pipeline(seed: int):
-        return build_train_datasets(_cfg(section, seed=seed, data={"batch_size": 16, "task_rows": 16})).datasets["train"]
+        cfg = _cfg(section, seed=seed, data={"batch_size": 16, "task_rows": 16})
+        return build_train_datasets(cfg, plan=plan).datasets["train"]
 
     first = pipeline(1)
-    epoch0, epoch1 = epoch_images(first), epoch_images(first)
+    epoch0, epoch1 = epoch_images(first, 0), epoch_images(first, 1)
     assert epoch_images(pipeline(1)) == epoch0  # same seed, same epoch: the same pixels
     changed = lambda a, b: sum(a[i] != b[i] for i in a)  # noqa: E731
     assert changed(epoch_images(pipeline(2)), epoch0) > 32
@@ -135,12 +150,13 @@ def test_task_rows_sets_task_size_not_the_rows(ray_cluster, synth_data: Path, tm
     """task_rows sets the rows per decode task (whole batch_size multiples): fewer, larger output blocks; the same rows."""
     section = {"coco_caption": _numbered(synth_data, tmp_path, 160)}
     per_block = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 1})).datasets["train"]
-    per_4 = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 50})).datasets["train"]  # -> 4 blocks
+    plan = create_plan()
+    per_4 = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 50}), plan=plan).datasets["train"]
     assert per_block.materialize().num_blocks() == 10  # one task (and output block) per 16-row block
     blocks = per_4.materialize()
     assert blocks.num_blocks() == 3  # 160 rows in tasks of 64, 64, 32
     items = lambda ds: [i for b in ds.iter_batches(batch_size=40, batch_format="numpy") for i in _items(b["text_ids"])]  # noqa: E731
-    first, second = items(per_4), items(per_4)
+    first, second = items(_pass(per_4, plan, 0)), items(_pass(per_4, plan, 1))
     assert sorted(first) == sorted(second) == sorted(items(per_block)) == list(range(160))
     assert first != second  # re-shuffled every epoch
 

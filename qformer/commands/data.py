@@ -1,6 +1,7 @@
 """Data tools: `synth` writes the synthetic shapes data set; `check` validates a config's data.
 
   qformer data synth --out DIR [--n-train 2000 --n-val 200 --n-test 200 --seed 0 --image-size 96]
+  qformer data synth --out DIR --format wds|parquet|jsonl|csv [--shards 4 --per-shard 64] [--upload s3://b/p]
   qformer data check --cfg-path F [--options k=v ...] [--no-images] [--report-only]
 
 `check` exits 1 when an annotation file is bad, an image folder is missing or an image does not decode
@@ -20,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--n-test", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=96, help="side of the square JPEGs in pixels")
+    s.add_argument("--format", choices=("coco", "wds", "parquet", "jsonl", "csv"), default="coco",
+                   help="coco: Karpathy annotation files + image folders (default); else image-text training shards")
+    s.add_argument("--shards", type=int, default=4, help="shards to write (shard formats)")
+    s.add_argument("--per-shard", type=int, default=64, help="image-text pairs per shard (shard formats)")
+    s.add_argument("--upload", default=None, metavar="URI",
+                   help="also copy the shards to this object-storage prefix (s3://bucket/prefix; endpoint from "
+                        "AWS_ENDPOINT_URL)")
     c = sub.add_parser("check", help="validate every annotation file and image of a config; print a report")
     c.add_argument("--cfg-path", required=True)
     c.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
@@ -30,6 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "synth" and args.format != "coco":
+        from qformer.data.synth_shards import upload_tree, write_shards
+
+        info = write_shards(args.out, args.format, args.shards, args.per_shard, args.seed, args.image_size)
+        print(f"wrote {info['num_samples']} pairs in {args.shards} {args.format} shards: {info['storage']}")
+        if args.upload:
+            n = upload_tree(info["folder"], args.upload)
+            print(f"uploaded {n} files to {args.upload.rstrip('/')}/ (storage: "
+                  f"{args.upload.rstrip('/')}/{info['storage'].rsplit('/', 1)[1]})")
+        return 0
     if args.action == "synth":
         from qformer.data.synth import write_synthetic
 

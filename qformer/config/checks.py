@@ -48,3 +48,10 @@ def concurrency(value: Any) -> str | None:
             and 1 <= value[0] <= value[1]):
         return None
     return f"must be an int >= 1 or [min, max] with 1 <= min <= max, got {value!r}"
+
+
+def shard_spec(value: Any) -> str | None:
+    items = [value] if isinstance(value, str) else value
+    if not items or not all(isinstance(v, str) and v.strip() for v in items):
+        return f"must be a shard pattern or a non-empty list of them, got {value!r}"
+    return None

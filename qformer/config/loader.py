@@ -169,13 +169,19 @@ def _default_layers(user_layers: list[Layer]) -> list[Layer]:
         type_, t_src = _pick(user_layers, ("datasets", name, "type"), "default")
         if not isinstance(type_, str):
             raise ConfigError(f"expected a string, got {type_!r}", f"datasets.{name}.type", t_src)
-        path = packaged.dataset_defaults(str(name), type_, entry_src, t_src)
+        builder, b_src = _pick(user_layers, ("datasets", name, "builder"))
+        builder = name if builder is None else builder  # null (as a saved config writes it): the entry's name
+        if not isinstance(builder, str):
+            raise ConfigError(f"expected a string, got {builder!r}", f"datasets.{name}.builder", b_src)
+        path = packaged.dataset_defaults(builder, type_, b_src if builder != name else entry_src, t_src)
         if path is None:
             continue
         label = f"dataset defaults: {packaged.display(path)}"
         data = _read_yaml(path, label)
-        if set(data) != {"datasets"} or set(data["datasets"] or {}) != {name}:
-            raise ConfigError(f"a dataset default file must hold only datasets.{name}", source=label)
+        if set(data) != {"datasets"} or set(data["datasets"] or {}) != {builder}:
+            raise ConfigError(f"a dataset default file must hold only datasets.{builder}", source=label)
+        if builder != name:  # an entry named by the user, built by a registered builder: its defaults apply
+            data = {"datasets": {name: data["datasets"][builder]}}
         layers.append((label, data))
     return layers
 

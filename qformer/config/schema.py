@@ -105,7 +105,24 @@ SCHEMA: dict[str, Key] = {
     "datasets.*.build_info.annotations.*.url":      Str(None, doc="where LAVIS downloads it; never fetched"),
     "datasets.*.build_info.annotations.*.md5":      Str(None),
     "datasets.*.build_info.annotations.*.storage":  Str(doc="relative paths resolve against the data root"),
-    "datasets.*.build_info.images.storage":         Str(doc="image directory; relative to the data root"),
+    "datasets.*.build_info.images.storage":         Str(None, doc="image directory of the annotation files; relative to the data root"),
+    "datasets.*.builder":                           Str(None, doc="registered builder for this entry (null: the entry's name), "
+                                                                  "e.g. image_text_shards for your own shard set"),
+    "datasets.*.build_info.storage":                Key("str|list", None, null=True, check=checks.shard_spec,
+                                                        doc="image-text shards (the train split): a brace pattern "
+                                                            "(laion/{00000..01023}.tar), a glob or a list; local, s3:// or gs://"),
+    "datasets.*.build_info.format":                 Str(None, choices=("wds", "parquet", "jsonl", "csv"),
+                                                        doc="null: from the shard suffix (.tar .parquet .jsonl .csv)"),
+    "datasets.*.build_info.text_key":               Str(None, doc="caption key/column (null: txt for wds, caption otherwise)"),
+    "datasets.*.build_info.image_key":              Str(None, doc="image key/column: encoded bytes, or a path/URL under "
+                                                                  "image_root (null: jpg|png|webp for wds, jpg for parquet, "
+                                                                  "image for manifests)"),
+    "datasets.*.build_info.image_root":             Str(None, doc="where path-valued image columns resolve (null: the "
+                                                                  "manifest's folder)"),
+    "datasets.*.build_info.parts_per_epoch":        Int(1, ge=1, doc="read one of this many parts of the shards per "
+                                                                     "(inner) epoch, in turn (BLIP: a part of LAION per epoch)"),
+    "datasets.*.build_info.num_samples":            Int(None, ge=1, doc="samples in the shards, when known (sets the "
+                                                                        "epoch length with run.train_dataset_ratios)"),
     "datasets.*.vis_processor.train":               Processor(),
     "datasets.*.vis_processor.eval":                Processor(),
     "datasets.*.text_processor.train":              Processor(),
@@ -177,6 +194,7 @@ SCHEMA: dict[str, Key] = {
                                                      "already fully re-shuffled every epoch; a buffer copies each image)"),
     "run.data.prefetch_batches":    Int(2, ge=0),
     "run.data.num_cpus_per_task":   Float(1.0, gt=0),
+    "run.data.s3_endpoint":         Str(None, doc="S3-compatible endpoint URL for s3:// data (else AWS_ENDPOINT_URL)"),
     "run.data.check_images":        Bool(True, doc="before Ray starts, the driver checks that each image folder exists "
                                                    "and a sample of images opens (false: the driver cannot see them)"),
 }

@@ -188,11 +188,20 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
             raise ConfigError(f"'{name}' is not one of the configured datasets ({', '.join(cfg['datasets'])})",
                               key, source_of(key), closest(name, cfg["datasets"]))
     run = cfg["run"]
+    for name, ds in cfg["datasets"].items():
+        if not ds["build_info"]["annotations"] and ds["build_info"]["storage"] is None:
+            key = f"datasets.{name}.build_info"
+            raise ConfigError("names no data: set annotations.<split>.storage (annotation files) or storage "
+                              "(image-text shards)", key, source_of(key))
+        if ds["build_info"]["annotations"] and not ds["build_info"]["images"]["storage"]:
+            key = f"datasets.{name}.build_info.images.storage"
+            raise ConfigError("must not be null: it is the image directory of the annotation files (set it in the "
+                              f"experiment file or with --options {key}=...)", key, source_of(key))
     for split_key in ("train_splits", "valid_splits", "test_splits"):
         for split in run[split_key] if cfg["datasets"] else []:
-            if not any(split in d["build_info"]["annotations"] for d in cfg["datasets"].values()):
+            if not any(split in dataset_splits(d) for d in cfg["datasets"].values()):
                 key = f"run.{split_key}"
-                known = sorted({s for d in cfg["datasets"].values() for s in d["build_info"]["annotations"]})
+                known = sorted({s for d in cfg["datasets"].values() for s in dataset_splits(d)})
                 raise ConfigError(f"no dataset has a '{split}' split (datasets.*.build_info.annotations has: "
                                   f"{', '.join(known) or 'nothing'})", key, source_of(key), closest(split, known))
     model = cfg["model"]
@@ -208,6 +217,11 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
                                   source_of("run.runner"))
 
 
+def dataset_splits(ds: dict) -> set[str]:
+    """The splits a dataset entry has: its annotation files', plus train when it names shards."""
+    return set(ds["build_info"]["annotations"]) | ({"train"} if ds["build_info"]["storage"] is not None else set())
+
+
 def _check_image_sizes(cfg: dict, source_of: SourceOf) -> None:
     """Each image processor a run uses must produce model.image_size pixels (the ViT's position
     embeddings are built for it): checked here so `qformer config` catches it, not a Ray worker."""
@@ -216,7 +230,7 @@ def _check_image_sizes(cfg: dict, source_of: SourceOf) -> None:
     run, model_size = cfg["run"], cfg["model"]["image_size"]
     preprocess = (cfg.get("preprocess") or {}).get("vis_processor") or {}
     for name, ds in cfg["datasets"].items():
-        splits = set(ds["build_info"]["annotations"])
+        splits = dataset_splits(ds)
         used = {"train": bool(splits & set(run["train_splits"])),
                 "eval": bool(splits & set(run["valid_splits"]) | splits & set(run["test_splits"]))}
         for kind, in_use in used.items():

@@ -2,7 +2,11 @@
 
 A builder turns `datasets.<name>` of the config into (image path, caption) training samples and,
 for COCO, retrieval val/test splits. Paths: relative `build_info.*.storage` values resolve against
-`qformer.paths.data_root(run.data_root)` (LAVIS's cache_root). Processors come from
+`qformer.paths.data_root(run.data_root)` (LAVIS's cache_root).
+
+Any builder reads image-text shards instead of an annotation file when `build_info.storage` names
+them (LAVIS's laion builder key): a brace pattern, a glob or a list, local or in object storage, in
+one of qformer.data.shard_source.FORMATS. Shards are the train split. Processors come from
 `datasets.<name>.{vis,text}_processor.{train,eval}`, else from the model's `preprocess` section
 (LAVIS would leave them None; we fall back so that an eval split always has an eval processor).
 """
@@ -14,6 +18,8 @@ from qformer.config.errors import ConfigError
 from qformer.data.annotations import CaptionRecord, coco_eval_image_id, read_caption_file, resolve_image_path
 from qformer.data.processors import build_processor
 from qformer.data.retrieval import RetrievalSplit
+from qformer.data.shard_source import DEFAULT_KEYS, FORMATS, ShardSet, infer_format
+from qformer.data.storage import expand, is_uri
 from qformer.paths import data_root
 from qformer.registry import register_builder
 
@@ -38,6 +44,7 @@ class CaptionBuilder:
         self.ds_cfg = cfg.datasets[name]
         self.root = data_root(cfg.run.get("data_root"))
         self._records: dict[str, list[CaptionRecord]] = {}
+        self._shards: ShardSet | None = None
 
     # ---- paths -----------------------------------------------------------------------------
     def _resolve(self, value: str) -> Path:
@@ -45,8 +52,43 @@ class CaptionBuilder:
         return path if path.is_absolute() else self.root / path
 
     def splits(self) -> list[str]:
-        anns = self.ds_cfg.build_info.annotations
+        if self.is_sharded():
+            return ["train"]
+        anns = self.ds_cfg.build_info.annotations or {}
         return [s for s in SPLITS if anns.get(s) is not None and (self.has_eval_splits or s == "train")]
+
+    # ---- shards ------------------------------------------------------------------------------
+    def is_sharded(self) -> bool:
+        return self.ds_cfg.build_info.get("storage") is not None
+
+    def shard_set(self) -> ShardSet:
+        """The configured shards, expanded (globs listed; named shards not checked: see preflight)."""
+        if self._shards is None:
+            self._shards = self._read_shard_set()
+        return self._shards
+
+    def _read_shard_set(self) -> ShardSet:
+        info, key = self.ds_cfg.build_info, f"datasets.{self.name}.build_info"
+        spec = info.storage
+        specs = [spec] if isinstance(spec, str) else [str(x) for x in spec]
+        specs = [x if is_uri(x) else str(self._resolve(x)) for x in specs]
+        endpoint = self.cfg.run.data.get("s3_endpoint")
+        shards = expand(specs, endpoint)
+        if not shards:
+            raise ConfigError(f"matches no shard ({', '.join(specs)})", f"{key}.storage")
+        fmt = info.get("format") or infer_format(shards[0])
+        if fmt not in FORMATS:
+            raise ConfigError(f"cannot tell the shard format from '{shards[0]}'; set it to one of {', '.join(FORMATS)}",
+                              f"{key}.format")
+        text_key, image_key = DEFAULT_KEYS[fmt]
+        root = info.get("image_root")
+        if root is None and fmt in ("jsonl", "csv"):  # manifests: image paths relative to the manifest
+            root = shards[0].rsplit("/", 1)[0] if is_uri(shards[0]) else str(Path(shards[0]).parent)
+        elif root is not None and not is_uri(str(root)):
+            root = str(self._resolve(root))
+        return ShardSet(self.name, fmt, tuple(shards), str(info.get("text_key") or text_key),
+                        info.get("image_key") or image_key, root, int(info.get("parts_per_epoch") or 1), endpoint,
+                        info.get("num_samples"))
 
     def annotation_path(self, split: str) -> Path:
         try:
@@ -59,7 +101,11 @@ class CaptionBuilder:
         return self._resolve(storage)
 
     def image_root(self) -> Path:
-        return self._resolve(self.ds_cfg.build_info.images.storage)
+        storage = (self.ds_cfg.build_info.get("images") or {}).get("storage")
+        if not storage:
+            raise ConfigError("no image directory for the annotation file's images",
+                              f"datasets.{self.name}.build_info.images.storage")
+        return self._resolve(storage)
 
     def image_path(self, record: CaptionRecord) -> str:
         return resolve_image_path(record.image, self.image_root())
@@ -122,7 +168,18 @@ class VGCaptionBuilder(CaptionBuilder):
     has_eval_splits = False
 
 
+class PairBuilder(CaptionBuilder):
+    """Image-text pairs for pretraining only (LAVIS's image_text_pair_builder family)."""
+
+    has_eval_splits = False
+
+
+for _name in ("image_text_shards", "conceptual_caption_3m", "conceptual_caption_12m", "sbu_caption", "laion400m"):
+    register_builder(_name)(type(f"PairBuilder_{_name}", (PairBuilder,), {"__doc__": PairBuilder.__doc__}))
+
+
 def build_builder(cfg, name: str) -> CaptionBuilder:
+    """`datasets.<name>`'s builder: `datasets.<name>.builder` when set, else the registered `<name>`."""
     from qformer.registry import get_builder_class
 
-    return get_builder_class(name)(name, cfg)
+    return get_builder_class(str(cfg.datasets[name].get("builder") or name))(name, cfg)

@@ -37,9 +37,14 @@ class SplitReport:
 def check_config(cfg, images: bool = True, workers: int | None = None) -> list[SplitReport]:
     from qformer.data.builders import build_builder
 
+    from qformer.data.shard_check import shard_report
+
     reports = []
     for name in cfg.datasets:
         builder = build_builder(cfg, name)
+        if builder.is_sharded():  # counted from metadata or a sample of shards, not read whole
+            reports.append(shard_report(name, builder.shard_set(), builder.ds_cfg.build_info.storage))
+            continue
         for split in builder.splits():
             path = builder.annotation_path(split)
             rep = SplitReport(name, split, str(path))
@@ -86,13 +91,23 @@ def _check_images(paths: list[str], workers: int | None, label: str = "data chec
     return [r for r in results if r]
 
 
-def failed(reports: list[SplitReport], images_fail: bool = True) -> bool:
-    """True when a file is bad, or (images_fail) when an image folder is missing or an image undecodable."""
-    return any(r.error or (images_fail and (r.bad_images or r.missing_image_root)) for r in reports)
+def failed(reports: list, images_fail: bool = True) -> bool:
+    """True when a file is bad or a named shard missing, or (images_fail) when an image folder is missing or
+    an image undecodable."""
+    from qformer.data.shard_check import ShardReport
+
+    return any(bool(r.missing) if isinstance(r, ShardReport) else
+               (r.error or (images_fail and (r.bad_images or r.missing_image_root))) for r in reports)
 
 
-def format_report(reports: list[SplitReport], show: int = 20) -> str:
+def format_report(reports: list, show: int = 20) -> str:
+    from qformer.data.shard_check import ShardReport, format_shard_report
+
     lines = []
+    shard_reports = [r for r in reports if isinstance(r, ShardReport)]
+    for r in shard_reports:
+        lines += format_shard_report(r, show)
+    reports = [r for r in reports if not isinstance(r, ShardReport)]
     for r in reports:
         lines.append(f"{r.dataset}/{r.split}: {r.annotation_file}")
         if r.error:
@@ -111,6 +126,7 @@ def format_report(reports: list[SplitReport], show: int = 20) -> str:
     bad_files = sum(1 for r in reports if r.error)
     bad_images = sum(len(r.bad_images) for r in reports)
     missing = len({r.missing_image_root for r in reports if r.missing_image_root})
-    lines.append(f"summary: {len(reports)} splits, {bad_files} bad annotation files, {bad_images} undecodable images, "
-                 f"{missing} missing image folders")
+    shards = f", {sum(len(r.missing) for r in shard_reports)} missing shards" if shard_reports else ""
+    lines.append(f"summary: {len(reports) + len(shard_reports)} splits, {bad_files} bad annotation files, "
+                 f"{bad_images} undecodable images, {missing} missing image folders{shards}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ LAVIS does `Image.open(path).convert("RGB")`. We do that too, plus four things a
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -38,15 +39,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` fully into an RGB PIL image; any failure becomes ImageDecodeError(path, reason)."""
+def load_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS, *,
+             data: bytes | None = None, endpoint: str | None = None) -> Image.Image:
+    """Decode `path` (or the encoded bytes `data`, a shard member that `path` names) fully into an RGB
+    PIL image; any failure becomes ImageDecodeError(path, reason)."""
     path = str(path)
     try:
-        if os.path.getsize(path) == 0:
+        if data is None and "://" in path:  # an object-storage image root
+            from qformer.data.storage import read_bytes
+
+            data = read_bytes(path, endpoint)
+        if (len(data) if data is not None else os.path.getsize(path)) == 0:
             raise ImageDecodeError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data) if data is not None else path) as img:
                 if max_pixels and img.width * img.height > max_pixels:
                     raise ImageDecodeError(
                         path,

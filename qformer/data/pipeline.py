@@ -34,6 +34,7 @@ from qformer.config.errors import ConfigError
 from qformer.data.builders import build_builder
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 from qformer.data.retrieval import RetrievalSplit
+from qformer.data.shard_source import ShardSet, shard_dataset
 from qformer.data.transform import AUG_SEED, TrainTransform, train_batch
 
 
@@ -49,12 +50,17 @@ class TrainData:
     std: tuple[float, ...] = CLIP_STD
 
 
-def train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]]]]:
-    """[(dataset name, builder, [(image path, raw caption), ...])] for run.train_splits; reads and
-    validates every annotation file (AnnotationError names file and record)."""
+def train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]] | ShardSet]]:
+    """[(dataset name, builder, [(image path, raw caption), ...] or its ShardSet)] for run.train_splits;
+    reads and validates every annotation file (AnnotationError names file and record). Shard sets are
+    only listed here: their samples are read by the training stream."""
     sources = []
     for name in cfg.datasets:
         builder = build_builder(cfg, name)
+        if builder.is_sharded():
+            if "train" in cfg.run.train_splits:
+                sources.append((name, builder, builder.shard_set()))
+            continue
         samples = [s for split in cfg.run.train_splits if split in builder.splits() for s in builder.train_samples(split)]
         if samples:
             sources.append((name, builder, samples))
@@ -70,7 +76,8 @@ def train_transform(cfg, sources) -> TrainTransform:
     """The picklable per-source processing spec the decode UDF (and the benchmark's DataLoader) uses."""
     vis = tuple(b.processor("vis_processor", "train") for _, b, _ in sources)
     txt = tuple(b.processor("text_processor", "train") for _, b, _ in sources)
-    return TrainTransform(vis, txt, str(cfg.model.bert_model), int(cfg.model.max_txt_len), int(cfg.model.image_size))
+    return TrainTransform(vis, txt, str(cfg.model.bert_model), int(cfg.model.max_txt_len), int(cfg.model.image_size),
+                          s3_endpoint=cfg.run.data.get("s3_endpoint"))
 
 
 def _concurrency(value):
@@ -85,9 +92,12 @@ def rows_per_task(data_cfg) -> int:
     return max(1, math.ceil(int(data_cfg.task_rows) / block)) * block
 
 
-def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg, stream: int = 0):
-    """Rows (path, caption, source) -> the lazy decode/augment/tokenise stream. `stream` tells apart
-    the datasets of one run (one per source with run.train_dataset_ratios) in the seeds.
+def to_ray_dataset(rows: pd.DataFrame | ShardSet, spec: TrainTransform, cfg, stream: int = 0, name: str = "train",
+                   plan=None):
+    """Rows (path, caption, source), or a shard set, -> the lazy decode/augment/tokenise stream. `stream`
+    tells apart the datasets of one run (one per source with run.train_dataset_ratios) in the seeds;
+    `name` is the stream's key in `plan` (qformer.data.position), through which the training loop says
+    which pass to read and what of it is done.
 
     Each task reads `rows_per_task` rows of this epoch's permutation and decodes them in one UDF
     call. Ray spends tens of ms per task (driver, raylet and worker CPU, plus a scheduling gap
@@ -99,9 +109,13 @@ def to_ray_dataset(df: pd.DataFrame, spec: TrainTransform, cfg, stream: int = 0)
 
     data_cfg = cfg.run.data
     num_cpus = float(data_cfg.num_cpus_per_task)
-    table = pa.Table.from_pandas(df[["path", "caption", "source"]], preserve_index=False)
-    ds = epoch_shuffled_dataset(table, rows_per_task(data_cfg), (int(cfg.run.seed), stream), num_cpus=num_cpus,
-                                seed_column=AUG_SEED)
+    if isinstance(rows, ShardSet):
+        ds = shard_dataset(rows, stream, rows_per_task(data_cfg), (int(cfg.run.seed), stream), plan=plan,
+                           stream=name, num_cpus=num_cpus)
+    else:
+        table = pa.Table.from_pandas(rows[["path", "caption", "source"]], preserve_index=False)
+        ds = epoch_shuffled_dataset(table, rows_per_task(data_cfg), (int(cfg.run.seed), stream), num_cpus=num_cpus,
+                                    seed_column=AUG_SEED, plan=plan, stream=name)
     kwargs = {}
     if data_cfg.concurrency is not None:
         kwargs["concurrency"] = _concurrency(data_cfg.concurrency)
@@ -124,9 +138,9 @@ def _check_ratios(ratios, names: list[str]) -> dict[str, float]:
     return out
 
 
-def build_train_datasets(cfg, sources=None) -> TrainData:
+def build_train_datasets(cfg, sources=None, plan=None) -> TrainData:
     """Validate annotations (or take `train_sources(cfg)` already read), then return lazy streaming
-    datasets (nothing is decoded yet)."""
+    datasets (nothing is decoded yet). `plan`: the run's StreamPlan actor (qformer.data.position)."""
     from qformer.data.stats import start_counter
 
     sources = train_sources(cfg) if sources is None else sources
@@ -136,20 +150,38 @@ def build_train_datasets(cfg, sources=None) -> TrainData:
         if (proc.mean, proc.std) != (mean, std):  # one normalisation per batch, on the device
             raise ConfigError(f"mean/std differ from {sources[0][0]}'s; all training datasets must share them",
                               f"datasets.{name}.vis_processor.train")
-    frames = []
+    rows: list[pd.DataFrame | ShardSet] = []
     for i, (_, _, samples) in enumerate(sources):
+        if isinstance(samples, ShardSet):
+            rows.append(samples)
+            continue
         df = pd.DataFrame(samples, columns=["path", "caption"])
         df["source"] = np.int64(i)
-        frames.append(df)
+        rows.append(df)
     start_counter()
+    names = [name for name, _, _ in sources]
     ratios_cfg = cfg.run.get("train_dataset_ratios")
     if not ratios_cfg:
-        df = pd.concat(frames, ignore_index=True)
-        return TrainData({"train": to_ray_dataset(df, spec, cfg)}, None, {"train": len(df)}, mean, std)
-    names = [name for name, _, _ in sources]
+        if any(isinstance(r, ShardSet) for r in rows) and len(rows) > 1:
+            raise ConfigError(f"several training datasets ({', '.join(names)}) include shards: mix them with "
+                              "run.train_dataset_ratios", "run.train_dataset_ratios")
+        one = rows[0] if isinstance(rows[0], ShardSet) else pd.concat(rows, ignore_index=True)
+        size = _size(one)
+        return TrainData({"train": to_ray_dataset(one, spec, cfg, plan=plan)}, None,
+                         {"train": size} if size is not None else {}, mean, std)
     ratios = _check_ratios(ratios_cfg, names)
-    datasets = {name: to_ray_dataset(df, spec, cfg, stream=i) for i, (name, df) in enumerate(zip(names, frames))}
-    return TrainData(datasets, ratios, {name: len(df) for name, df in zip(names, frames)}, mean, std)
+    sizes = {name: _size(r) for name, r in zip(names, rows)}
+    unknown = [n for n, size in sizes.items() if size is None]
+    if unknown and not cfg.run.get("max_iters") and not cfg.run.get("max_steps_per_epoch"):
+        raise ConfigError("an epoch of datasets mixed by run.train_dataset_ratios is sized by their samples: give "
+                          "the shards' count, or use runner_iter (max_iters)", f"datasets.{unknown[0]}.build_info.num_samples")
+    datasets = {name: to_ray_dataset(r, spec, cfg, stream=i, name=name, plan=plan)
+                for i, (name, r) in enumerate(zip(names, rows))}
+    return TrainData(datasets, ratios, {n: size for n, size in sizes.items() if size is not None}, mean, std)
+
+
+def _size(rows: pd.DataFrame | ShardSet) -> int | None:
+    return rows.num_samples if isinstance(rows, ShardSet) else len(rows)
 
 
 def build_eval_split(cfg, split: str) -> RetrievalSplit:

@@ -5,6 +5,7 @@ A wrong `images.storage` used to cost a cluster start-up and minutes of workers 
 and a seeded sample of each split's images opens. A sample with some bad files only warns (training
 skips and counts them); a sample none of whose images opens stops the run, naming the folder.
 `run.data.check_images: false` turns this off where the driver cannot see the workers' image mount.
+Shard datasets: every named shard must exist (a listing per folder), a missing one stops the run naming it.
 """
 from __future__ import annotations
 
@@ -44,12 +45,20 @@ def check_images(cfg, splits: Iterable[str], builders: dict | None = None, sampl
     holding its records (so large annotation files are not read twice); others are built here."""
     from qformer.data.builders import build_builder
 
-    if not cfg.run.data.get("check_images", True):
-        return
+    from qformer.data.shard_check import check_present
+
     wanted = set(splits)
     builders = dict(builders or {})
+    local_checks = bool(cfg.run.data.get("check_images", True))
     for name in cfg.datasets:
         builder = builders.get(name) or build_builder(cfg, name)
+        if builder.is_sharded():  # named shards must exist (object storage is checked wherever the driver is)
+            shards = builder.shard_set()
+            if "train" in wanted and (local_checks or "://" in shards.shards[0]):
+                check_present(shards)
+            continue
+        if not local_checks:
+            continue
         key = f"datasets.{name}.build_info.images.storage"
         for split in [s for s in builder.splits() if s in wanted]:
             paths = sorted({builder.image_path(r) for r in builder.records(split)})

@@ -13,6 +13,7 @@ import numpy as np
 
 from qformer.data.errors import ImageDecodeError
 from qformer.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from qformer.data.position import UNIT, UNIT_ROWS
 from qformer.data.stats import record_skipped
 from qformer.data.tokenizer import tokenize
 
@@ -27,6 +28,7 @@ class TrainTransform:
     max_txt_len: int
     image_size: int
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit (None: Pillow's own guard only)
+    s3_endpoint: str | None = None  # for image paths that are s3:// URIs (run.data.s3_endpoint)
 
 
 AUG_SEED = "aug_seed"  # column the training read adds: one seed per task, from (run.seed, epoch, task)
@@ -40,22 +42,32 @@ def _rng(batch: dict[str, np.ndarray]) -> np.random.Generator:
 
 
 def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str, np.ndarray]:
-    """{"path", "caption", "source"[, "aug_seed"]} -> {"image" uint8 [n,3,S,S], "text_ids", "text_atts" int64 [n,L]}."""
+    """{"path", "caption", "source"[, "data", "aug_seed", "unit", "unit_rows"]} -> {"image" uint8 [n,3,S,S],
+    "text_ids", "text_atts" int64 [n,L][, "unit", "unit_rows"]}. `data` holds encoded image bytes read
+    from a shard (then `path` only names the sample); a null entry means: open `path`. One call gets one
+    whole read chunk, so `unit_rows` becomes the number of its rows that survive decoding."""
     rng = _rng(batch)
-    images, texts, skipped = [], [], []
-    for path, caption, source in zip(batch["path"], batch["caption"], batch["source"]):
+    images, texts, kept, skipped = [], [], [], []
+    data = batch.get("data")
+    for i, (path, caption, source) in enumerate(zip(batch["path"], batch["caption"], batch["source"])):
         try:
-            img = load_rgb(path, spec.max_pixels)
+            img = load_rgb(path, spec.max_pixels, data=data[i] if data is not None else None, endpoint=spec.s3_endpoint)
         except ImageDecodeError as err:
             skipped.append(str(err))
             continue
         images.append(spec.vis_processors[int(source)](img, rng))
         texts.append(spec.text_processors[int(source)](str(caption)))
+        kept.append(i)
     record_skipped(skipped)
     ids, atts = tokenize(spec.bert_model, texts, spec.max_txt_len)
     s = spec.image_size
     image = np.stack(images) if images else np.zeros((0, 3, s, s), np.uint8)
-    return {"image": image, "text_ids": ids, "text_atts": atts}
+    out = {"image": image, "text_ids": ids, "text_atts": atts}
+    if UNIT in batch:
+        units = np.asarray(batch[UNIT], np.int64)[kept]
+        _, inverse, counts = np.unique(units, return_inverse=True, return_counts=True)
+        out[UNIT], out[UNIT_ROWS] = units, counts[inverse].astype(np.int64)
+    return out
 
 
 def eval_batch(batch: dict[str, np.ndarray], processor, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from qformer.features import store
 from qformer.features.manifest import check_compatible, read_manifest
+from qformer.data.position import UNIT, UNIT_ROWS
 from qformer.features.views import train_view_for
 
 MAX_BLOCKS = 1000  # read tasks per epoch at most: few enough to plan cheaply (each costs Ray tens of ms)
@@ -40,9 +41,11 @@ class FeatureLoader:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         views = self._pick_views(len(batch["row"]))
         feats = self.reader.gather(batch["shard"], batch["row"], views)
-        return {"image_embeds": feats,
-                "text_ids": _as_2d(batch["text_ids"], np.int64),
-                "text_atts": _as_2d(batch["text_atts"], np.int64)}
+        out = {"image_embeds": feats,
+               "text_ids": _as_2d(batch["text_ids"], np.int64),
+               "text_atts": _as_2d(batch["text_atts"], np.int64)}
+        out.update({k: batch[k] for k in (UNIT, UNIT_ROWS) if k in batch})  # the stream position (no rows drop here)
+        return out
 
 
 def _as_2d(column: Any, dtype) -> np.ndarray:
@@ -77,7 +80,8 @@ def train_sources(cfg: Any) -> list[str]:
 
 
 def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str, *, view: int | None = None,
-                   seed: int = 0, batch_size: int = 64, actors: int | tuple[int, int] = 1):
+                   seed: int = 0, batch_size: int = 64, actors: int | tuple[int, int] = 1, plan=None,
+                   stream: str = "CachedRows", task_base: int = 0):
     """One source's records as a Ray Dataset of cached features -> (dataset, number of records).
 
     Shuffling as the image pipeline does it: every epoch a new full permutation of the records
@@ -89,7 +93,7 @@ def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str,
         raise ValueError(f"view {view} out of range: the cache holds {manifest['views']} views")
     table = store.read_records(cache_dir, source)
     rows_per_block = max(int(batch_size), -(-table.num_rows // MAX_BLOCKS))
-    ds = epoch_shuffled_dataset(table, rows_per_block, int(seed), name="CachedRows")
+    ds = epoch_shuffled_dataset(table, rows_per_block, int(seed), name="CachedRows", plan=plan, task_base=task_base, stream=stream)
     ds = ds.map_batches(FeatureLoader, fn_constructor_args=(str(cache_dir), manifest["views"], view, None),
                         batch_size=batch_size, compute=_pool(actors),
                         batch_format="numpy")
@@ -112,7 +116,7 @@ def loader_actors(cfg: Any) -> int | tuple[int, int]:
     return int(value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 
-def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
+def dataset(cfg: Any, epoch: int | None = None, view: int | None = None, plan=None):
     """`TrainData`-shaped result (datasets by name + ratios) streaming cached features.
 
     Refuses a cache whose manifest differs from cfg (ConfigError naming run.vision_cache and the keys).
@@ -132,12 +136,13 @@ def dataset(cfg: Any, epoch: int | None = None, view: int | None = None):
     ratios = cfg.run.train_dataset_ratios
     if ratios:
         built = {s: source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size,
-                                    actors=actors)
+                                    actors=actors, plan=plan, stream=s)
                  for s in sources}
         return TrainData({s: ds for s, (ds, _) in built.items()}, {str(k): float(v) for k, v in ratios.items()},
                          {s: n for s, (_, n) in built.items()})
     # One dataset over all sources, shuffled together (as the image pipeline's "train").
-    built = [source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size, actors=actors)
-             for s in sources]
+    # one stream "train": the sources share its pass, and their read tasks are numbered apart
+    built = [source_dataset(cache_dir, manifest, s, view=view, seed=seed, batch_size=batch_size, actors=actors,
+                            plan=plan, stream="train", task_base=i << 20) for i, s in enumerate(sources)]
     first, *rest = [ds for ds, _ in built]
     return TrainData({"train": first.union(*rest) if rest else first}, None, {"train": sum(n for _, n in built)})

@@ -2,8 +2,8 @@
 
 `checkpoint.pth` holds LAVIS's keys {"model", "optimizer", "config", "scaler", "epoch"} so LAVIS tools
 can read it, plus ours: "scheduler" (position), "step" (global micro-batches done), "iters" (the same,
-runner_iter's key), "iters_in_epoch" (micro-batches done in `epoch`), "epoch_complete" and
-"mlflow_run_id". "model" is the trainable state dict (the frozen ViT is not re-saved, like LAVIS).
+runner_iter's key), "iters_in_epoch" (micro-batches done in `epoch`), "epoch_complete",
+"mlflow_run_id" and "data_position" (per training stream: its pass and the read units done). "model" is the trainable state dict (the frozen ViT is not re-saved, like LAVIS).
 `meta.json` beside it repeats the small fields, and the config's model and datasets sections, so the
 driver can read them without loading tensors.
 
@@ -47,7 +47,7 @@ class ResumePoint:
 
 def build_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 scaler: torch.amp.GradScaler | None, config: dict, *, epoch: int, step: int, iters_in_epoch: int,
-                epoch_complete: bool, mlflow_run_id: str | None) -> dict:
+                epoch_complete: bool, mlflow_run_id: str | None, data_position: dict | None = None) -> dict:
     trainable = getattr(model, "checkpoint_state_dict", None)
     model_state = trainable() if callable(trainable) else {
         k: v for k, v in model.state_dict().items() if k not in _frozen_param_names(model)}
@@ -63,6 +63,7 @@ def build_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
         "iters_in_epoch": int(iters_in_epoch),
         "epoch_complete": bool(epoch_complete),
         "mlflow_run_id": mlflow_run_id,
+        "data_position": data_position or {},  # per stream: qformer.data.position.StreamPosition.to_dict()
     }
 
 

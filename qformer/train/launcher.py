@@ -175,12 +175,15 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
 
     # the training loop shows its own progress bar; Ray Data's per-operator bars would interleave with it
     ray.data.DataContext.get_current().enable_progress_bars = False
+    from qformer.data.position import create_plan
+
+    plan = create_plan()  # the loop tells the data sources which pass to read, and what of it is done
     if cfg.run.get("vision_cache"):  # cached frozen-ViT features instead of images (qformer cache-features)
         from qformer.features import dataset as cached_train_datasets
 
-        data = cached_train_datasets(cfg)  # ConfigError naming run.vision_cache if the cache doesn't match
+        data = cached_train_datasets(cfg, plan=plan)  # ConfigError naming run.vision_cache if the cache doesn't match
     else:
-        data = build_train_datasets(cfg, sources)
+        data = build_train_datasets(cfg, sources, plan=plan)
     tracker = start_tracking(cfg, name, storage, resume_run_id, parent_run_id, num_workers, use_gpu)
 
     score_key = _score_key(cfg)
@@ -195,6 +198,7 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
         "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None,
         "resume_path": resume,
         "ratios": data.ratios,
+        "plan": plan,
         "num_rows": dict(data.num_rows),
         "mean": list(data.mean),
         "std": list(data.std),

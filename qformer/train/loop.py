@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from qformer.data.position import PositionTracker, StreamPosition
 from qformer.logging_setup import get_logger, setup_logging
 from qformer.seeding import setup_seeds
 from qformer.train import checkpoint as ckpt_io
@@ -87,6 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
             scaler.load_state_dict(state_dict["scaler"])
         start = ckpt_io.ResumePoint.from_state(state_dict)
         state.global_step = state._last_checked_step = start.step
+        config = {**config, "data_position": state_dict.get("data_position") or {}}
         del state_dict
     log.info("rank %d/%d on %s, AMP %s, start at epoch %d iter %d (global step %d)",
              rank, world, device, amp.describe(), start.epoch, start.iter_in_epoch, start.step)
@@ -159,6 +161,10 @@ class _Runner:
         self.tested = False  # test splits evaluated (at the last epoch end, or in finish())
         self.seen_batches: list[str] = []
         self._streams: dict[str, Iterator[dict]] = {}
+        self.plan = config.get("plan")  # qformer.data.position: tells the Ray Data sources which pass to read
+        saved = config.get("data_position") or {}
+        self.positions = {n: PositionTracker(StreamPosition.from_dict(saved.get(n))) for n in self.names}
+        self.position_restored = bool(saved)
 
     # ---- epochs --------------------------------------------------------------------------------
     def epoch_length(self) -> int | None:
@@ -197,11 +203,12 @@ class _Runner:
             # runner_iter: one endless stream per source across inner epochs (LAVIS's IterLoader), not a
             # fresh pass per inner epoch; closed in finish().
             if not self._streams:
-                self._streams = {n: self._source(n, epoch, True) for n in self.names}
+                self._streams = {n: self._source(n, self.positions[n].position.pass_ if self.position_restored
+                                                 else epoch, True) for n in self.names}
             yield from self._draw(self._streams, epoch, begin)
             return
         iters = {n: self._source(n, epoch, False) for n in self.names}
-        if begin:
+        if begin and not self.position_restored:  # a checkpoint from before data positions: skip by count
             log.info("resuming inside epoch %d: skipping %d batches of this epoch's data", epoch, begin)
             for _ in range(begin):
                 if next(iters["train"], None) is None:
@@ -215,27 +222,33 @@ class _Runner:
     def _draw(self, iters: dict[str, Iterator[dict]], epoch: int, begin: int) -> Iterator[dict]:
         i = begin
         while True:
-            name = self.names[0]
-            if self.ratios:
-                probs = np.array([self.ratios[n] for n in self.names], dtype=np.float64)
-                rng = np.random.default_rng([int(self.run_cfg.seed), epoch, i])  # same draw on every rank
-                name = self.names[int(rng.choice(len(self.names), p=probs / probs.sum()))]
+            name = pick_stream(self.ratios, int(self.run_cfg.seed), epoch, i) if self.ratios else self.names[0]
             batch = next(iters[name], None)
             if batch is None:
                 return
+            self.positions[name].observe(batch)
             yield batch
             i += 1
 
-    def _source(self, name: str, epoch: int, cycle: bool) -> Iterator[dict]:
+    def _source(self, name: str, first_pass: int, cycle: bool) -> Iterator[dict]:
+        """Batches of stream `name`, from pass `first_pass` on (every pass when cycling). Each pass starts by
+        telling the stream's source, through the plan, which pass to read and what of it is done."""
         shard, data = self.shards[name], self.run_cfg.data
         buffer = int(data.shuffle_buffer or 0)
         round_ = 0
         while True:
+            pass_ = first_pass + round_
+            tracker = self.positions[name]
+            tracker.start_pass(pass_)  # a new pass forgets the old one's progress
+            if self.plan is not None:  # every rank writes the same; Ray plans the read after all have
+                import ray
+
+                ray.get(self.plan.set.remote(name, tracker.position.to_dict()))
             seen = False
             for batch in shard.iter_torch_batches(
                 batch_size=self.batch_size, drop_last=True, prefetch_batches=int(data.prefetch_batches),
                 local_shuffle_buffer_size=buffer or None,
-                local_shuffle_seed=(int(self.run_cfg.seed) * 1000 + epoch * 31 + round_) if buffer else None,
+                local_shuffle_seed=(int(self.run_cfg.seed) * 1000 + pass_ * 31) if buffer else None,
                 pin_memory=torch.cuda.is_available(),  # makes the host->GPU copy asynchronous
             ):
                 seen = True
@@ -254,7 +267,7 @@ class _Runner:
         length = self.epoch_length()
         total = length
         if total is None and self.config.get("num_rows"):
-            total = int(self.config["num_rows"].get("train", 0)) // (self.batch_size * self.world) or None
+            total = int(self.config["num_rows"].get("train") or 0) // (self.batch_size * self.world) or None
         # a bar on a terminal; in a job log log_step's lines are the progress (log_every_s=None)
         bar = Progress(total, f"epoch {epoch}", "steps", initial=begin, enabled=self.rank == 0, log_every_s=None)
         epoch_meter = LossMeter()
@@ -269,6 +282,7 @@ class _Runner:
                 break
             if self.debug_dir:
                 self.seen_batches.append(_fingerprint(batch))
+                _append_rows(Path(self.debug_dir) / f"rows-rank{self.rank}.jsonl", self.state.global_step + 1, batch)
             log_now = (self.state.global_step + 1) % self.log_freq == 0
             out = train_step(self.state, batch, epoch, i, log=log_now)
             self.window.update(out.losses)
@@ -393,12 +407,13 @@ class _Runner:
         if score_key and score_key not in report:
             report[score_key] = float("-inf")  # step checkpoints carry no validation score: kept only while latest
         name = f"epoch={epoch:04d}-step={self.state.global_step:08d}" + ("-end" if epoch_complete else "")
+        positions = {n: t.settle(_gather_objects).to_dict() for n, t in self.positions.items()}  # collective
         if self.rank != 0:
             ray.train.report(report, checkpoint=None)
             return
         state = ckpt_io.build_state(self.unwrapped, self.state.optimizer, self.state.scheduler, self.state.scaler,
                                     self.config["cfg"], epoch=epoch, step=self.state.global_step, iters_in_epoch=iters,
-                                    epoch_complete=epoch_complete, mlflow_run_id=self.run_id)
+                                    epoch_complete=epoch_complete, mlflow_run_id=self.run_id, data_position=positions)
         local_dir = self.config.get("local_checkpoint_root")
         if local_dir:  # Train local mode does not persist checkpoints: write them where they stay
             target = ckpt_io.save_dir(state, Path(local_dir) / name)
@@ -435,6 +450,26 @@ class _Runner:
         (out / f"rank{self.rank}.json").write_text(json.dumps(record))
 
 
+def pick_stream(ratios: dict[str, float], seed: int, epoch: int, i: int) -> str:
+    """The training stream micro-batch `i` of `epoch` comes from, drawn by ratio (LAVIS's runner_iter
+    MultiIterLoader). Seeded by (seed, epoch, i), so every rank draws the same without talking."""
+    names = list(ratios)
+    probs = np.array([ratios[n] for n in names], dtype=np.float64)
+    rng = np.random.default_rng([seed, epoch, i])
+    return names[int(rng.choice(len(names), p=probs / probs.sum()))]
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """all_gather_object over the training ranks (just [obj] without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> None:
     """Tracking calls must not end a long run: a tracking-server outage costs metrics, not the training."""
     try:
@@ -447,6 +482,15 @@ def _fingerprint(batch: dict) -> str:
     ids = batch["text_ids"].detach().cpu().numpy()
     img = batch["image"].detach().cpu().numpy()
     return f"{int(ids.sum())}-{int(img.astype(np.int64).sum())}"
+
+
+def _append_rows(path: Path, step: int, batch: dict) -> None:
+    """Debug: one line per step with an id per row (its caption's token ids), appended at once so that a
+    failed attempt's rows are kept too (the resume tests compare them)."""
+    ids = [hash(tuple(row)) for row in batch["text_ids"].detach().cpu().tolist()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "ids": ids}) + "\n")
 
 
 def _skipped_images() -> int:

@@ -1,0 +1,152 @@
+"""Where training data lives: local paths and object-storage URIs, through one pyarrow filesystem layer.
+
+`s3://bucket/key` (AWS or any S3-compatible server), `gs://bucket/key` and local paths are handled
+alike, so shard lists and image roots may point at either. An S3-compatible endpoint comes from
+`run.data.s3_endpoint`, else the standard `AWS_ENDPOINT_URL`; credentials from the usual AWS chain
+(environment, config files, instance roles). Ray Data's readers are given the same filesystem.
+
+Shard specs as users write them (img2dataset, LAVIS's laion builder):
+- a brace pattern: `laion/{00000..01023}.tar` (zero padding kept), `{a,b}` alternatives;
+- a glob: `cc3m/*.parquet` (listed, sorted);
+- a list of any of these.
+"""
+from __future__ import annotations
+
+import fnmatch
+import functools
+import itertools
+import os
+import posixpath
+import re
+from pathlib import Path
+from typing import Iterable
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_GLOB_CHARS = set("*?[")
+
+
+def is_uri(value: str) -> bool:
+    return "://" in str(value)
+
+
+def join(root: str, relative: str) -> str:
+    """`relative` under `root` (either may be a URI); an absolute path or a URI is returned as is."""
+    relative = str(relative)
+    if is_uri(relative) or os.path.isabs(relative):
+        return relative
+    if is_uri(root):
+        return root.rstrip("/") + "/" + relative.lstrip("/")
+    return str(Path(root) / relative)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None):
+    import pyarrow.fs as pafs
+
+    if not endpoint:
+        return pafs.S3FileSystem()
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    return pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
+
+
+def filesystem(target: str, endpoint: str | None = None):
+    """(pyarrow FileSystem, path inside it) for a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    target = str(target)
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    if target.startswith("s3://"):
+        return _s3(endpoint), target[len("s3://"):]
+    if is_uri(target):
+        return pafs.FileSystem.from_uri(target)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(target))
+
+
+def read_bytes(target: str, endpoint: str | None = None) -> bytes:
+    """The whole object/file. Raises FileNotFoundError / OSError as the filesystem does."""
+    if not is_uri(target):
+        with open(target, "rb") as f:
+            return f.read()
+    fs, path = filesystem(target, endpoint)
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = _RANGE.match(body)
+    if numeric:
+        lo, hi = numeric.group(1), numeric.group(2)
+        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        options = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return list(itertools.chain.from_iterable(_expand_braces(head + o + tail) for o in options))
+
+
+def _split_uri(target: str) -> tuple[str, str]:
+    """('s3://', 'bucket/key') or ('', '/abs/path')."""
+    if is_uri(target):
+        scheme, rest = target.split("://", 1)
+        return f"{scheme}://", rest
+    return "", os.path.abspath(os.path.expanduser(target))
+
+
+def _glob(pattern: str, endpoint: str | None) -> list[str]:
+    import pyarrow.fs as pafs
+
+    prefix, path = _split_uri(pattern)
+    parts = path.split("/")
+    fixed = next(i for i, p in enumerate(parts) if set(p) & _GLOB_CHARS)
+    base = "/".join(parts[:fixed]) or "/"
+    fs, base_in_fs = filesystem(prefix + base, endpoint) if prefix else (pafs.LocalFileSystem(), base)
+    recursive = len(parts) - fixed > 1 or "**" in path
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base_in_fs, recursive=recursive))
+    except (FileNotFoundError, OSError):
+        return []
+    root_in_fs = base_in_fs.rstrip("/")
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        full = base.rstrip("/") + info.path[len(root_in_fs):]
+        if fnmatch.fnmatch(full, path):
+            out.append(prefix + full)
+    return sorted(out)
+
+
+def expand(spec: str | Iterable[str], endpoint: str | None = None) -> list[str]:
+    """Shard spec(s) -> concrete names, in a stable order. Globs are listed; brace patterns are not
+    checked here (see `missing`), so a named shard that does not exist is reported, not dropped."""
+    specs = [spec] if isinstance(spec, str) else [str(s) for s in spec]
+    out: list[str] = []
+    for item in specs:
+        for name in _expand_braces(item):
+            out.extend(_glob(name, endpoint) if set(name) & _GLOB_CHARS else [name])
+    return out
+
+
+def missing(paths: list[str], endpoint: str | None = None) -> list[str]:
+    """The entries of `paths` that are not files. One listing per folder, not one request per shard."""
+    import pyarrow.fs as pafs
+
+    by_dir: dict[str, list[str]] = {}
+    for p in paths:
+        by_dir.setdefault(posixpath.dirname(p) if is_uri(p) else os.path.dirname(os.path.abspath(p)), []).append(p)
+    absent = []
+    for folder, names in by_dir.items():
+        fs, folder_in_fs = filesystem(folder, endpoint)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(folder_in_fs, recursive=False))
+            present = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+        except (FileNotFoundError, OSError):
+            present = set()
+        absent.extend(n for n in names if posixpath.basename(n) not in present)
+    return absent

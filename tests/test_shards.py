@@ -234,3 +234,29 @@ def test_shards_and_image_roots_in_object_storage(ray_cluster, s3_endpoint: str,
                 data={"s3_endpoint": s3_endpoint})
     with pytest.raises(ConfigError, match=r"2 of 5 shards do not exist: s3://shards/.*/00003\..*00004"):
         check_images(gone, ["train"])
+
+
+def test_data_check_counts_shards_and_lists_the_missing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    wds = write_shards(tmp_path / "w", "wds", shards=3, per_shard=5, seed=1, image_size=32)
+    (Path(wds["folder"]) / "00001_stats.json").unlink()  # counted by reading that tar instead
+    jsonl = write_shards(tmp_path / "j", "jsonl", shards=2, per_shard=4, seed=1, image_size=32)
+    section = lambda storage: {"builder": "image_text_shards", "build_info": {"storage": storage},  # noqa: E731
+                               "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}}
+    exp = {"model": {"arch": "blip2", "model_type": "tiny", "image_size": 64},
+           "datasets": {"web": section(wds["storage"].replace("00002}", "00003}")),
+                        "mine": section(str(Path(jsonl["folder"]) / "*.jsonl"))},
+           "run": {"runner": "runner_iter", "max_iters": 4, "iters_per_inner_epoch": 2,
+                   "train_dataset_ratios": {"web": 1, "mine": 1}}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    proc = subprocess.run([sys.executable, "-m", "qformer.cli", "data", "check", "--cfg-path", str(tmp_path / "exp.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-1500:]
+    assert "wds shards 4  samples 15 (counted)  missing 1" in proc.stdout
+    assert f"ERROR 1 shards do not exist (datasets.web.build_info.storage): {wds['folder']}/00003.tar" in proc.stdout
+    assert "jsonl shards 2  samples 8 (counted)  missing 0" in proc.stdout
+    assert "Ray" not in proc.stderr  # counted on the driver, no cluster started

@@ -18,7 +18,8 @@ from qformer.data.synth_shards import upload_tree, write_shards
 pytestmark = pytest.mark.ray
 
 
-def _cfg(tmp_path: Path, storage: str, name: str, run: dict | None = None, data: dict | None = None):
+def _cfg(tmp_path: Path, storage: str, name: str, run: dict | None = None, data: dict | None = None,
+         more_datasets: dict | None = None):
     base = {
         "batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-4, "min_lr": 1e-5, "warmup_lr": 0.0,
         "warmup_steps": 2, "max_epoch": 1, "log_freq": 1, "output_dir": str(tmp_path / name), "amp": False,
@@ -29,7 +30,8 @@ def _cfg(tmp_path: Path, storage: str, name: str, run: dict | None = None, data:
     return load_config_dict({
         "model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 4, "max_txt_len": 16, "image_size": 64},
         "datasets": {"web": {"builder": "image_text_shards", "build_info": {"storage": storage},
-                             "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}}},
+                             "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}},
+                     **(more_datasets or {})},
         "run": base})
 
 
@@ -99,3 +101,50 @@ def test_missing_shard_stops_train_before_ray_starts(tmp_path: Path) -> None:
     assert "datasets.web.build_info.storage" in proc.stderr and "2 of 4 shards do not exist" in proc.stderr
     assert "00002.parquet" in proc.stderr and "00003.parquet" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_two_workers_restart_mid_epoch_from_the_checkpointed_position(ray_cluster, tmp_path: Path, monkeypatch) -> None:
+    """2 DDP workers read one shard stream (Ray splits it); a worker failure restarts both from the last
+    checkpoint, whose position merges what both ranks had trained on: across the ranks every pair is
+    trained once, but for at most one partly read chunk per rank."""
+    from qformer.train.launcher import launch_training
+
+    info = write_shards(tmp_path / "data", "wds", shards=4, per_shard=16, seed=4, image_size=64)
+    cfg = _cfg(tmp_path, info["storage"], "ddp", {
+        "batch_size_train": 2, "save_freq_steps": 4, "log_freq": 4,
+        "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 1, "use_gpu": False}})
+    debug = tmp_path / "debug"
+    monkeypatch.setenv("QFORMER_FAIL_ONCE_AT_STEP", "7")
+    result = launch_training(cfg, extra_loop_config={"debug_dir": str(debug)})
+    assert result.error is None
+    lines = [_rows_of(debug / f"rows-rank{r}.jsonl") for r in (0, 1)]
+    # each rank's file holds the failed attempt's steps, then the restart's (whose step count goes back)
+    restart = [next(k for k in range(1, len(steps)) if steps[k][0] <= steps[k - 1][0]) for steps in lines]
+    resumed_at = lines[0][restart[0]][0]
+    assert resumed_at == 5 and all(rank[cut][0] == resumed_at for rank, cut in zip(lines, restart))
+    kept = [i for rank, cut in zip(lines, restart) for s, ids in rank[:cut] if s < resumed_at for i in ids]
+    after = [i for rank, cut in zip(lines, restart) for _, ids in rank[cut:] for i in ids]
+    assert len(set(kept) | set(after)) >= 64 - 2 * 2  # all 64 pairs but the last partial global batch
+    assert len(set(kept) & set(after)) <= 2 * 8  # one chunk per rank
+    assert len(after) == len(set(after))
+
+
+def _rows_of(path: Path) -> list[tuple[int, list[int]]]:
+    return [(r["step"], r["ids"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_iteration_based_run_mixes_shards_with_coco_by_ratio(ray_cluster, tmp_path: Path) -> None:
+    """runner_iter over two endless streams, a shard set and COCO-format annotations, drawn by ratio."""
+    from qformer.data.synth import coco_caption_section, write_synthetic
+    from qformer.train.launcher import launch_training
+
+    info = write_shards(tmp_path / "data", "parquet", shards=2, per_shard=8, seed=5, image_size=64)
+    write_synthetic(tmp_path / "coco", n_train=8, n_val=2, n_test=2, image_size=64, captions_per_image=2)
+    coco = coco_caption_section(tmp_path / "coco")["coco_caption"]
+    coco["vis_processor"] = {"train": {"name": "blip2_image_train", "image_size": 64}}
+    cfg = _cfg(tmp_path, info["storage"], "mixed", {"runner": "runner_iter", "max_iters": 10,
+                                                   "iters_per_inner_epoch": 5,
+                                                   "train_dataset_ratios": {"web": 3, "coco_caption": 1}},
+               more_datasets={"coco_caption": coco})
+    result = launch_training(cfg, local_mode=True)
+    assert result.error is None and result.metrics["step"] == 10  # web's 16 pairs cycle past a pass

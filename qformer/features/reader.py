@@ -18,6 +18,7 @@ import numpy as np
 from qformer.features import store
 from qformer.features.manifest import check_compatible, read_manifest
 from qformer.features.views import train_view_for
+from qformer.train.elastic import worker_range
 
 MAX_BLOCKS = 1000  # read tasks per epoch at most: few enough to plan cheaply (each costs Ray tens of ms)
 
@@ -108,7 +109,7 @@ def loader_actors(cfg: Any) -> int | tuple[int, int]:
     """run.data.concurrency when set, else an autoscaling pool of 1..num_workers loader actors."""
     value = cfg.run.data.concurrency
     if value is None:
-        return (1, max(1, int(cfg.run.ray.num_workers)))
+        return (1, max(1, worker_range(cfg.run.ray.num_workers)[1]))
     return int(value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 

@@ -191,6 +191,8 @@ class _Runner:
         return n
 
     def run(self, start: ckpt_io.ResumePoint) -> None:
+        if self.debug_dir and self.rank == 0:
+            self._record_start(start)
         if self.tracker is not None:  # after a restart the steps since the checkpoint (all of them, when the
             try:                      # failure came before Ray registered one) are re-run, but logged once
                 self.logged_through = max((s for s, _ in self.tracker.metric_history("loss")), default=0)
@@ -312,7 +314,7 @@ class _Runner:
             self._maybe_inject_failure()
         bar.close()
         batches.close()
-        if i == begin:
+        if i == begin == 0:  # (a resume at the very end of an epoch whose length was unknown has nothing left)
             raise RuntimeError(f"epoch {epoch} had no batches on rank {self.rank}: the training shard is empty or "
                                f"smaller than one batch of {self.batch_size}")
         self.end_epoch(epoch, i, epoch_meter)
@@ -328,6 +330,18 @@ class _Runner:
         return self.stopping
 
     def _stop(self, epoch: int, i: int) -> None:
+        """After the preemption checkpoint: raise on every rank once Ray Train has registered it. The rank-0
+        report (the one with the checkpoint) is slower than the others; raising as soon as ours is queued
+        lets the controller restart on the first error, from the checkpoint before. A second report returns
+        only when the first was consumed (Ray's result queue holds one), and the barrier holds the other
+        ranks until rank 0 is there."""
+        import ray.train
+
+        if self.rank == 0 and self.tracker is not None:  # the MLflow UI shows where each notice checkpointed
+            _safe(self.tracker.log_metrics_buffered, {"preemption_checkpoint": 1.0}, step=self.state.global_step)
+        ray.train.report({"step": self.state.global_step, "preempted": 1.0})
+        if self.stop_vote is not None and self.stop_vote.group is not None:
+            torch.distributed.barrier(group=self.stop_vote.group)
         raise preemption.PreemptedError(
             f"preempted (SIGTERM): every rank saved a checkpoint at global step {self.state.global_step} (epoch "
             f"{epoch} iter {i}); Ray Train restarts the worker group from it (run.ray.max_failures)")
@@ -470,6 +484,18 @@ class _Runner:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(self.state.global_step))
         raise InjectedFailure(f"injected failure at global step {self.state.global_step} (QFORMER_FAIL_ONCE_AT_STEP)")
+
+    def _record_start(self, start: ckpt_io.ResumePoint) -> None:
+        """One line per worker-group start (first start, restart, resize) for the elastic tests and bench."""
+        out = Path(self.debug_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plan = self.plan
+        record = {"time": time.time(), "world": self.world, "step": start.step, "epoch": start.epoch,
+                  "iter_in_epoch": start.iter_in_epoch, "worker_batch": plan.worker_batch,
+                  "micro_per_step": plan.micro_per_step, "accum_grad_iters": plan.accum_grad_iters,
+                  "global_batch": plan.global_batch}
+        with open(out / "starts.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _write_debug(self) -> None:
         """Per-rank fingerprints (weights, batches seen) for the distributed tests."""

@@ -140,8 +140,8 @@ def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str], visuals_dir: 
     connect_ray(cfg)
     start_counter()  # the skipped-image counter, owned by this driver: it ends with the job
     resources = cfg.run.ray.get("resources_per_worker")
-    scaling = ray.train.ScalingConfig(
-        num_workers=elastic.worker_range(cfg.run.ray.num_workers)[1], use_gpu=_use_gpu(cfg),
+    scaling = ray.train.ScalingConfig(  # an elastic range: its minimum, the size the cluster can be counted on for
+        num_workers=elastic.worker_range(cfg.run.ray.num_workers)[0], use_gpu=_use_gpu(cfg),
         resources_per_worker=dict(OmegaConf.to_container(resources)) if resources else None,
     )
     with tempfile.TemporaryDirectory(prefix="qformer-eval-") as storage:  # nothing persistent: no checkpoints

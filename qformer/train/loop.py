@@ -168,7 +168,7 @@ class _Runner:
         self.tested = False  # test splits evaluated (at the last epoch end, or in finish())
         self.seen_batches: list[str] = []
         self._streams: dict[str, Iterator[dict]] = {}
-        # preemption notice: every rank votes at the same steps, so the vote exists wherever the handler does not
+        # preemption notice: every rank votes at the same steps, also where the handler could not be installed
         self.stop_vote = None
         if run.elastic.preemption_checkpoint:
             preemption.install()

@@ -28,11 +28,11 @@ def test_node_loss_shrinks_keeps_the_global_batch_and_the_node_return_grows(resi
     one = starts[1]
     assert (one["worker_batch"], one["micro_per_step"], one["accum_grad_iters"], one["global_batch"]) == (4, 2, 2, 8)
     assert all(s["global_batch"] == 8 for s in starts)
-    # each restart resumed from a checkpoint at or before the step reached, never from scratch after one
+    # every restart resumed from a checkpoint written before it (the node left after step 3's registered)
     for event in resize["events"]:
-        resumed = starts[event["starts_before"]]["step"]
-        assert resumed <= event["last_step_before"]
-    assert one["step"] > 0 and one["step"] % 3 == 0  # the step-3 (or later) periodic checkpoint
+        assert starts[event["starts_before"]]["step"] in resize["checkpoints"]
+    assert one["step"] >= 3
+    assert resize["steps_lost"]["node_removed"] <= 3  # save_freq_steps bounds what a node loss costs
     # MLflow shows the resize: world_size 2 -> 1 -> 2, global_batch 8 throughout, accumulation 1 -> 2 -> 1
     world = [v for _, v in resize["metrics"]["world_size"]]
     assert 1.0 in world and world[0] == world[-1] == 2.0

@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> dict:
         results["preempt_with_checkpoint"] = run_scenario("preempt", {"preemption_checkpoint": True}, args.timeout)
         results["preempt_without_checkpoint"] = run_scenario("preempt", {"preemption_checkpoint": False}, args.timeout)
     summary = summarize(results)
-    payload = {"summary": summary, "scenarios": results}
+    kept = ("error", "final_step", "mlflow_runs", "starts", "events", "recover_s", "steps_lost", "checkpoints")
+    payload = {"summary": summary, "scenarios": {k: {f: v.get(f) for f in kept} for k, v in results.items()}}
     write_result("elastic", payload, args.out_dir)
     for key, value in summary.items():
         print(f"{key:44s} {value}")

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> dict:
     from qformer.config import load_config
     from qformer.demo import ensure_shapes_data
     from qformer.logging_setup import setup_logging
+    from qformer.train.elastic import worker_range
     from qformer.train.launcher import connect_ray, launch_training
 
     setup_logging()
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
         client = MlflowClient(tracking_uri=result.tracking_uri)
         history = {key: sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, key))
                    for key in ("samples_per_s", "data_wait_frac")}
-    world = max(1, int(cfg.run.ray.num_workers))
+    world = max(1, worker_range(cfg.run.ray.num_workers)[1])
     done = int(result.metrics.get("step", 0))
     sps = [v for _, v in history["samples_per_s"]]
     wait = [v for _, v in history["data_wait_frac"]]

@@ -9,8 +9,10 @@ import importlib
 
 # suite -> module exposing add_arguments(parser) and run(args) -> dict (the written payload)
 SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.step", "cache": "qformer.bench.cache",
-                          "train": "qformer.bench.train", "device": "qformer.bench.device"}
-IN_ALL = ("data", "step", "cache", "train")  # `device` is a check for a lent GPU machine, run on its own
+                          "train": "qformer.bench.train", "device": "qformer.bench.device",
+                          "elastic": "qformer.bench.elastic"}
+# `device` is a check for a lent GPU machine, `elastic` starts simulated clusters (minutes): each runs on its own
+IN_ALL = ("data", "step", "cache", "train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,6 +41,16 @@ def dataset_ratios(value: dict) -> str | None:
     return None
 
 
+def num_workers(value: Any) -> str | None:
+    """run.ray.num_workers: an int >= 0 (fixed size; 0 = local mode) or [min, max] (elastic)."""
+    if isinstance(value, int):
+        return None if value >= 0 else "must be >= 0"
+    if (len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and 1 <= value[0] <= value[1]):
+        return None
+    return f"must be an int >= 0 (a fixed size) or [min, max] with 1 <= min <= max (elastic), got {value!r}"
+
+
 def concurrency(value: Any) -> str | None:
     if isinstance(value, int):
         return None if value >= 1 else "must be >= 1"

@@ -170,7 +170,13 @@ SCHEMA: dict[str, Key] = {
     "run.skip_nonfinite":           Bool(False),
     "run.vision_cache":             Str(None, doc="directory from `qformer cache-features`: train on cached ViT features"),
     "run.max_steps_per_epoch":      Int(None, ge=1, doc="cap for smoke runs and the demo"),
-    "run.ray.num_workers":          Int(1, ge=0, doc="0: Train local mode (one process, no worker actors)"),
+    "run.ray.num_workers":          Key("int|list", 1, check=checks.num_workers,
+                                        doc="0: Train local mode (one process, no worker actors); [min, max]: "
+                                            "elastic, Ray Train starts with what it gets and resizes (run.elastic)"),
+    "run.ray.elastic_resize_interval_s": Float(60.0, ge=0, doc="elastic runs: seconds between Ray Train's checks "
+                                                               "for a larger (or smaller) worker group"),
+    "run.ray.max_preemption_failures": Int(-1, ge=-1, doc="restarts after node preemptions Ray detects "
+                                                          "(counted apart from max_failures); -1: no limit"),
     "run.ray.use_gpu":              Key("str|bool", "auto", choices=("auto", True, False)),
     "run.ray.resources_per_worker": Map(None),
     "run.ray.storage_path":         Str(None, doc="null: <output_dir>/ray_results"),
@@ -178,6 +184,19 @@ SCHEMA: dict[str, Key] = {
     "run.ray.address":              Str(None, doc="null: a local Ray (or RAY_ADDRESS)"),
     "run.ray.torch_threads":        Int(None, ge=1, doc="torch threads per training worker (null: Ray's, the worker's CPUs)"),
     "run.ray.name":                 Str(None),
+    "run.elastic.keep":             Str("global_batch", choices=("global_batch", "per_worker_batch"),
+                                        doc="what a resize keeps: the global batch (batch and accumulation "
+                                            "recomputed) or the per-worker batch (LR scaled)"),
+    "run.elastic.global_batch":     Int(None, ge=1, doc="global_batch mode; null: batch_size_train x max workers "
+                                                        "x accum_grad_iters"),
+    "run.elastic.max_worker_batch": Int(None, ge=1, doc="global_batch mode: per-worker memory cap on the batch; "
+                                                        "null: batch_size_train (fewer workers accumulate more)"),
+    "run.elastic.lr_scaling":       Str("linear", choices=("linear", "sqrt"), doc="per_worker_batch mode: LR x "
+                                                                                 "(world / reference world)"),
+    "run.elastic.reference_world":  Int(None, ge=1, doc="per_worker_batch mode: the world init_lr is for; "
+                                                        "null: max workers"),
+    "run.elastic.preemption_checkpoint": Bool(True, doc="a worker sent SIGTERM finishes its step, every rank "
+                                                        "saves a checkpoint, then the group restarts from it"),
     "run.mlflow.tracking_uri":      Str(None, doc="else MLFLOW_TRACKING_URI, else sqlite under QFORMER_HOME"),
     "run.mlflow.experiment_name":   Str("qformer-stage1", check=checks.non_empty),
     "run.mlflow.run_name":          Str(None),

@@ -215,6 +215,20 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
             if run[key] is None:
                 raise ConfigError("runner_iter needs run.max_iters and run.iters_per_inner_epoch", f"run.{key}",
                                   source_of("run.runner"))
+    _check_elastic(run, source_of)
+
+
+def _check_elastic(run: dict, source_of: SourceOf) -> None:
+    """The global batch the smallest world must keep (qformer.train.elastic), named by key and layer."""
+    from omegaconf import OmegaConf
+
+    from qformer.train import elastic
+
+    try:
+        elastic.check(OmegaConf.create(run))
+    except ConfigError as err:
+        source = source_of(err.key) or source_of("run.elastic.global_batch") or source_of("run.batch_size_train")
+        raise ConfigError(err.reason, err.key, source) from None
 
 
 def dataset_splits(ds: dict) -> set[str]:

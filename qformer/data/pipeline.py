@@ -14,8 +14,15 @@ shuffle (LAVIS: DistributedSampler with set_epoch) costs a permutation on the pl
 not an all-to-all exchange of decoded images. A local shuffle buffer in the training workers
 (`run.data.shuffle_buffer` rows) is therefore off by default; it would copy every image again.
 
+Shards (any builder with `build_info.storage`): the driver keeps only the shard names;
+`ShardStream` (qformer.data.shard_source) reads one shard per task, in a per-pass shard order, and
+hands the same decode UDF chunks of rows whose `data` column holds the encoded image.
+
+Where: the training loop writes each stream's pass and finished read units into a `StreamPlan`
+(qformer.data.position) before it iterates; both sources read it when Ray plans the pass.
+
 Paths: images are opened by whichever node runs a decode task, so on a multi-node cluster the data
-root must be a shared mount at the same path on every node (NFS, a bucket mount).
+root must be a shared mount at the same path on every node (NFS, a bucket mount), or object storage.
 
 Mixing: with `run.train_dataset_ratios` null, all train sources (COCO + VG) form ONE dataset
 "train" shuffled together, as LAVIS's ConcatDataset + DistributedSampler. With ratios, one dataset

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from qformer.train import elastic
+
 log = logging.getLogger("qformer.evaluate")
 
 VISUALS_DIR = "visuals"  # in the checkpoint an eval worker reports: the pictures of each split
@@ -138,8 +140,8 @@ def _evaluate_on_ray(cfg: Any, checkpoint: str, splits: list[str], visuals_dir: 
     connect_ray(cfg)
     start_counter()  # the skipped-image counter, owned by this driver: it ends with the job
     resources = cfg.run.ray.get("resources_per_worker")
-    scaling = ray.train.ScalingConfig(
-        num_workers=int(cfg.run.ray.num_workers), use_gpu=_use_gpu(cfg),
+    scaling = ray.train.ScalingConfig(  # an elastic range: its minimum, the size the cluster can be counted on for
+        num_workers=elastic.worker_range(cfg.run.ray.num_workers)[0], use_gpu=_use_gpu(cfg),
         resources_per_worker=dict(OmegaConf.to_container(resources)) if resources else None,
     )
     with tempfile.TemporaryDirectory(prefix="qformer-eval-") as storage:  # nothing persistent: no checkpoints
@@ -179,7 +181,7 @@ def evaluate_checkpoint(cfg: Any, checkpoint: str | Path, splits: list[str] | No
     tracked = track and cfg.run.mlflow.get("enabled", True)
     with tempfile.TemporaryDirectory(prefix="qformer-eval-visuals-") as tmp:
         visuals = Path(tmp) if tracked else None  # the pictures only go to the MLflow run
-        if not local and int(cfg.run.ray.num_workers) > 0:
+        if not local and elastic.worker_range(cfg.run.ray.num_workers)[1] > 0:
             metrics = _evaluate_on_ray(cfg, checkpoint, splits, visuals)
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,6 +19,7 @@ from qformer.features import store
 from qformer.features.manifest import check_compatible, read_manifest
 from qformer.data.position import UNIT, UNIT_ROWS
 from qformer.features.views import train_view_for
+from qformer.train.elastic import worker_range
 
 MAX_BLOCKS = 1000  # read tasks per epoch at most: few enough to plan cheaply (each costs Ray tens of ms)
 
@@ -93,7 +94,8 @@ def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str,
         raise ValueError(f"view {view} out of range: the cache holds {manifest['views']} views")
     table = store.read_records(cache_dir, source)
     rows_per_block = max(int(batch_size), -(-table.num_rows // MAX_BLOCKS))
-    ds = epoch_shuffled_dataset(table, rows_per_block, int(seed), name="CachedRows", plan=plan, task_base=task_base, stream=stream)
+    ds = epoch_shuffled_dataset(table, rows_per_block, int(seed), name="CachedRows", plan=plan, task_base=task_base,
+                                stream=stream)
     ds = ds.map_batches(FeatureLoader, fn_constructor_args=(str(cache_dir), manifest["views"], view, None),
                         batch_size=batch_size, compute=_pool(actors),
                         batch_format="numpy")
@@ -112,7 +114,7 @@ def loader_actors(cfg: Any) -> int | tuple[int, int]:
     """run.data.concurrency when set, else an autoscaling pool of 1..num_workers loader actors."""
     value = cfg.run.data.concurrency
     if value is None:
-        return (1, max(1, int(cfg.run.ray.num_workers)))
+        return (1, max(1, worker_range(cfg.run.ray.num_workers)[1]))
     return int(value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
 
 

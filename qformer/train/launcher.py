@@ -22,6 +22,7 @@ from qformer import paths
 from qformer.logging_setup import get_logger
 from qformer.tracking import check_reachable, resolve_tracking_uri
 from qformer.train import checkpoint as ckpt_io
+from qformer.train import elastic
 from qformer.train.checkpoint import check_readable
 from qformer.train.errors import RayStartError
 from qformer.train.resume import check_config_unchanged, find_prior, finished
@@ -160,8 +161,11 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
 
     name = name or run_name(cfg)
     storage = storage or storage_path(cfg)
-    num_workers = 0 if local_mode else int(cfg.run.ray.num_workers)
+    workers = (0, 0) if local_mode else elastic.worker_range(cfg.run.ray.num_workers)
+    num_workers = workers[1]  # the fixed size, or the elastic maximum (0: Train local mode)
     use_gpu = _use_gpu(cfg) if num_workers > 0 else False
+    for warning in elastic.check(cfg.run):  # errors were raised when the config was validated
+        log.warning("%s", warning)
     resume = resume or cfg.run.get("resume_ckpt_path") or None
     if resume and "://" not in str(resume):  # workers may run elsewhere in the tree: hand them an absolute path
         resume = str(Path(str(resume)).expanduser().resolve())
@@ -184,7 +188,8 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
         data = cached_train_datasets(cfg, plan=plan)  # ConfigError naming run.vision_cache if the cache doesn't match
     else:
         data = build_train_datasets(cfg, sources, plan=plan)
-    tracker = start_tracking(cfg, name, storage, resume_run_id, parent_run_id, num_workers, use_gpu)
+    tracker = start_tracking(cfg, name, storage, resume_run_id, parent_run_id,
+                             num_workers if workers[0] == workers[1] else f"{workers[0]}-{workers[1]}", use_gpu)
 
     score_key = _score_key(cfg)
     checkpoint_config = ray.train.CheckpointConfig(
@@ -198,7 +203,7 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
         "mlflow": {"uri": tracker.uri, "run_id": tracker.run_id} if tracker else None,
         "resume_path": resume,
         "ratios": data.ratios,
-        "plan": plan,
+        "stream_plan": plan,
         "num_rows": dict(data.num_rows),
         "mean": list(data.mean),
         "std": list(data.std),
@@ -206,16 +211,22 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
         "local_checkpoint_root": local_root,
         "fail_once_at_step": int(fail_at) if fail_at else None,
         "fail_marker": os.environ.get("QFORMER_FAIL_MARKER") or str(Path(storage) / name / ".injected_failure_done"),
+        "workers": [max(1, workers[0]), max(1, workers[1])],  # what the batch plan of each world size is made for
         **(extra_loop_config or {}),
     }
     resources = cfg.run.ray.get("resources_per_worker")
     scaling = ray.train.ScalingConfig(
-        num_workers=num_workers, use_gpu=use_gpu,
+        num_workers=workers if workers[0] != workers[1] else num_workers, use_gpu=use_gpu,
         resources_per_worker=dict(OmegaConf.to_container(resources)) if resources else None,
+        elastic_resize_monitor_interval_s=float(cfg.run.ray.elastic_resize_interval_s),
     )
+    if workers[0] != workers[1] and int(cfg.run.ray.max_failures) == 0:
+        log.warning("run.ray.num_workers is elastic but run.ray.max_failures is 0: a lost node (or a preemption "
+                    "checkpoint) ends the run instead of continuing with fewer workers; set it to -1 or more")
     run_config = ray.train.RunConfig(
         name=name, storage_path=storage, checkpoint_config=checkpoint_config,
-        failure_config=ray.train.FailureConfig(max_failures=int(cfg.run.ray.max_failures)),
+        failure_config=ray.train.FailureConfig(max_failures=int(cfg.run.ray.max_failures),
+                                               max_preemption_failures=int(cfg.run.ray.max_preemption_failures)),
         callbacks=list(callbacks or []),
     )
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
@@ -308,7 +319,7 @@ def _check_prior(cfg: DictConfig, resume: str | None, local_mode: bool | None,
     """Before Ray: stop when the checkpoint to continue from has other model/data settings; return the
     finished run's result when there is nothing left to train."""
     name, storage = run_name(cfg), storage_path(cfg)
-    local = bool(local_mode) or int(cfg.run.ray.num_workers) == 0
+    local = bool(local_mode) or elastic.worker_range(cfg.run.ray.num_workers)[1] == 0
     explicit = resume or cfg.run.get("resume_ckpt_path") or None
     if explicit:  # not there, or not a checkpoint: one line naming it, before Ray
         check_readable(explicit)

@@ -30,6 +30,7 @@ from qformer.data.position import PositionTracker, StreamPosition
 from qformer.logging_setup import get_logger, setup_logging
 from qformer.seeding import setup_seeds
 from qformer.train import checkpoint as ckpt_io
+from qformer.train import elastic, preemption
 from qformer.train.amp import resolve_amp
 from qformer.train.lr_schedule import build_lr_scheduler, schedule_max_epoch
 from qformer.train.meters import LossMeter, memory_metrics
@@ -76,9 +77,12 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = build_lr_scheduler(optimizer, run)
     amp = resolve_amp(bool(run.amp), str(run.amp_dtype), device)
     scaler = amp.make_scaler()
+    workers = config.get("workers")  # the launcher's (min, max); Train local mode: (1, 1)
+    plan = elastic.plan_for(run, world, tuple(workers) if workers else None)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, device=device, scaler=scaler,
-                       accum_grad_iters=int(run.accum_grad_iters), skip_nonfinite=bool(run.skip_nonfinite),
-                       image_mean=_tuple(config.get("mean")), image_std=_tuple(config.get("std")))
+                       accum_grad_iters=plan.accum_grad_iters, skip_nonfinite=bool(run.skip_nonfinite),
+                       image_mean=_tuple(config.get("mean")), image_std=_tuple(config.get("std")),
+                       micro_per_step=plan.micro_per_step)
     start = ckpt_io.ResumePoint(0, 0, 0)
     if state_dict is not None:
         optimizer.load_state_dict(state_dict["optimizer"])
@@ -90,10 +94,13 @@ def train_loop_per_worker(config: dict) -> None:
         state.global_step = state._last_checked_step = start.step
         config = {**config, "data_position": state_dict.get("data_position") or {}}
         del state_dict
-    log.info("rank %d/%d on %s, AMP %s, start at epoch %d iter %d (global step %d)",
-             rank, world, device, amp.describe(), start.epoch, start.iter_in_epoch, start.step)
+    scheduler.lr_scale = plan.lr_scale  # the current world's, whatever the checkpoint's world was
+    log.info("rank %d/%d on %s, AMP %s, start at epoch %d iter %d (global step %d); per worker %d x %d micro-batches "
+             "per step, accumulation %d, global batch %d, LR x %.3g", rank, world, device, amp.describe(), start.epoch,
+             start.iter_in_epoch, start.step, plan.worker_batch, plan.micro_per_step, plan.accum_grad_iters,
+             plan.global_batch, plan.lr_scale)
 
-    runner = _Runner(config, cfg, state, rank, world, unwrapped)
+    runner = _Runner(config, cfg, state, rank, world, unwrapped, plan)
     runner.run(start)
 
 
@@ -125,7 +132,8 @@ def _restore_state(config: dict) -> tuple[dict | None, str | None]:
 class _Runner:
     """The epoch / step bookkeeping of one worker."""
 
-    def __init__(self, config: dict, cfg: Any, state: TrainState, rank: int, world: int, unwrapped: torch.nn.Module):
+    def __init__(self, config: dict, cfg: Any, state: TrainState, rank: int, world: int, unwrapped: torch.nn.Module,
+                 plan: elastic.BatchPlan | None = None):
         import ray.train
 
         self.config, self.cfg, self.run_cfg, self.state = config, cfg, cfg.run, state
@@ -133,7 +141,8 @@ class _Runner:
         run = cfg.run
         self.iter_based = bool(run.get("max_iters"))
         self.max_epoch = schedule_max_epoch(run)
-        self.batch_size = int(run.batch_size_train)
+        self.plan = plan or elastic.BatchPlan(world, int(run.batch_size_train), 1, int(run.accum_grad_iters), 1.0)
+        self.batch_size = self.plan.worker_batch  # rows per micro-batch on this worker
         self.log_freq = max(1, int(run.log_freq))
         self.save_freq_steps = int(run.save_freq_steps or 0)
         self.ratios: dict[str, float] | None = config.get("ratios")
@@ -161,10 +170,17 @@ class _Runner:
         self.tested = False  # test splits evaluated (at the last epoch end, or in finish())
         self.seen_batches: list[str] = []
         self._streams: dict[str, Iterator[dict]] = {}
-        self.plan = config.get("plan")  # qformer.data.position: tells the Ray Data sources which pass to read
+        # qformer.data.position: tells the Ray Data sources which pass to read, and what of it is done
+        self.stream_plan = config.get("stream_plan")
         saved = config.get("data_position") or {}
         self.positions = {n: PositionTracker(StreamPosition.from_dict(saved.get(n))) for n in self.names}
         self.position_restored = bool(saved)
+        # preemption notice: every rank votes at the same steps, also where the handler could not be installed
+        self.stop_vote = None
+        if run.elastic.preemption_checkpoint:
+            preemption.install()
+            self.stop_vote = preemption.StopVote()
+        self.stopping = False
 
     # ---- epochs --------------------------------------------------------------------------------
     def epoch_length(self) -> int | None:
@@ -174,7 +190,7 @@ class _Runner:
             n = int(self.run_cfg.iters_per_inner_epoch)
         elif self.ratios:  # sources cycle, so an epoch is one pass over all rows in batches
             rows = sum(int(self.config.get("num_rows", {}).get(n, 0)) for n in self.names)
-            n = max(1, rows // (self.batch_size * self.world))
+            n = max(1, rows // self.plan.samples_per_step)
         else:
             n = None
         if cap:
@@ -182,6 +198,8 @@ class _Runner:
         return n
 
     def run(self, start: ckpt_io.ResumePoint) -> None:
+        if self.debug_dir and self.rank == 0:
+            self._record_start(start)
         if self.tracker is not None:  # after a restart the steps since the checkpoint (all of them, when the
             try:                      # failure came before Ray registered one) are re-run, but logged once
                 self.logged_through = max((s for s, _ in self.tracker.metric_history("loss")), default=0)
@@ -240,10 +258,10 @@ class _Runner:
             pass_ = first_pass + round_
             tracker = self.positions[name]
             tracker.start_pass(pass_)  # a new pass forgets the old one's progress
-            if self.plan is not None:  # every rank writes the same; Ray plans the read after all have
+            if self.stream_plan is not None:  # every rank writes the same; Ray plans the read after all have
                 import ray
 
-                ray.get(self.plan.set.remote(name, tracker.position.to_dict()))
+                ray.get(self.stream_plan.set.remote(name, tracker.position.to_dict()))
             seen = False
             for batch in shard.iter_torch_batches(
                 batch_size=self.batch_size, drop_last=True, prefetch_batches=int(data.prefetch_batches),
@@ -267,41 +285,81 @@ class _Runner:
         length = self.epoch_length()
         total = length
         if total is None and self.config.get("num_rows"):
-            total = int(self.config["num_rows"].get("train") or 0) // (self.batch_size * self.world) or None
+            total = int(self.config["num_rows"].get("train") or 0) // self.plan.samples_per_step or None
         # a bar on a terminal; in a job log log_step's lines are the progress (log_every_s=None)
         bar = Progress(total, f"epoch {epoch}", "steps", initial=begin, enabled=self.rank == 0, log_every_s=None)
         epoch_meter = LossMeter()
         i = begin
-        batches = self._batches(epoch, begin)
+        micro = self.plan.micro_per_step
+        # `begin` counts steps; this rank's data holds micro_per_step micro-batches per step (after a resize the
+        # skip covers as many samples as the steps done, on the new split of the data)
+        batches = self._batches(epoch, begin * micro)
+        steps = _grouped(batches, micro)
         self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
         while length is None or i < length:
             t0 = time.perf_counter()
-            batch = next(batches, None)
+            group = next(steps, None)
             self.window_wait += time.perf_counter() - t0
-            if batch is None:
+            if group is None:
                 break
-            if self.debug_dir:
-                self.seen_batches.append(_fingerprint(batch))
-                _append_rows(Path(self.debug_dir) / f"rows-rank{self.rank}.jsonl", self.state.global_step + 1, batch)
             log_now = (self.state.global_step + 1) % self.log_freq == 0
-            out = train_step(self.state, batch, epoch, i, log=log_now)
-            self.window.update(out.losses)
-            epoch_meter.update(out.losses)
+            for j, batch in enumerate(group):
+                if self.debug_dir:
+                    self.seen_batches.append(_fingerprint(batch))
+                    _append_rows(Path(self.debug_dir) / f"rows-rank{self.rank}.jsonl", self.state.global_step + 1, batch)
+                out = train_step(self.state, batch, epoch, i, log=log_now and j == micro - 1, micro=j)
+                self.window.update(out.losses)
+                epoch_meter.update(out.losses)
             self.window_steps += 1
             i += 1
             bar.update(1)
             if log_now:
                 self.log_step(epoch, i, length, out, bar)
             at_epoch_end = length is not None and i >= length
+            saved = False
             if self.save_freq_steps and self.state.global_step % self.save_freq_steps == 0 and not at_epoch_end:
                 self.save(epoch, i, epoch_complete=False, metrics=self.last_metrics)
+                saved = True
+            if self._stop_agreed(i):
+                if at_epoch_end:  # the epoch-end checkpoint below is the one
+                    break
+                if not saved:
+                    self.save(epoch, i, epoch_complete=False, metrics=self.last_metrics)
+                self._stop(epoch, i)
             self._maybe_inject_failure()
         bar.close()
         batches.close()
-        if i == begin:
+        if i == begin == 0:  # (a resume at the very end of an epoch whose length was unknown has nothing left)
             raise RuntimeError(f"epoch {epoch} had no batches on rank {self.rank}: the training shard is empty or "
                                f"smaller than one batch of {self.batch_size}")
         self.end_epoch(epoch, i, epoch_meter)
+        if self.stopping and epoch < self.max_epoch - 1:  # after the last epoch there is nothing to restart for
+            self._stop(epoch + 1, 0)
+
+    def _stop_agreed(self, i: int) -> bool:
+        """The preemption vote, at optimiser-step boundaries only (a checkpoint mid-accumulation would lose
+        the accumulated gradients)."""
+        if self.stop_vote is None or i % max(1, int(self.run_cfg.accum_grad_iters)):
+            return False
+        self.stopping = self.stopping or self.stop_vote.agreed()
+        return self.stopping
+
+    def _stop(self, epoch: int, i: int) -> None:
+        """After the preemption checkpoint: raise on every rank once Ray Train has registered it. The rank-0
+        report (the one with the checkpoint) is slower than the others; raising as soon as ours is queued
+        lets the controller restart on the first error, from the checkpoint before. A second report returns
+        only when the first was consumed (Ray's result queue holds one), and the barrier holds the other
+        ranks until rank 0 is there."""
+        import ray.train
+
+        if self.rank == 0 and self.tracker is not None:  # the MLflow UI shows where each notice checkpointed
+            _safe(self.tracker.log_metrics_buffered, {"preemption_checkpoint": 1.0}, step=self.state.global_step)
+        ray.train.report({"step": self.state.global_step, "preempted": 1.0})
+        if self.stop_vote is not None and self.stop_vote.group is not None:
+            torch.distributed.barrier(group=self.stop_vote.group)
+        raise preemption.PreemptedError(
+            f"preempted (SIGTERM): every rank saved a checkpoint at global step {self.state.global_step} (epoch "
+            f"{epoch} iter {i}); Ray Train restarts the worker group from it (run.ray.max_failures)")
 
     # ---- logging -------------------------------------------------------------------------------
     def log_step(self, epoch: int, i: int, length: int | None, out: Any, bar: Any) -> None:
@@ -312,11 +370,16 @@ class _Runner:
         metrics.update({
             "lr": out.lr,
             "temp": float(self.unwrapped.temp.detach()) if hasattr(self.unwrapped, "temp") else None,
-            "samples_per_s": self.window_steps * self.batch_size * self.world / elapsed,
+            "samples_per_s": self.window_steps * self.plan.samples_per_step / elapsed,
             "data_wait_frac": min(1.0, self.window_wait / elapsed),
             "grad_norm": out.grad_norm,
             "epoch": float(epoch),
             "skipped_nonfinite": float(self.state.skipped_nonfinite),
+            # elastic training: the MLflow UI shows every resize and what it kept
+            "world_size": float(self.world),
+            "global_batch": float(self.plan.global_batch),
+            "accum_grad_iters": float(self.plan.accum_grad_iters),
+            "worker_batch": float(self.plan.worker_batch),
         })
         metrics = {k: v for k, v in metrics.items() if v is not None}
         if self.rank == 0:
@@ -438,6 +501,18 @@ class _Runner:
         marker.write_text(str(self.state.global_step))
         raise InjectedFailure(f"injected failure at global step {self.state.global_step} (QFORMER_FAIL_ONCE_AT_STEP)")
 
+    def _record_start(self, start: ckpt_io.ResumePoint) -> None:
+        """One line per worker-group start (first start, restart, resize) for the elastic tests and bench."""
+        out = Path(self.debug_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plan = self.plan
+        record = {"time": time.time(), "world": self.world, "step": start.step, "epoch": start.epoch,
+                  "iter_in_epoch": start.iter_in_epoch, "worker_batch": plan.worker_batch,
+                  "micro_per_step": plan.micro_per_step, "accum_grad_iters": plan.accum_grad_iters,
+                  "global_batch": plan.global_batch}
+        with open(out / "starts.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def _write_debug(self) -> None:
         """Per-rank fingerprints (weights, batches seen) for the distributed tests."""
         out = Path(self.debug_dir)
@@ -468,6 +543,16 @@ def _gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _grouped(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive micro-batches, `size` at a time (one step's); an incomplete last group is dropped."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> None:

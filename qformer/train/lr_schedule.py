@@ -51,6 +51,9 @@ class LavisLRScheduler(LRScheduler):
         self.warmup_steps = int(warmup_steps or 0)
         self.cur_epoch = 0
         self.cur_step = 0
+        # elastic per_worker_batch mode scales the whole schedule with the world size (set after a
+        # load_state_dict: the factor belongs to the current world, not the checkpoint's)
+        self.lr_scale = 1.0
         super().__init__(optimizer)
 
     def lr_at(self, epoch: int, step: int) -> float:
@@ -60,7 +63,7 @@ class LavisLRScheduler(LRScheduler):
         return warmup_lr(step, self.warmup_steps, self.warmup_start_lr, self.init_lr)
 
     def get_lr(self) -> list[float]:
-        lr = self.lr_at(self.cur_epoch, self.cur_step)
+        lr = self.lr_at(self.cur_epoch, self.cur_step) * self.lr_scale
         return [lr for _ in self.optimizer.param_groups]
 
     def step(self, cur_epoch: int | None = None, cur_step: int | None = None) -> None:  # type: ignore[override]

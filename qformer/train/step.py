@@ -43,6 +43,9 @@ class TrainState:
     # error mode: device-side "a non-finite loss was seen since the last check" flag, checked lazily
     image_mean: tuple[float, ...] | None = None  # the vis processor's normalisation (None: CLIP's)
     image_std: tuple[float, ...] | None = None
+    # micro-batches per step (qformer.train.elastic: a smaller world keeps the global batch by running
+    # several micro-batches per step); the step count and the LR schedule advance once per step
+    micro_per_step: int = 1
     _bad_flag: torch.Tensor | None = field(default=None, repr=False)
     _last_checked_step: int = 0
 
@@ -141,10 +144,13 @@ def check_finite(state: TrainState) -> None:
         )
 
 
-def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_epoch: int, log: bool = False) -> StepOutput:
-    """Run micro-batch `iter_in_epoch` of (inner) epoch `epoch`; returns the undivided, detached losses."""
+def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_epoch: int, log: bool = False,
+               micro: int = 0) -> StepOutput:
+    """Run micro-batch `iter_in_epoch` of (inner) epoch `epoch`; returns the undivided, detached losses.
+    With state.micro_per_step > 1, call it for micro = 0 .. micro_per_step - 1 of step `iter_in_epoch`
+    (the schedule position and the step count are the step's; `log` only on the last)."""
     state.scheduler.step(epoch, iter_in_epoch)  # LAVIS: before the forward, every micro-batch
-    boundary = (iter_in_epoch + 1) % state.accum_grad_iters == 0
+    boundary = (iter_in_epoch * state.micro_per_step + micro + 1) % state.accum_grad_iters == 0
     samples = prepare_samples(with_text_plan(batch, state.unwrapped), state.device, state.image_mean, state.image_std)
 
     # Skip DDP's gradient all-reduce on non-boundary micro-batches: same maths, less traffic.
@@ -169,7 +175,7 @@ def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_
     nonfinite = ~torch.isfinite(losses["loss"])
     state._bad_flag = nonfinite if state._bad_flag is None else state._bad_flag | nonfinite
 
-    state.global_step += 1
+    state.global_step += int(micro == state.micro_per_step - 1)
     grad_norm = _grad_norm(state) if log else None
 
     stepped = False

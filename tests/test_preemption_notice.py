@@ -1,0 +1,48 @@
+"""The SIGTERM handler of the preemption notice, with real signals to this process: the first sets the flag
+(training goes on to the next step boundary), a second goes to the handler that was there before."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from qformer.train import preemption
+
+
+@pytest.fixture
+def restore_sigterm():
+    original = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, original)
+    preemption._requested.clear()
+
+
+def _deliver() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # Python runs the handler at the next bytecode boundary of the main thread
+
+
+def test_first_sigterm_requests_a_stop_and_a_second_one_goes_to_the_previous_handler(restore_sigterm):
+    seen: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # stands for Ray's exit handler
+    assert preemption._install_here() == "MainThread" and not preemption.requested()
+    _deliver()
+    assert preemption.requested() and seen == []
+    _deliver()
+    assert seen == [signal.SIGTERM]
+
+
+def test_the_vote_without_a_process_group_is_this_process_flag(restore_sigterm):
+    vote = preemption.StopVote()
+    assert vote.group is None and not vote.agreed()
+    preemption._install_here()
+    _deliver()
+    assert vote.agreed()
+
+
+def test_install_outside_a_ray_actor_thread_leaves_signals_alone(restore_sigterm):
+    before = signal.getsignal(signal.SIGTERM)
+    assert preemption.install() is False  # the main thread of a driver (Train local mode): keep its handling
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -73,9 +73,11 @@ def test_bench_data_shards_quick(ray_cluster, tmp_path: Path) -> None:
     # the table path carries its rows in the plan (tens of bytes a row at least); the shard path the names only
     for t in table:
         assert t["datasource_bytes"] > 40 * t["rows"] and t["plan_bytes"] >= t["datasource_bytes"]
+        assert t["read_tasks_bytes"] > 40 * t["rows"]  # each read task holds its slice of the table
     assert table[1]["datasource_bytes"] > 2 * table[0]["datasource_bytes"]
     assert shards[1]["datasource_bytes"] - shards[0]["datasource_bytes"] < 1000  # two more shard names
     assert all(s["plan_bytes"] < t["plan_bytes"] / 5 for s, t in zip(shards, table))
+    assert all(s["read_tasks_bytes"] < t["read_tasks_bytes"] / 5 for s, t in zip(shards, table))
     # the same images through both paths' real transform, epochs alternating
     speed = payload["throughput"]["config"]
     assert speed["image_size"] == 64 and speed["decode_workers"] == 1 and speed["num_shards"] == 1

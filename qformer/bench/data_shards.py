@@ -14,10 +14,14 @@ else synthetic) referenced over and over, so a million rows cost megabytes of di
    iterates the first `--read-rows` rows through the real decode/augment/tokenise map, then stops
    (a 1M-row case must not decode 1M images). Reported: `peak_rss_mb` (getrusage maxrss of that
    process, up to the end of the read) and its growth over the baseline; the object store's bytes in
-   use (raylet's store stats, sampled every 0.1 s; peak minus the value before the build: the table
-   path's read tasks, each holding its slice of the table, are ray.put by Ray Data); and the pickled
-   size of the dataset (`plan_bytes`, cloudpickle of the Dataset: what Ray Train ships to its split
-   coordinator) and of its datasource alone.
+   use (raylet's store stats, sampled every 0.1 s; peak minus the value before the build), which holds
+   two things: the read tasks, which Ray Data ray.puts all at once when an execution starts (the
+   table path's each hold their slice of the table; `read_tasks_bytes` is their pickled size), and
+   the decoded images in flight (Ray Data merges a task's output into blocks of up to
+   target_max_block_size, 128 MiB, so a shard task's output can reach the store as one block of
+   the whole shard's images: at 64 px a 10k-row shard is ~120 MB, which also delays its first batch).
+   Also the pickled size of the dataset (`plan_bytes`, cloudpickle of the Dataset: what Ray Train
+   ships to its split coordinator) and of its datasource alone.
 2. Images/s per core of the two paths over the same rows, through the real train transform, read
    as the training loop reads them (`iter_torch_batches`), epochs alternating table, shards, table,
    ... (the first of each is warm-up; rates are medians of the rest, as `qformer bench data`). Each
@@ -197,14 +201,17 @@ def run_case(case: dict) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     store_peak = sampler.stop()
     plan_bytes = len(cloudpickle.dumps(ds))
-    source_bytes = len(cloudpickle.dumps(_datasource(ds)))
+    source = _datasource(ds)
+    source_bytes = len(cloudpickle.dumps(source))
+    # what Ray Data ray.puts for this plan when an execution starts: every read task, before any is run
+    task_bytes = sum(len(cloudpickle.dumps(task)) for task in source.get_read_tasks(1))
     del held
     ray.shutdown()
     return {"path": case["path"], "rows": case["rows"], "num_shards": len(case["manifests"]), "rows_read": n,
             "baseline_rss_mb": baseline / mb, "built_rss_mb": rss_built / mb, "peak_rss_mb": peak / mb,
             "rss_growth_mb": (peak - baseline) / mb, "store_before_mb": sampler.start_bytes / mb,
             "store_peak_mb": store_peak / mb, "store_growth_mb": (store_peak - sampler.start_bytes) / mb,
-            "plan_bytes": plan_bytes, "datasource_bytes": source_bytes,
+            "plan_bytes": plan_bytes, "datasource_bytes": source_bytes, "read_tasks_bytes": task_bytes,
             "build_s": built, "first_batch_s": first, "read_s": read_s}
 
 
@@ -250,7 +257,8 @@ def memory_cases(args: argparse.Namespace, cfg, spec, pool: list[tuple[str, str]
             cases[path].append(result)
             print(f"  {path:6s} {size:>9,} rows: driver peak RSS {result['peak_rss_mb']:7.1f} MB "
                   f"(+{result['rss_growth_mb']:6.1f} over baseline), object store +{result['store_growth_mb']:6.1f} MB, "
-                  f"plan {result['plan_bytes'] / 1024**2:7.2f} MB, first batch {result['first_batch_s']:.1f} s")
+                  f"read tasks {result['read_tasks_bytes'] / 1024**2:7.2f} MB, plan {result['plan_bytes'] / 1024**2:7.2f} MB, "
+                  f"first batch {result['first_batch_s']:.1f} s")
     return {"sizes": sizes, "shard_rows": shard_rows, "read_rows": read_rows, "pool_images": len(pool),
             "table": cases["table"], "shards": cases["shards"],
             "growth_ratio_table_vs_shards": [t["rss_growth_mb"] / max(s["rss_growth_mb"], 1.0)

@@ -234,3 +234,19 @@ def test_shards_and_image_roots_in_object_storage(ray_cluster, s3_endpoint: str,
                 data={"s3_endpoint": s3_endpoint})
     with pytest.raises(ConfigError, match=r"2 of 5 shards do not exist: s3://shards/.*/00003\..*00004"):
         check_images(gone, ["train"])
+
+
+def test_read_tasks_carry_their_own_shard_only() -> None:
+    """A read task pickles to the same size however many shards the set has (Ray Data ray.puts every
+    task each pass: with the whole list in each, that grew with the number of shards squared)."""
+    import cloudpickle
+
+    from qformer.data.shard_source import ShardSet, ShardStream
+
+    def task_bytes(n: int) -> int:
+        names = tuple(f"/data/laion/{i:06d}.jsonl" for i in range(n))
+        tasks = ShardStream(ShardSet("laion", "jsonl", names, "caption", "image", "/data/laion"), 0, 512, (0, 0)).get_read_tasks(1)
+        assert len(tasks) == n
+        return max(len(cloudpickle.dumps(t)) for t in tasks)
+
+    assert task_bytes(2000) < task_bytes(10) + 200

@@ -19,9 +19,9 @@ else synthetic) referenced over and over, so a million rows cost megabytes of di
    table path's each hold their slice of the table; `read_tasks_bytes` is their pickled size), and
    the decoded images in flight (Ray Data merges a task's output into blocks of up to
    target_max_block_size, 128 MiB, so a shard task's output can reach the store as one block of
-   the whole shard's images: at 64 px a 10k-row shard is ~120 MB, which also delays its first batch).
+   the whole shard's images: at 64 px a 10k-row shard is ~120 MiB, which also delays its first batch).
    Also the pickled size of the dataset (`plan_bytes`, cloudpickle of the Dataset: what Ray Train
-   ships to its split coordinator) and of its datasource alone.
+   ships to its split coordinator) and of its datasource alone. The `*_mb` fields are MiB.
 2. Images/s per core of the two paths over the same rows, through the real train transform, read
    as the training loop reads them (`iter_torch_batches`), epochs alternating table, shards, table,
    ... (the first of each is warm-up; rates are medians of the rest, as `qformer bench data`). Each
@@ -255,9 +255,9 @@ def memory_cases(args: argparse.Namespace, cfg, spec, pool: list[tuple[str, str]
                     "read_rows": read_rows, "workers": workers, "address": address, "setup": str(setup)}
             result = _spawn_case(case, tmp)
             cases[path].append(result)
-            print(f"  {path:6s} {size:>9,} rows: driver peak RSS {result['peak_rss_mb']:7.1f} MB "
-                  f"(+{result['rss_growth_mb']:6.1f} over baseline), object store +{result['store_growth_mb']:6.1f} MB, "
-                  f"read tasks {result['read_tasks_bytes'] / 1024**2:7.2f} MB, plan {result['plan_bytes'] / 1024**2:7.2f} MB, "
+            print(f"  {path:6s} {size:>9,} rows: driver peak RSS {result['peak_rss_mb']:7.1f} MiB "
+                  f"(+{result['rss_growth_mb']:6.1f} over baseline), object store +{result['store_growth_mb']:6.1f} MiB, "
+                  f"read tasks {result['read_tasks_bytes'] / 1024**2:7.2f} MiB, plan {result['plan_bytes'] / 1024**2:7.2f} MiB, "
                   f"first batch {result['first_batch_s']:.1f} s")
     return {"sizes": sizes, "shard_rows": shard_rows, "read_rows": read_rows, "pool_images": len(pool),
             "table": cases["table"], "shards": cases["shards"],

@@ -260,3 +260,19 @@ def test_data_check_counts_shards_and_lists_the_missing(tmp_path: Path) -> None:
     assert f"ERROR 1 shards do not exist (datasets.web.build_info.storage): {wds['folder']}/00003.tar" in proc.stdout
     assert "jsonl shards 2  samples 8 (counted)  missing 0" in proc.stdout
     assert "Ray" not in proc.stderr  # counted on the driver, no cluster started
+
+
+def test_read_tasks_carry_their_own_shard_only() -> None:
+    """A read task pickles to the same size however many shards the set has (Ray Data ray.puts every
+    task each pass: with the whole list in each, that grew with the number of shards squared)."""
+    import cloudpickle
+
+    from qformer.data.shard_source import ShardSet, ShardStream
+
+    def task_bytes(n: int) -> int:
+        names = tuple(f"/data/laion/{i:06d}.jsonl" for i in range(n))
+        tasks = ShardStream(ShardSet("laion", "jsonl", names, "caption", "image", "/data/laion"), 0, 512, (0, 0)).get_read_tasks(1)
+        assert len(tasks) == n
+        return max(len(cloudpickle.dumps(t)) for t in tasks)
+
+    assert task_bytes(2000) < task_bytes(10) + 200

@@ -53,6 +53,12 @@ MAIN_LABEL = "main (Ray driver / DataLoader main)"  # this process, in the CPU s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from qformer.bench import data_shards
+
+    parser.add_argument("--source", choices=("table", "shards"), default="table",
+                        help="table: Ray Data's in-memory table path vs a torch DataLoader; shards: the shard stream "
+                             "vs that table path (driver memory by manifest size, img/s per core; "
+                             "qformer.bench.data_shards)")
     parser.add_argument("--cfg-path", default="experiments/demo/tiny_shapes.yaml", help="the `config` workload")
     parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="overrides for both workloads")
@@ -68,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="object store of the private Ray this bench starts (default: Ray's, 30%% of RAM, as "
                              "`qformer train` starts it; under ~1 GiB Ray Data throttles 224 px epochs to half speed)")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
+    data_shards.add_arguments(parser)
 
 
 class _TorchDataset:
@@ -304,6 +311,10 @@ def run(args: argparse.Namespace) -> dict:
 
     from qformer.bench.common import write_result
 
+    if getattr(args, "source", "table") == "shards":
+        from qformer.bench import data_shards
+
+        return data_shards.run(args)
     workers = args.workers or os.cpu_count() or 1
     epochs = args.epochs or (2 if args.quick else 4)
     names = ["config", "stage1"] if args.workload == "both" else [args.workload]

@@ -17,7 +17,7 @@ damage and counts one skipped image for the rest, and the run goes on.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Iterator
 
@@ -96,7 +96,9 @@ class ShardStream(Datasource):
             if task in position.done_tasks:
                 continue
             path = self._set.shards[int(shard)]
-            read = partial(_read_task, self._set, path, self._source, task, self._rows,
+            # the task carries its own shard's name only: with the whole list every task would hold every
+            # name, and the tasks Ray Data puts in the object store each pass would grow with shards squared
+            read = partial(_read_task, replace(self._set, shards=(path,)), path, self._source, task, self._rows,
                            (*self._seed, position.pass_, task), frozenset(position.done_chunks.get(task, ())))
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path])
             tasks.append(ReadTask(read, meta, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))

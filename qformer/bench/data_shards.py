@@ -88,7 +88,7 @@ def write_manifests(folder: Path, rows: list[tuple[str, str]], total: int, shard
 
 
 def shard_set(paths: list[str], root: str):
-    from qformer.data.shard_source import DEFAULT_KEYS, ShardSet
+    from qformer.data.shard_set import DEFAULT_KEYS, ShardSet
 
     text_key, image_key = DEFAULT_KEYS["jsonl"]
     return ShardSet("bench_shards", "jsonl", tuple(paths), text_key, image_key, root)

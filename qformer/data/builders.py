@@ -18,7 +18,7 @@ from qformer.config.errors import ConfigError
 from qformer.data.annotations import CaptionRecord, coco_eval_image_id, read_caption_file, resolve_image_path
 from qformer.data.processors import build_processor
 from qformer.data.retrieval import RetrievalSplit
-from qformer.data.shard_source import DEFAULT_KEYS, FORMATS, ShardSet, infer_format
+from qformer.data.shard_set import DEFAULT_KEYS, FORMATS, ShardSet, infer_format
 from qformer.data.storage import expand, is_uri
 from qformer.paths import data_root
 from qformer.registry import register_builder

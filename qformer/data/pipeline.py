@@ -41,7 +41,7 @@ from qformer.config.errors import ConfigError
 from qformer.data.builders import build_builder
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 from qformer.data.retrieval import RetrievalSplit
-from qformer.data.shard_source import ShardSet, shard_dataset
+from qformer.data.shard_set import ShardSet
 from qformer.data.transform import AUG_SEED, TrainTransform, train_batch
 
 
@@ -117,6 +117,8 @@ def to_ray_dataset(rows: pd.DataFrame | ShardSet, spec: TrainTransform, cfg, str
     data_cfg = cfg.run.data
     num_cpus = float(data_cfg.num_cpus_per_task)
     if isinstance(rows, ShardSet):
+        from qformer.data.shard_source import shard_dataset
+
         ds = shard_dataset(rows, stream, rows_per_task(data_cfg), (int(cfg.run.seed), stream), plan=plan,
                            stream=name, num_cpus=num_cpus)
     else:

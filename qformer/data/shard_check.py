@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 
 from qformer.config.errors import ConfigError
-from qformer.data.shard_source import ShardSet
+from qformer.data.shard_set import ShardSet
 from qformer.data.storage import filesystem, missing
 
 SAMPLE_SHARDS = 8
@@ -69,7 +69,7 @@ def _read_count(shards: ShardSet, path: str, problems: list[str]) -> int:
     object store): WebDataset keys with an image member, or manifest rows."""
     import tarfile
 
-    from qformer.data.shard_source import WDS_IMAGE_EXTS
+    from qformer.data.shard_set import WDS_IMAGE_EXTS
 
     fs, inner = filesystem(path, shards.endpoint)
     keys: set[str] = set()

@@ -65,7 +65,7 @@ def test_reader_streams_features_and_tokens(cache):
     rows = data.datasets["train"].take_batch(10, batch_format="numpy")
     assert rows["image_embeds"].shape == (10, 65, 192) and rows["image_embeds"].dtype == np.float16
     assert rows["text_ids"].shape == (10, 32) and rows["text_ids"].dtype == np.int64
-    assert set(rows) == {"image_embeds", "text_ids", "text_atts", "unit", "unit_rows"}  # + the stream position
+    assert set(rows) == {"image_embeds", "text_ids", "text_atts", "unit", "unit_row", "unit_rows"}  # + the stream position
 
 
 def test_reader_refuses_a_cache_made_by_another_vit(cache):

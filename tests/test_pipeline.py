@@ -59,7 +59,7 @@ def test_rows_are_uint8_images_and_tokenised_captions(ray_cluster, synth_data: P
     assert tuple(b["image"].shape[1:]) == (3, 64, 64)
     assert tuple(b["text_ids"].shape[1:]) == (32,) and str(b["text_ids"].dtype) == "torch.int64"
     # no image_id reaches the model (spec §2.3); the stream position columns are popped by the loop
-    assert set(b) == {"image", "text_ids", "text_atts", "unit", "unit_rows"}
+    assert set(b) == {"image", "text_ids", "text_atts", "unit", "unit_row", "unit_rows"}
     # text_ids are the tokenised blip_caption output of the annotation's captions
     raw = json.loads((synth_data / "annotations/coco_karpathy_train.json").read_text())
     tok = load_tokenizer(BERT)

@@ -59,9 +59,8 @@ def _rows(debug: Path) -> list[tuple[int, list[int]]]:
 
 
 def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, tmp_path: Path, monkeypatch) -> None:
-    """A crash after the step-3 checkpoint of a 12-step epoch; the re-launch continues from that checkpoint's
-    data position: together with the rows trained up to it, every pair exactly once, but for at most the
-    one chunk (8 rows) that was being read when the checkpoint was taken."""
+    """A crash after the step-3 checkpoint of a 12-step epoch (mid-chunk: chunks hold 8 rows); the re-launch
+    continues from that checkpoint's data position: with the rows trained up to it, every pair exactly once."""
     from qformer.train.launcher import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=3, per_shard=16, seed=3, image_size=64)
@@ -81,8 +80,8 @@ def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, tm
     after = [i for _, ids in resumed for i in ids]
     everything = set(kept) | set(after)
     assert len(everything) == 48  # no pair skipped (48 pairs, 12 full batches)
-    assert len(set(kept) & set(after)) <= 8 and len(after) == len(set(after))
-    assert len(kept) + len(after) - len(set(kept) & set(after)) == 48
+    assert not set(kept) & set(after) and len(kept) + len(after) == 48  # none repeated
+    assert result.metrics["step"] == 12  # the epoch's step count as if uninterrupted
 
 
 def test_missing_shard_stops_train_before_ray_starts(tmp_path: Path) -> None:
@@ -103,30 +102,34 @@ def test_missing_shard_stops_train_before_ray_starts(tmp_path: Path) -> None:
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
-def test_two_workers_restart_mid_epoch_from_the_checkpointed_position(ray_cluster, tmp_path: Path, monkeypatch) -> None:
-    """2 DDP workers read one shard stream (Ray splits it); a worker failure restarts both from the last
-    checkpoint, whose position merges what both ranks had trained on: across the ranks every pair is
-    trained once, but for at most one partly read chunk per rank."""
+def test_resumed_at_another_world_size_the_pass_is_re_split_from_the_position(ray_cluster, tmp_path: Path,
+                                                                              monkeypatch) -> None:
+    """2 DDP workers train half an epoch and fail; the run continues on 1 worker (global_batch mode: 2
+    micro-batches per step) from the checkpoint, whose position merges what both ranks had trained on.
+    Across the attempts every pair is trained exactly once."""
     from qformer.train.launcher import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=4, per_shard=16, seed=4, image_size=64)
-    cfg = _cfg(tmp_path, info["storage"], "ddp", {
-        "batch_size_train": 2, "save_freq_steps": 4, "log_freq": 4,
-        "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 1, "use_gpu": False}})
+    run = {"batch_size_train": 2, "save_freq_steps": 4, "log_freq": 4, "elastic": {"global_batch": 4}}
+    two = _cfg(tmp_path, info["storage"], "resize", {
+        **run, "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
     debug = tmp_path / "debug"
     monkeypatch.setenv("QFORMER_FAIL_ONCE_AT_STEP", "7")
-    result = launch_training(cfg, extra_loop_config={"debug_dir": str(debug)})
-    assert result.error is None
-    lines = [_rows_of(debug / f"rows-rank{r}.jsonl") for r in (0, 1)]
-    # each rank's file holds the failed attempt's steps, then the restart's (whose step count goes back)
-    restart = [next(k for k in range(1, len(steps)) if steps[k][0] <= steps[k - 1][0]) for steps in lines]
-    resumed_at = lines[0][restart[0]][0]
-    assert resumed_at == 5 and all(rank[cut][0] == resumed_at for rank, cut in zip(lines, restart))
-    kept = [i for rank, cut in zip(lines, restart) for s, ids in rank[:cut] if s < resumed_at for i in ids]
-    after = [i for rank, cut in zip(lines, restart) for _, ids in rank[cut:] for i in ids]
-    assert len(set(kept) | set(after)) >= 64 - 2 * 2  # all 64 pairs but the last partial global batch
-    assert len(set(kept) & set(after)) <= 2 * 8  # one chunk per rank
-    assert len(after) == len(set(after))
+    with pytest.raises(Exception, match="injected failure"):
+        launch_training(two, extra_loop_config={"debug_dir": str(debug)})
+    monkeypatch.delenv("QFORMER_FAIL_ONCE_AT_STEP")
+    before = [_rows_of(debug / f"rows-rank{r}.jsonl") for r in (0, 1)]
+    (debug / "rows-rank0.jsonl").unlink()
+    one = _cfg(tmp_path, info["storage"], "resize", {
+        **run, "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
+    result = launch_training(one, extra_loop_config={"debug_dir": str(debug)})
+    assert result.error is None and result.metrics["step"] == 16  # 64 pairs / global batch 4, as uninterrupted
+    after_rows = _rows_of(debug / "rows-rank0.jsonl")
+    assert after_rows[0][0] == 5 and [s for s, _ in after_rows].count(5) == 2  # 2 micro-batches per step
+    kept = [i for rank in before for s, ids in rank if s <= 4 for i in ids]
+    after = [i for _, ids in after_rows for i in ids]
+    assert len(set(kept) | set(after)) == 64 and not set(kept) & set(after)  # nothing skipped or repeated
+    assert len(after) == len(set(after)) == 48
 
 
 def _rows_of(path: Path) -> list[tuple[int, list[int]]]:

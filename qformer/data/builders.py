@@ -133,6 +133,9 @@ class CaptionBuilder:
     # ---- outputs -----------------------------------------------------------------------------
     def train_samples(self, split: str = "train") -> list[tuple[str, str]]:
         """(image path, raw caption) per caption (a list-valued record gives one per caption)."""
+        if self.is_sharded():  # only the training stream reads shards; tools that list samples can't
+            raise ConfigError("names image-text shards, which only `qformer train` reads (not `cache-features` "
+                              "or the benchmarks' sample lists)", f"datasets.{self.name}.build_info.storage")
         return [(self.image_path(r), c) for r in self.records(split) for c in r.captions]
 
     def retrieval_split(self, split: str) -> RetrievalSplit:

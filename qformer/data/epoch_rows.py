@@ -24,7 +24,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from qformer.data.position import UNIT, UNIT_ROWS, encode_unit, read_plan
+from qformer.data.position import ROW, UNIT, UNIT_ROWS, encode_unit, read_plan
 
 
 class EpochShuffledRows(Datasource):
@@ -66,9 +66,15 @@ class EpochShuffledRows(Datasource):
             task = self._task_base + index
             if position.rows_skipped_by(task, 0):
                 continue
-            part = self._table.take(pa.array(order[start:start + self._rows_per_task]))
+            unit = encode_unit(task, 0, True)
+            rows = order[start:start + self._rows_per_task]
+            offsets = position.rows_to_read(unit, len(rows))  # a resumed pass leaves out rows trained on
+            if not len(offsets):
+                continue
+            part = self._table.take(pa.array(rows[offsets]))
             n = part.num_rows
-            part = part.append_column(UNIT, pa.array(np.full(n, encode_unit(task, 0, True), np.int64)))
+            part = part.append_column(UNIT, pa.array(np.full(n, unit, np.int64)))
+            part = part.append_column(ROW, pa.array(offsets.astype(np.int64)))
             part = part.append_column(UNIT_ROWS, pa.array(np.full(n, n, np.int64)))
             if self._seed_column:
                 seed = self.task_seed(epoch, index)

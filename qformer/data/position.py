@@ -4,13 +4,14 @@ Every training row carries two int64 columns, added where it is read:
 - `unit`: task << 24 | chunk << 1 | last. A read task reads one group of rows of the pass (a slice of
   the permuted annotation table, or one shard); it hands them on in chunks of about run.data.task_rows
   rows; `last` marks its final chunk.
-- `unit_rows`: how many rows of that unit reach training (the decode UDF lowers it when it drops
-  undecodable images; it processes one whole chunk per call, so it knows).
-A unit is done when the ranks together consumed `unit_rows` of its rows; a task is done when all its
-chunks up to the `last` one are. The checkpoint stores, per stream, the pass and the done tasks and
-chunks; a resumed run (same or different world size) reads the pass again without them. So a resume
-repeats at most the partly consumed chunk of each rank and skips nothing (prefetched rows not yet
-trained on are not counted as consumed).
+- `unit_row`: the row's offset in its unit;
+- `unit_rows`: how many rows of that unit this read delivers to training (the decode UDF lowers it when
+  it drops undecodable images; a chunk reaches it in one call, so it knows).
+A unit is done when the ranks together trained on `unit_rows` of its rows; a task is done when all its
+chunks up to the `last` one are. The checkpoint stores, per stream, the pass, the done tasks and
+chunks, and the row offsets already trained on in unfinished chunks; a resumed run (same or different
+world size) reads the pass again without any of them. So a resume repeats nothing and skips nothing
+(prefetched rows not yet trained on are not counted as trained).
 
 The training loop tells the Ray Data source which pass to read through a `StreamPlan` actor: every
 rank writes the same position before it starts iterating, and Ray Data's split coordinator plans the
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-UNIT, UNIT_ROWS = "unit", "unit_rows"
+UNIT, UNIT_ROWS, ROW = "unit", "unit_rows", "unit_row"
 _TASK_SHIFT = 24
 
 
@@ -39,17 +40,20 @@ def decode_unit(unit: int) -> tuple[int, int, bool]:
 
 @dataclass
 class StreamPosition:
-    """One stream's place: the pass being read, its finished tasks, and finished chunks of other tasks."""
+    """One stream's place: the pass being read, its finished tasks, finished chunks of other tasks, and
+    the rows (by `row` offset) already trained on in chunks not finished yet."""
 
     pass_: int = 0
     done_tasks: set[int] = field(default_factory=set)
     done_chunks: dict[int, set[int]] = field(default_factory=dict)
     last_chunk: dict[int, int] = field(default_factory=dict)  # of tasks in done_chunks, once known
+    partial: dict[int, set[int]] = field(default_factory=dict)  # unit -> row offsets trained on
 
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.pass_, "done_tasks": sorted(self.done_tasks),
                 "done_chunks": {str(t): sorted(c) for t, c in sorted(self.done_chunks.items())},
-                "last_chunk": {str(t): c for t, c in sorted(self.last_chunk.items())}}
+                "last_chunk": {str(t): c for t, c in sorted(self.last_chunk.items())},
+                "partial": {str(u): sorted(r) for u, r in sorted(self.partial.items())}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "StreamPosition":
@@ -57,60 +61,70 @@ class StreamPosition:
             return cls()
         return cls(int(data.get("pass", 0)), {int(t) for t in data.get("done_tasks", [])},
                    {int(t): {int(c) for c in cs} for t, cs in (data.get("done_chunks") or {}).items()},
-                   {int(t): int(c) for t, c in (data.get("last_chunk") or {}).items()})
+                   {int(t): int(c) for t, c in (data.get("last_chunk") or {}).items()},
+                   {int(u): {int(r) for r in rs} for u, rs in (data.get("partial") or {}).items()})
 
     def rows_skipped_by(self, task: int, chunk: int) -> bool:
         return task in self.done_tasks or chunk in self.done_chunks.get(task, ())
 
+    def rows_to_read(self, unit: int, n: int) -> np.ndarray:
+        """Offsets 0..n-1 of `unit`'s rows minus those already trained on."""
+        done = self.partial.get(int(unit))
+        keep = np.arange(n)
+        return keep[~np.isin(keep, list(done))] if done else keep
+
 
 class PositionTracker:
-    """Counts, per stream, the rows this rank trains on by unit; `settle` merges all ranks' counts.
+    """Records, per stream, the rows this rank trains on by (unit, row offset); `settle` merges all ranks'.
 
-    `observe` keeps the batch's (device) unit tensors without reading them, so there is no host sync per
-    step; they are read once per checkpoint in `settle`, which is a collective (all ranks call it at the
-    same step, as they call the checkpoint report)."""
+    `observe` keeps the batch's (device) position tensors without reading them, so there is no host sync
+    per step; they are read once per checkpoint in `settle`, which is a collective (all ranks call it at
+    the same step, as they call the checkpoint report). A unit is done when the rows seen since this read
+    of it began reach its `unit_rows` (the rows this read delivers: a resumed read leaves out `partial`)."""
 
     def __init__(self, position: StreamPosition | None = None) -> None:
         self.position = position or StreamPosition()
-        self._pending: list[tuple[Any, Any]] = []
-        self._counts: dict[int, int] = {}  # merged over ranks, units not yet done
+        self._pending: list[tuple[Any, Any, Any]] = []
+        self._seen: dict[int, set[int]] = {}  # merged over ranks, units not yet done: offsets seen in this read
         self._rows: dict[int, int] = {}
 
     def start_pass(self, pass_: int) -> None:
         if pass_ != self.position.pass_:
             self.position = StreamPosition(pass_)
             self._pending.clear()
-            self._counts.clear()
+            self._seen.clear()
             self._rows.clear()
 
     def observe(self, batch: dict) -> None:
         """Take the position columns out of `batch` (the train step never sees them)."""
-        unit, rows = batch.pop(UNIT, None), batch.pop(UNIT_ROWS, None)
-        if unit is not None and rows is not None:
-            self._pending.append((unit, rows))
+        unit, rows, row = batch.pop(UNIT, None), batch.pop(UNIT_ROWS, None), batch.pop(ROW, None)
+        if unit is not None and rows is not None and row is not None:
+            self._pending.append((unit, rows, row))
 
-    def local_counts(self) -> dict[int, tuple[int, int]]:
-        """unit -> (rows consumed here since the last settle, unit_rows)."""
-        out: dict[int, tuple[int, int]] = {}
-        for unit, rows in self._pending:
-            unit = np.asarray(unit.cpu() if hasattr(unit, "cpu") else unit, dtype=np.int64)
-            rows = np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows, dtype=np.int64)
-            for u, n, r in zip(*np.unique(unit, return_counts=True), _first_of(unit, rows)):
-                seen, _ = out.get(int(u), (0, int(r)))
-                out[int(u)] = (seen + int(n), int(r))
+    def local_counts(self) -> dict[int, tuple[list[int], int]]:
+        """unit -> (row offsets consumed here since the last settle, unit_rows)."""
+        out: dict[int, tuple[list[int], int]] = {}
+        for unit, rows, row in self._pending:
+            unit, rows, row = (np.asarray(x.cpu() if hasattr(x, "cpu") else x, dtype=np.int64) for x in (unit, rows, row))
+            for u in np.unique(unit):
+                here = unit == u
+                seen, _ = out.get(int(u), ([], 0))
+                out[int(u)] = (seen + row[here].tolist(), int(rows[here][0]))
         self._pending.clear()
         return out
 
     def settle(self, gather: Callable[[Any], list[Any]] = lambda x: [x]) -> StreamPosition:
-        """Merge every rank's counts (`gather`: all_gather_object) and return the updated position."""
-        for counts in gather(self.local_counts()):
-            for unit, (seen, rows) in counts.items():
-                self._counts[unit] = self._counts.get(unit, 0) + seen
-                self._rows[unit] = rows
+        """Merge every rank's rows (`gather`: all_gather_object) and return the updated position."""
         pos = self.position
-        for unit in [u for u, n in self._counts.items() if n >= self._rows[u]]:
+        for counts in gather(self.local_counts()):
+            for unit, (offsets, rows) in counts.items():
+                self._seen.setdefault(unit, set()).update(offsets)
+                self._rows[unit] = rows
+                pos.partial.setdefault(unit, set()).update(offsets)
+        for unit in [u for u, seen in self._seen.items() if len(seen) >= self._rows[u]]:
             task, chunk, last = decode_unit(unit)
-            del self._counts[unit], self._rows[unit]
+            del self._seen[unit], self._rows[unit]
+            pos.partial.pop(unit, None)
             pos.done_chunks.setdefault(task, set()).add(chunk)
             if last:
                 pos.last_chunk[task] = chunk
@@ -119,12 +133,6 @@ class PositionTracker:
                 pos.done_tasks.add(task)
                 del pos.done_chunks[task], pos.last_chunk[task]
         return pos
-
-
-def _first_of(unit: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """unit_rows of each distinct unit, in np.unique's order."""
-    _, index = np.unique(unit, return_index=True)
-    return rows[index]
 
 
 class _StreamPlan:

@@ -4,7 +4,7 @@ What the driver holds is the list of shard names, never the samples: a 129M-pair
 Each pass (epoch, or inner epoch of an iteration-based run) reads:
 - the shards of part `pass % parts_per_epoch` (BLIP's "one part of LAION per epoch"; one part by default),
 - in an order permuted by (run.seed, stream, pass),
-- one read task per shard, skipping the tasks and chunks the training state says are done
+- one read task per shard, skipping the tasks, chunks and rows the training state says are done
   (qformer.data.position); the pass comes from the training loop's `StreamPlan`, not from Ray.
 A task reads its shard with Ray Data's own reader for the format (WebDataset, JSON, CSV; Parquet with
 pyarrow's, which Ray's calls after sampling each file), inside the task, so the planning process never
@@ -26,11 +26,11 @@ import pyarrow as pa
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from qformer.data.position import UNIT, UNIT_ROWS, encode_unit, read_plan
+from qformer.data.position import ROW, UNIT, UNIT_ROWS, decode_unit, encode_unit, read_plan
 from qformer.data.shard_set import WDS_IMAGE_EXTS, ShardSet
 
 ROW_SCHEMA = pa.schema([("path", pa.string()), ("data", pa.binary()), ("caption", pa.string()),
-                        ("source", pa.int64()), (UNIT, pa.int64()), (UNIT_ROWS, pa.int64()),
+                        ("source", pa.int64()), (UNIT, pa.int64()), (ROW, pa.int64()), (UNIT_ROWS, pa.int64()),
                         ("aug_seed", pa.int64())])
 
 
@@ -62,8 +62,9 @@ class ShardStream(Datasource):
             path = self._set.shards[int(shard)]
             # the task carries its own shard's name only: with the whole list every task would hold every
             # name, and the tasks Ray Data puts in the object store each pass would grow with shards squared
+            trained = {u: frozenset(r) for u, r in position.partial.items() if decode_unit(u)[0] == task}
             read = partial(_read_task, replace(self._set, shards=(path,)), path, self._source, task, self._rows,
-                           (*self._seed, position.pass_, task), frozenset(position.done_chunks.get(task, ())))
+                           (*self._seed, position.pass_, task), frozenset(position.done_chunks.get(task, ())), trained)
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path])
             tasks.append(ReadTask(read, meta, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks
@@ -81,7 +82,7 @@ def shard_dataset(shards: ShardSet, source: int, rows_per_chunk: int, seed: tupl
 
 # ---- inside a read task ------------------------------------------------------------------------------
 def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chunk: int, seed: tuple[int, ...],
-               done_chunks: frozenset) -> Iterator[pa.Table]:
+               done_chunks: frozenset, trained: dict[int, frozenset] | None = None) -> Iterator[pa.Table]:
     from qformer.data.stats import record_skipped
 
     skipped: list[str] = []
@@ -97,13 +98,20 @@ def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chu
         if chunk in done_chunks:
             continue
         part = table.slice(start, rows_per_chunk)
-        n = part.num_rows
         unit = encode_unit(task, chunk, chunk == len(chunks) - 1)
+        offsets = np.arange(part.num_rows)
+        if trained and unit in trained:  # a resumed pass: leave out the rows already trained on
+            offsets = offsets[~np.isin(offsets, list(trained[unit]))]
+            part = part.take(pa.array(offsets))
+        n = part.num_rows
+        if not n:
+            continue
         aug = int(np.random.default_rng((*seed, chunk)).integers(2**62))
         yield pa.table({
             "path": part["path"], "data": part["data"], "caption": part["caption"],
             "source": pa.array(np.full(n, source, np.int64)), UNIT: pa.array(np.full(n, unit, np.int64)),
-            UNIT_ROWS: pa.array(np.full(n, n, np.int64)), "aug_seed": pa.array(np.full(n, aug, np.int64)),
+            ROW: pa.array(offsets.astype(np.int64)), UNIT_ROWS: pa.array(np.full(n, n, np.int64)),
+            "aug_seed": pa.array(np.full(n, aug, np.int64)),
         }, schema=ROW_SCHEMA)
 
 

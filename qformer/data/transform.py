@@ -13,7 +13,7 @@ import numpy as np
 
 from qformer.data.errors import ImageDecodeError
 from qformer.data.images import DEFAULT_MAX_PIXELS, load_rgb
-from qformer.data.position import UNIT, UNIT_ROWS
+from qformer.data.position import ROW, UNIT, UNIT_ROWS
 from qformer.data.stats import record_skipped
 from qformer.data.tokenizer import tokenize
 
@@ -42,10 +42,11 @@ def _rng(batch: dict[str, np.ndarray]) -> np.random.Generator:
 
 
 def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str, np.ndarray]:
-    """{"path", "caption", "source"[, "data", "aug_seed", "unit", "unit_rows"]} -> {"image" uint8 [n,3,S,S],
-    "text_ids", "text_atts" int64 [n,L][, "unit", "unit_rows"]}. `data` holds encoded image bytes read
-    from a shard (then `path` only names the sample); a null entry means: open `path`. One call gets one
-    whole read chunk, so `unit_rows` becomes the number of its rows that survive decoding."""
+    """{"path", "caption", "source"[, "data", "aug_seed", "unit", "unit_row", "unit_rows"]} ->
+    {"image" uint8 [n,3,S,S], "text_ids", "text_atts" int64 [n,L][, "unit", "unit_row", "unit_rows"]}.
+    `data` holds encoded image bytes read from a shard (then `path` only names the sample); a null entry
+    means: open `path`. A read chunk reaches this in one call, so `unit_rows` becomes the number of its
+    rows that survive decoding."""
     rng = _rng(batch)
     images, texts, kept, skipped = [], [], [], []
     data = batch.get("data")
@@ -67,6 +68,7 @@ def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str,
         units = np.asarray(batch[UNIT], np.int64)[kept]
         _, inverse, counts = np.unique(units, return_inverse=True, return_counts=True)
         out[UNIT], out[UNIT_ROWS] = units, counts[inverse].astype(np.int64)
+        out[ROW] = np.asarray(batch[ROW], np.int64)[kept]
     return out
 
 

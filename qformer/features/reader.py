@@ -17,7 +17,7 @@ import numpy as np
 
 from qformer.features import store
 from qformer.features.manifest import check_compatible, read_manifest
-from qformer.data.position import UNIT, UNIT_ROWS
+from qformer.data.position import ROW, UNIT, UNIT_ROWS
 from qformer.features.views import train_view_for
 from qformer.train.elastic import worker_range
 
@@ -45,7 +45,7 @@ class FeatureLoader:
         out = {"image_embeds": feats,
                "text_ids": _as_2d(batch["text_ids"], np.int64),
                "text_atts": _as_2d(batch["text_atts"], np.int64)}
-        out.update({k: batch[k] for k in (UNIT, UNIT_ROWS) if k in batch})  # the stream position (no rows drop here)
+        out.update({k: batch[k] for k in (UNIT, ROW, UNIT_ROWS) if k in batch})  # the stream position (no rows drop)
         return out
 
 

@@ -291,8 +291,8 @@ class _Runner:
         epoch_meter = LossMeter()
         i = begin
         micro = self.plan.micro_per_step
-        # `begin` counts steps; this rank's data holds micro_per_step micro-batches per step (after a resize the
-        # skip covers as many samples as the steps done, on the new split of the data)
+        # `begin` counts steps, micro_per_step micro-batches each. The data position (qformer.data.position)
+        # already leaves out what was trained on; only a checkpoint from before positions skips by count
         batches = self._batches(epoch, begin * micro)
         steps = _grouped(batches, micro)
         self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0

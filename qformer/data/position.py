@@ -149,10 +149,15 @@ class _StreamPlan:
 
 
 def create_plan():
-    """A small actor owned by the caller (the launcher's driver), so it ends with the job."""
+    """A small actor owned by the caller (the launcher's driver), so it ends with the job. It lives on the
+    driver's node: placed anywhere, it would die with a preempted worker node and take the run with it
+    (the ranks write it again before every pass, so a restart after a crash loses nothing)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(_StreamPlan).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                      scheduling_strategy=here)(_StreamPlan).remote()
 
 
 def read_plan(plan, stream: str) -> StreamPosition:

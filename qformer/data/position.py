@@ -150,14 +150,17 @@ class _StreamPlan:
 
 def create_plan():
     """A small actor owned by the caller (the launcher's driver), so it ends with the job. It lives on the
-    driver's node: placed anywhere, it would die with a preempted worker node and take the run with it
-    (the ranks write it again before every pass, so a restart after a crash loses nothing)."""
+    driver's node: placed anywhere, it would die with a preempted worker node and take the run with it."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
-                      scheduling_strategy=here)(_StreamPlan).remote()
+    actor = ray.remote(num_cpus=0)(_StreamPlan)
+    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:  # only where there is another node to die
+        # (pinned on one node it falls out of a Tune trial's placement group: an interrupted sweep's resumed
+        # trial then stopped at once, so a single-node cluster keeps the default placement)
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        actor = actor.options(scheduling_strategy=here)
+    return actor.remote()
 
 
 def read_plan(plan, stream: str) -> StreamPosition:

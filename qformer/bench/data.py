@@ -319,10 +319,7 @@ def run(args: argparse.Namespace) -> dict:
     epochs = args.epochs or (2 if args.quick else 4)
     names = ["config", "stage1"] if args.workload == "both" else [args.workload]
     meter = _CpuMeter()
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=args.object_store_mb * 1024**2 if args.object_store_mb else None)
+    started_ray = start_ray(args, workers)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         workloads = {name: _workload(name, args, workers, epochs, meter) for name in names}
@@ -338,3 +335,14 @@ def run(args: argparse.Namespace) -> dict:
     path = write_result("data", payload, args.out_dir)
     print(f"  -> {path}")
     return payload
+
+
+def start_ray(args: argparse.Namespace, workers: int) -> bool:
+    """A private local Ray for the bench unless one is connected; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+             object_store_memory=args.object_store_mb * 1024**2 if args.object_store_mb else None)
+    return True

@@ -313,16 +313,13 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     from qformer.bench.common import write_result
-    from qformer.bench.data import _config, _CpuMeter
+    from qformer.bench.data import _config, _CpuMeter, start_ray
     from qformer.data.pipeline import train_transform
 
     workers = args.workers or os.cpu_count() or 1
     epochs = args.epochs or (2 if args.quick else 4)
     names = ["config", "stage1"] if args.workload == "both" else [args.workload]
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=args.object_store_mb * 1024**2 if args.object_store_mb else None)
+    started_ray = start_ray(args, workers)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         with tempfile.TemporaryDirectory(prefix="qformer-bench-shards-") as tmp_name:

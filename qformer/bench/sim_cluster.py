@@ -117,16 +117,7 @@ class SimulatedRun:
         raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
     def workers(self) -> list:
-        import psutil
-
-        found = []
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                if "RayTrainWorker" in " ".join(proc.cmdline()):
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        return found
+        return train_worker_processes()
 
     def event(self, name: str, act: Callable[[], None]) -> None:
         """Do `act`, note the step reached before it, the group starts so far and the time."""
@@ -191,3 +182,17 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
         except (OSError, ValueError, KeyError):
             continue
     return sorted(steps)
+
+
+def train_worker_processes() -> list:
+    """Ray Train worker processes among this process's descendants (a private Ray's, or a simulated cluster's)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found

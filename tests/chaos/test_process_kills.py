@@ -25,14 +25,9 @@ QFORMER = Path(sys.executable).parent / "qformer"
 
 def _train_workers() -> list[psutil.Process]:
     """This test session's Ray Train worker processes (descendants of this process: its private Ray)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+    from qformer.bench.sim_cluster import train_worker_processes
+
+    return train_worker_processes()
 
 
 def test_sigkill_of_a_train_worker_restarts_from_the_last_checkpoint(ray_cluster, shapes, tmp_path, chaos_report):

@@ -1,13 +1,18 @@
 """`qformer` console script: one sub-command per module in qformer/commands/.
 
-Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and keeps its
-top-level imports light so that `qformer --help` and `qformer config` start fast.
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Building the parser
+imports every command module (and, through `qformer bench`, every bench suite), so each keeps its
+top-level imports light (standard library, qformer.core) and imports its work inside `run()`
+(marked `# lazy:`): `qformer --help` and `qformer config` start fast and never import torch or Ray
+(tests/test_cli.py checks the latter).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from qformer.core.errors import AnnotationError, CheckpointError, ConfigError, RayStartError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 stage-1 Q-Former pretraining on Ray + MLflow")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)  # for its arguments; run() imports its work (see above)
         cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
@@ -36,10 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from qformer.config.errors import ConfigError
-    from qformer.data.errors import AnnotationError
-    from qformer.train.errors import CheckpointError, RayStartError
-
     try:
         return int(args._module.run(args) or 0)
     except (ConfigError, AnnotationError, CheckpointError, RayStartError) as err:  # one clear line, no traceback

@@ -71,15 +71,15 @@ def synth_data(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def progress_log(caplog, monkeypatch):
-    """Messages of qformer.progress at INFO, caught even after `setup_logging` (which stops propagation)."""
+    """Messages of qformer.core.progress at INFO, caught even after `setup_logging` (which stops propagation)."""
     import logging
 
-    from qformer.logging_setup import setup_logging
+    from qformer.core.logs import setup_logging
 
     setup_logging()  # as every command does, whatever ran before
     monkeypatch.setattr(logging.getLogger("qformer"), "propagate", True)  # to caplog's handler on the root
     with caplog.at_level(logging.INFO, logger="qformer"):
-        yield lambda: [r.getMessage() for r in caplog.records if r.name == "qformer.progress"]
+        yield lambda: [r.getMessage() for r in caplog.records if r.name == "qformer.core.progress"]
 
 
 @pytest.fixture(scope="session")

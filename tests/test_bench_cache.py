@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -12,9 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qformer.bench.cache import projection
 from qformer.features.flops import (
-    BERT_BASE_QFORMER, EVA_VIT_G, LAVIS_STEP, OURS_MULTI_RANK, OURS_ONE_RANK, QFormerDims, VitDims,
+    BERT_BASE_QFORMER, EVA_VIT_G, LAVIS_STEP, OURS_MULTI_RANK, OURS_ONE_RANK, VitDims,
     cache_speedup, qformer_train_flops, vit_forward_flops,
 )
+from qformer.models.flops import QFormerDims
 
 
 def test_vit_flops_match_flop_counter_on_a_timm_vit():

@@ -26,7 +26,7 @@ def _cfg_dict(root, **run):
 def cache(ray_cluster, tmp_path_factory):
     """6 synthetic images (one made corrupt), 2 captions each, cached with VIEWS views."""
     from qformer.data.synth import write_synthetic
-    from qformer.features import cache_features
+    from qformer.jobs.cache_features import cache_features
 
     root = tmp_path_factory.mktemp("synth")
     write_synthetic(root, n_train=6, n_val=1, n_test=1, image_size=80, captions_per_image=2)
@@ -82,7 +82,7 @@ def test_reader_refuses_a_cache_made_by_another_vit(cache):
 def test_check_model_accepts_the_seeded_vit_and_refuses_another(cache):
     from qformer.features import check_model
     from qformer.models import build_model
-    from qformer.seeding import setup_seeds
+    from qformer.core.seeding import setup_seeds
 
     root, out, _, _ = cache
     cfg = load_config_dict(_cfg_dict(root, vision_cache=str(out)))
@@ -108,7 +108,7 @@ def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache):
     from qformer.features.encoder import vit_fingerprint
     from qformer.features.views import ViewMaker
     from qformer.models import build_model
-    from qformer.seeding import setup_seeds
+    from qformer.core.seeding import setup_seeds
 
     root, out, manifest, _ = cache
     cfg = load_config_dict(_cfg_dict(root))
@@ -144,7 +144,7 @@ def test_training_streams_cached_features_end_to_end(cache, tmp_path):
     rows (no image decoding), the ViT guard passes, and the run logs finite losses to MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     root, out, _, _ = cache
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -169,7 +169,7 @@ def test_the_example_env_file_unchanged_is_refused(compose):
 
 def test_every_service_the_guide_names_exists(resolved):
     named = set()
-    for match in SERVICE_NAME.finditer((REPO / "README.md").read_text()):
+    for match in SERVICE_NAME.finditer((REPO / "docs" / "cluster.md").read_text()):
         named.update(g for g in match.groups() if g)
     assert {"ray-head", "ray-worker", "mlflow"} <= named, f"the guide should name the core services, found {named}"
     assert named <= set(resolved["services"]), f"named in the guide but not in docker-compose.yml: {named - set(resolved['services'])}"

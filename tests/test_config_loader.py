@@ -274,7 +274,7 @@ def test_our_stage1_experiment_is_lavis_file_plus_our_run_sections():
 
 
 def test_registered_builder_without_packaged_yaml_uses_its_config_dict(tmp_path):
-    from qformer.registry import register_builder
+    from qformer.core.registry import register_builder
 
     (tmp_path / "mine.yaml").write_text(
         "datasets:\n  test_cfg_mine:\n    build_info:\n      annotations: {train: {storage: mine/train.json}}\n"

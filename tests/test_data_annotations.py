@@ -9,11 +9,11 @@ import pytest
 from qformer.config import ConfigError, load_config_dict
 from qformer.data.annotations import coco_eval_image_id, read_caption_file, resolve_image_path
 from qformer.data.builders import CaptionBuilder, build_builder
-from qformer.data.errors import AnnotationError
+from qformer.core.errors import AnnotationError
 from qformer.data.pipeline import build_eval_split
 from qformer.data.processors.text import pre_caption
 from qformer.data.synth import coco_caption_section
-from qformer.registry import register_builder
+from qformer.core.registry import register_builder
 
 
 def _write(path: Path, data) -> Path:

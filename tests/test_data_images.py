@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qformer.data.errors import ImageDecodeError
+from qformer.core.errors import ImageDecodeError
 from qformer.data.images import load_rgb
 from qformer.data.processors import build_processor
 from qformer.data.transform import eval_batch

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from qformer import paths
+from qformer.core import paths
 
 pytestmark = pytest.mark.ray
 
 
 def test_demo_trains_and_reports_before_after(ray_cluster, tmp_path, capsys):
     from qformer.data.synth import write_synthetic
-    from qformer.demo import run_demo
+    from qformer.jobs.demo import run_demo
 
     root = paths.data_root(None) / "synth_shapes"  # where experiments/demo/tiny_shapes.yaml points
     write_synthetic(root, n_train=8, n_val=4, n_test=4, image_size=64, captions_per_image=2)
@@ -34,8 +34,8 @@ def test_demo_trains_and_reports_before_after(ray_cluster, tmp_path, capsys):
     assert summary["gallery"].endswith("/retrieval_gallery.png") and summary["gallery"] in out
     assert summary["attention"].endswith("/query_attention.png") and summary["attention"] in out
     _check_demo_pictures(summary, tmp_path)
-    # the same command again: the finished run is left alone, and its checkpoint evaluated in this process
-    # with the training loop's AMP policy prints the numbers the training run logged
+    # the same command again: the finished run is left alone and prints what its last checkpoint reported
+    # (kept in the checkpoint's meta.json), the numbers the training run logged
     again = run_demo(None, options)
     assert "already finished" in capsys.readouterr().out
     assert again["mlflow_run_id"] == summary["mlflow_run_id"] and again["checkpoint"] == summary["checkpoint"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qformer.config import ConfigError, load_config_dict
-from qformer.train import elastic
+from qformer.config import batch_plan
 from qformer.train.step import train_step
 from test_train_step import _state
 from test_train_toys import ToyRegressor, toy_batch
@@ -20,7 +20,7 @@ def _run(*options: str):
 
 def test_global_batch_mode_doubles_accumulation_when_half_the_workers_remain():
     run = _run("run.ray.num_workers=[1,2]", "run.batch_size_train=4")
-    full, half = elastic.plan_for(run, 2), elastic.plan_for(run, 1)
+    full, half = batch_plan.plan_for(run, 2), batch_plan.plan_for(run, 1)
     assert (full.worker_batch, full.micro_per_step, full.accum_grad_iters) == (4, 1, 1)
     assert (half.worker_batch, half.micro_per_step, half.accum_grad_iters) == (4, 2, 2)
     assert full.global_batch == half.global_batch == 8 and full.samples_per_step == half.samples_per_step == 8
@@ -30,29 +30,29 @@ def test_global_batch_mode_doubles_accumulation_when_half_the_workers_remain():
 def test_global_batch_mode_uses_the_memory_cap_before_accumulating():
     run = _run("run.ray.num_workers=[2,4]", "run.batch_size_train=4", "run.accum_grad_iters=2",
                "run.elastic.max_worker_batch=8")
-    two = elastic.plan_for(run, 2)
+    two = batch_plan.plan_for(run, 2)
     assert (two.worker_batch, two.micro_per_step, two.accum_grad_iters, two.global_batch) == (8, 1, 2, 32)
-    three = elastic.plan_for(run, 3)  # 16 samples per step do not split over 3 workers: nearest below
+    three = batch_plan.plan_for(run, 3)  # 16 samples per step do not split over 3 workers: nearest below
     assert not three.exact and three.global_batch == 30
-    assert elastic.check(run) == ["run.elastic.keep=global_batch: at 3 workers the global batch is 30, not 32 "
+    assert batch_plan.check(run) == ["run.elastic.keep=global_batch: at 3 workers the global batch is 30, not 32 "
                                   "(16 samples per step do not split evenly over 3 workers)"]
 
 
 def test_a_fixed_world_trains_as_configured():
     run = _run("run.ray.num_workers=4", "run.batch_size_train=6", "run.accum_grad_iters=3")
-    plan = elastic.plan_for(run, 4)
+    plan = batch_plan.plan_for(run, 4)
     assert (plan.worker_batch, plan.micro_per_step, plan.accum_grad_iters, plan.lr_scale) == (6, 1, 3, 1.0)
-    assert elastic.plan_for(_run("run.ray.num_workers=0"), 1, (1, 1)).micro_per_step == 1  # Train local mode
+    assert batch_plan.plan_for(_run("run.ray.num_workers=0"), 1, (1, 1)).micro_per_step == 1  # Train local mode
 
 
 @pytest.mark.parametrize("scaling, factor", [("linear", 0.25), ("sqrt", 0.5)])
 def test_per_worker_batch_mode_scales_the_lr(scaling, factor):
     run = _run("run.ray.num_workers=[1,4]", "run.elastic.keep=per_worker_batch", f"run.elastic.lr_scaling={scaling}")
-    plan = elastic.plan_for(run, 1)
+    plan = batch_plan.plan_for(run, 1)
     assert (plan.worker_batch, plan.accum_grad_iters, plan.global_batch) == (100, 1, 100)
     assert plan.lr_scale == pytest.approx(factor)
     ref = _run("run.ray.num_workers=[1,4]", "run.elastic.keep=per_worker_batch", "run.elastic.reference_world=2")
-    assert elastic.plan_for(ref, 4).lr_scale == pytest.approx(2.0)
+    assert batch_plan.plan_for(ref, 4).lr_scale == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("options, key, fragment", [

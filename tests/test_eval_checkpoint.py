@@ -13,7 +13,7 @@ import torch
 
 from qformer.config import load_config_dict
 
-from qformer.train.errors import CheckpointError
+from qformer.core.errors import CheckpointError
 
 pytestmark = pytest.mark.ray
 
@@ -58,9 +58,13 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_pa
     from mlflow.tracking import MlflowClient
 
     from qformer.cli import main
-    from qformer.evaluate.runner import evaluate_checkpoint
-    from qformer.evaluate.visuals import visual_artifacts
-    from qformer.train.launcher import launch_training
+    from qformer.evaluate.visuals import ARTIFACT_ROOT
+    from qformer.jobs.eval_job import evaluate_checkpoint
+    from qformer.jobs.train_job import launch_training
+    from qformer.tracking.run_tracker import artifact_files
+
+    def visual_artifacts(uri, run_id):
+        return artifact_files(uri, run_id, ARTIFACT_ROOT, ".png")
 
     cfg = _cfg(shapes, tmp_path, valid_splits=["val"])
     trained = launch_training(cfg, local_mode=True)
@@ -108,7 +112,7 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_pa
 
 
 def test_bad_checkpoints_are_named_and_lavis_style_files_load(shapes, tmp_path):
-    from qformer.evaluate.runner import evaluate_checkpoint
+    from qformer.jobs.eval_job import evaluate_checkpoint
     from qformer.models import build_model
 
     cfg = _cfg(shapes, tmp_path)

@@ -1,12 +1,12 @@
-"""What the README's Cluster section tells users to do, on this machine: `ray start --head` on loopback, then
+"""What docs/cluster.md tells users to do, on this machine: `ray start --head` on loopback, then
 `ray job submit --working-dir <repo> -- qformer train ...`, then the MLflow run the job produced.
 
-The head is started with the README's own lines ("A local Ray head without Docker": activate the venv,
-then `ray start ...`), from a shell whose PATH lacks the venv, plus its own ports and temp dir. It runs
-with Ray 2.60's token authentication, as the compose cluster does: a fresh token in RAY_AUTH_TOKEN for
-`ray start` and `ray job submit` (nothing is written to ~/.ray/auth_token, which other Ray users on this
-machine read). It is stopped by the process ids it started. Never `ray stop`: it ends every Ray process
-on the machine. The compose file's `ray-head` health check runs against it too.
+The head is started with platform/ray/local-head.sh's own lines (docs/cluster.md, "A local Ray head without
+Docker": activate the venv, then `ray start ...`), from a shell whose PATH lacks the venv, plus its own ports
+and temp dir. It runs with Ray 2.60's token authentication, as the compose cluster does: a fresh token in
+RAY_AUTH_TOKEN for `ray start` and `ray job submit` (nothing is written to ~/.ray/auth_token, which other
+Ray users on this machine read). It is stopped by the process ids it started. Never `ray stop`: it ends
+every Ray process on the machine. The compose file's `ray-head` health check runs against it too.
 """
 from __future__ import annotations
 
@@ -36,15 +36,14 @@ VENV_BIN = Path(sys.executable).parent  # the job driver must run this venv's py
 PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
               "dashboard-agent-grpc-port", "metrics-export-port", "node-manager-port", "object-manager-port",
               "runtime-env-agent-port")
-README_SECTION = "### A local Ray head without Docker"
+HEAD_SCRIPT = REPO / "platform" / "ray" / "local-head.sh"  # docs/cluster.md: "A local Ray head without Docker"
 
 
-def readme_head_lines() -> tuple[str, str]:
-    """The README's venv activation and `ray start` lines, `.venv` pointing at this test's venv."""
-    text = (REPO / "README.md").read_text()
-    block = text[text.index(README_SECTION):].split("```")[1]
-    lines = [line.strip() for line in block.splitlines() if line.strip()]
-    assert any(line.startswith("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=") for line in lines), block
+def head_script_lines() -> tuple[str, str]:
+    """The head script's venv activation and `ray start` lines, `.venv` pointing at this test's venv."""
+    script = HEAD_SCRIPT.read_text()
+    lines = [line.strip() for line in script.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert any(line.startswith("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=") for line in lines), script
     activate = next(line for line in lines if line.endswith(".venv/bin/activate"))
     ray_start = next(line for line in lines if "ray start --head" in line)
     assert lines.index(activate) < lines.index(ray_start), "the venv must be active before `ray start`"
@@ -80,7 +79,7 @@ class LoopbackRayHead:
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0",
                         PATH=os.pathsep.join(path))
         self.env.pop("VIRTUAL_ENV", None)
-        activate, ray_start = readme_head_lines()
+        activate, ray_start = head_script_lines()
         extra = ["--node-ip-address=127.0.0.1", "--include-dashboard=true", "--num-gpus=0",
                  f"--object-store-memory={256 * 1024**2}", f"--temp-dir={self.temp_dir}",
                  *(f"--{flag}={port}" for flag, port in self.ports.items())]
@@ -196,7 +195,7 @@ def ray_head():
 def test_job_runs_the_venv_python_with_stdlib_platform_and_submitted_code(ray_head):
     """The repo's platform/ dir travels with --working-dir and sits first on PYTHONPATH; with no
     __init__.py it must not shadow the stdlib module that Ray and MLflow import. Submitted with the
-    project's job runtime env file, as the README's Cluster section shows."""
+    project's job runtime env file, as docs/cluster.md shows."""
     probe = ("import os, platform, shutil, sys, qformer; platform.machine(); "
              "print('PROBE', platform.__file__, sys.executable, qformer.__file__, "
              "os.environ.get('TOKENIZERS_PARALLELISM'), shutil.which('qformer'), sep='|')")
@@ -225,7 +224,7 @@ def test_compose_head_health_check_passes_against_a_running_head(ray_head):
     env = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # What the README says about the endpoints: /api/healthz is the dashboard agent's, not the head's 8265.
+    # What docs/cluster.md says about the endpoints: /api/healthz is the dashboard agent's, not the head's 8265.
     def status(port_flag: str, route: str) -> int:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{ray_head.ports[port_flag]}{route}", timeout=5) as resp:
@@ -363,7 +362,8 @@ def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
         ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options", *common,
          "run.max_epoch=1", "run.max_steps_per_epoch=3", "run.batch_size_train=4", "run.data.batch_size=4",
          "run.valid_splits=[]", "run.test_splits=[]", f"run.output_dir={tmp_path / 'failed'}"],
-        env_vars={**env, "QFORMER_FAIL_ONCE_AT_STEP": "2"})
+        env_vars={**env, "QFORMER_STEP_HOOKS": "tests.step_hooks:fail_once_from_env", "QFORMER_FAIL_ONCE_AT_STEP": "2",
+                  "QFORMER_FAIL_MARKER": str(tmp_path / "failed_once")})
     assert failed.returncode != 0 and "injected failure" in failed.stdout + failed.stderr, failed.stdout[-4000:]
 
     deadline = time.monotonic() + 60  # the owner's death reaches the GCS within moments
@@ -380,7 +380,7 @@ def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
 
 def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tmp_path):
     """`ray job stop` SIGTERMs the driver (SIGKILL 3 s later): its MLflow run ends KILLED, not FAILED.
-    `ray job submit` itself exits 0 for a STOPPED job (only FAILED gives 1), as the README says."""
+    `ray job submit` itself exits 0 for a STOPPED job (only FAILED gives 1), as docs/cluster.md says."""
     import mlflow
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"

@@ -37,7 +37,7 @@ def one_thread():
 
 def test_trained_tiny_model_beats_untrained_on_test_retrieval(tmp_path, one_thread):
     from qformer.data.synth import coco_caption_section, write_synthetic
-    from qformer.evaluate.learning import train_and_compare
+    from learning import train_and_compare
 
     write_synthetic(tmp_path, n_train=300, n_val=2, n_test=24, seed=0, image_size=64)
     run = {"batch_size_train": 16, "batch_size_eval": 32, "k_test": 8, "init_lr": 3e-4, "min_lr": 1e-5,

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from qformer.core import signals
 from qformer.train import preemption
 
 
@@ -16,7 +17,7 @@ def restore_sigterm():
     original = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, original)
-    preemption._requested.clear()
+    signals.clear_preemption_notice()
 
 
 def _deliver() -> None:
@@ -27,9 +28,9 @@ def _deliver() -> None:
 def test_first_sigterm_requests_a_stop_and_a_second_one_goes_to_the_previous_handler(restore_sigterm):
     seen: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # stands for Ray's exit handler
-    assert preemption._install_here() == "MainThread" and not preemption.requested()
+    assert signals.install_preemption_handler() == "MainThread" and not signals.preemption_requested()
     _deliver()
-    assert preemption.requested() and seen == []
+    assert signals.preemption_requested() and seen == []
     _deliver()
     assert seen == [signal.SIGTERM]
 
@@ -37,7 +38,7 @@ def test_first_sigterm_requests_a_stop_and_a_second_one_goes_to_the_previous_han
 def test_the_vote_without_a_process_group_is_this_process_flag(restore_sigterm):
     vote = preemption.StopVote()
     assert vote.group is None and not vote.agreed()
-    preemption._install_here()
+    signals.install_preemption_handler()
     _deliver()
     assert vote.agreed()
 

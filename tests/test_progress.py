@@ -12,7 +12,7 @@ import termios
 
 import pytest
 
-from qformer.progress import Progress, is_interactive
+from qformer.core.progress import Progress, is_interactive
 
 
 def _read_all(fd: int) -> str:

@@ -14,8 +14,9 @@ from qformer.models.bert_init import (
     read_bert_state_dict,
     resolve_bert_dir,
 )
-from qformer.models.qformer_bert import MASK_VALUE, BertLMHeadModel, extended_attention_mask
+from qformer.models.qformer_bert import BertLMHeadModel
 from qformer.models.qformer_config import QFormerConfig
+from qformer.models.qformer_layers import MASK_VALUE, extended_attention_mask
 
 
 def small_config(**over) -> QFormerConfig:

@@ -6,9 +6,9 @@ import random
 import numpy as np
 import pytest
 
-from qformer import registry
-from qformer.registry import RegistryError
-from qformer.seeding import setup_seeds
+from qformer.core import registry
+from qformer.core.registry import RegistryError
+from qformer.core.seeding import setup_seeds
 
 
 def test_register_and_look_up_a_user_class():

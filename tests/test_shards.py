@@ -98,7 +98,7 @@ def test_position_tracker_merges_ranks_and_closes_tasks() -> None:
 
 
 def test_ratio_draws_follow_the_ratios_and_agree_across_ranks() -> None:
-    from qformer.train.loop import pick_stream
+    from qformer.train.streams import pick_stream
 
     ratios = {"coco_caption": 1.0, "laion": 6.0, "cc3m": 3.0}
     draws = [pick_stream(ratios, 42, epoch=0, i=i) for i in range(20000)]

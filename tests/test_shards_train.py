@@ -14,6 +14,7 @@ import pytest
 
 from qformer.config import load_config_dict
 from qformer.data.synth_shards import upload_tree, write_shards
+from step_hooks import FailOnceAtStep
 
 pytestmark = pytest.mark.ray
 
@@ -37,7 +38,7 @@ def _cfg(tmp_path: Path, storage: str, name: str, run: dict | None = None, data:
 
 @pytest.mark.parametrize("fmt", ["wds", "parquet", "jsonl", "csv"])
 def test_train_reads_each_format(ray_cluster, tmp_path: Path, fmt: str) -> None:
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", fmt, shards=2, per_shard=8, seed=1, image_size=64)
     result = launch_training(_cfg(tmp_path, info["storage"], fmt), local_mode=True)
@@ -45,7 +46,7 @@ def test_train_reads_each_format(ray_cluster, tmp_path: Path, fmt: str) -> None:
 
 
 def test_train_from_object_storage(ray_cluster, s3_endpoint: str, tmp_path: Path) -> None:
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=2, per_shard=8, seed=2, image_size=64)
     upload_tree(info["folder"], "s3://shards/train-wds", s3_endpoint)
@@ -61,19 +62,18 @@ def _rows(debug: Path) -> list[tuple[int, list[int]]]:
 def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, tmp_path: Path, monkeypatch) -> None:
     """A crash after the step-3 checkpoint of a 12-step epoch (mid-chunk: chunks hold 8 rows); the re-launch
     continues from that checkpoint's data position: with the rows trained up to it, every pair exactly once."""
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=3, per_shard=16, seed=3, image_size=64)
     cfg = _cfg(tmp_path, info["storage"], "resume", {"save_freq_steps": 3})
     debug = tmp_path / "debug"
-    monkeypatch.setenv("QFORMER_FAIL_ONCE_AT_STEP", "5")
+    cfg.run.data.audit_dir = str(debug)  # which rows each step trained on
     with pytest.raises(Exception, match="injected failure"):
-        launch_training(cfg, local_mode=True, extra_loop_config={"debug_dir": str(debug)})
-    monkeypatch.delenv("QFORMER_FAIL_ONCE_AT_STEP")
+        launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(5, str(tmp_path / "failed_once"))])
     crashed = _rows(debug)
     assert [s for s, _ in crashed] == [1, 2, 3, 4, 5]
     (debug / "rows-rank0.jsonl").unlink()
-    result = launch_training(cfg, local_mode=True, extra_loop_config={"debug_dir": str(debug)})
+    result = launch_training(cfg, local_mode=True)
     resumed = _rows(debug)
     assert result.error is None and resumed[0][0] == 4  # the step after the checkpoint
     kept = [i for s, ids in crashed if s <= 3 for i in ids]  # trained into the checkpoint's weights
@@ -107,22 +107,22 @@ def test_resumed_at_another_world_size_the_pass_is_re_split_from_the_position(ra
     """2 DDP workers train half an epoch and fail; the run continues on 1 worker (global_batch mode: 2
     micro-batches per step) from the checkpoint, whose position merges what both ranks had trained on.
     Across the attempts every pair is trained exactly once."""
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=4, per_shard=16, seed=4, image_size=64)
     run = {"batch_size_train": 2, "save_freq_steps": 4, "log_freq": 4, "elastic": {"global_batch": 4}}
     two = _cfg(tmp_path, info["storage"], "resize", {
         **run, "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
     debug = tmp_path / "debug"
-    monkeypatch.setenv("QFORMER_FAIL_ONCE_AT_STEP", "7")
+    two.run.data.audit_dir = str(debug)
     with pytest.raises(Exception, match="injected failure"):
-        launch_training(two, extra_loop_config={"debug_dir": str(debug)})
-    monkeypatch.delenv("QFORMER_FAIL_ONCE_AT_STEP")
+        launch_training(two, step_hooks=[FailOnceAtStep(7, str(tmp_path / "failed_once"))])
     before = [_rows_of(debug / f"rows-rank{r}.jsonl") for r in (0, 1)]
     (debug / "rows-rank0.jsonl").unlink()
     one = _cfg(tmp_path, info["storage"], "resize", {
         **run, "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
-    result = launch_training(one, extra_loop_config={"debug_dir": str(debug)})
+    one.run.data.audit_dir = str(debug)
+    result = launch_training(one)
     assert result.error is None and result.metrics["step"] == 16  # 64 pairs / global batch 4, as uninterrupted
     after_rows = _rows_of(debug / "rows-rank0.jsonl")
     assert after_rows[0][0] == 5 and [s for s, _ in after_rows].count(5) == 2  # 2 micro-batches per step
@@ -139,7 +139,7 @@ def _rows_of(path: Path) -> list[tuple[int, list[int]]]:
 def test_iteration_based_run_mixes_shards_with_coco_by_ratio(ray_cluster, tmp_path: Path) -> None:
     """runner_iter over two endless streams, a shard set and COCO-format annotations, drawn by ratio."""
     from qformer.data.synth import coco_caption_section, write_synthetic
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", "parquet", shards=2, per_shard=8, seed=5, image_size=64)
     write_synthetic(tmp_path / "coco", n_train=8, n_val=2, n_test=2, image_size=64, captions_per_image=2)

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from qformer import paths
-from qformer.tracking import TRAIN_KEY_TAG, RunTracker, end_status, flatten_params, resolve_tracking_uri, ui_hint
+from qformer.core import paths
+from qformer.core import signals
+from qformer.tracking.params import flatten_params
+from qformer.tracking.run_tracker import TRAIN_KEY_TAG, RunTracker, end_status
+from qformer.tracking.uri import resolve_tracking_uri, ui_hint
 
 
 def test_flatten_params_respects_limits():
@@ -64,28 +67,26 @@ def test_a_stopped_driver_ends_its_run_killed_and_a_broken_one_failed():
     import os
     import signal
 
-    from qformer import tracking
-
     assert end_status(KeyboardInterrupt()) == "KILLED"  # Ctrl+C
     assert end_status(SystemExit(1)) == end_status(RuntimeError("boom")) == "FAILED"
     previous = signal.getsignal(signal.SIGTERM)
     seen: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # stands for ray.init's handler
     try:
-        tracking.watch_stop_signal()
-        tracking.watch_stop_signal()  # idempotent: one note per signal, the previous handler still called
+        signals.watch_stop_signal()
+        signals.watch_stop_signal()  # idempotent: one note per signal, the previous handler still called
         os.kill(os.getpid(), signal.SIGTERM)
         assert seen == [signal.SIGTERM]
         assert end_status(SystemExit(1)) == "KILLED"
     finally:
         signal.signal(signal.SIGTERM, previous)
-        tracking._stop_signals.clear()
+        signals.clear_stop_signals()
 
 
 def test_a_new_sqlite_store_keeps_every_artifact_location_beside_it(tmp_path, monkeypatch):
     """Created from a job's working directory (deleted after the job), MLflow's Default experiment once
     pointed at <CWD>/mlruns."""
-    from qformer.tracking import ensure_experiment
+    from qformer.tracking.uri import ensure_experiment
 
     cwd = tmp_path / "job_working_dir"
     cwd.mkdir()

@@ -28,7 +28,7 @@ def test_train_and_demo_are_registered(capsys):
 
 def test_bad_annotations_fail_before_ray_starts(tmp_path: Path, monkeypatch, capsys):
     """The annotation files are read and checked before `qformer train` connects to Ray."""
-    import qformer.train.launcher as launcher
+    import qformer.jobs.train_job as launcher
 
     def no_ray(cfg):
         raise AssertionError("Ray was started before the annotations were checked")

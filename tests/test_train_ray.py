@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qformer.config import ConfigError, load_config_dict
+from step_hooks import FailOnceAtStep
 
 pytestmark = pytest.mark.ray
 
@@ -60,14 +61,12 @@ def _cos(epoch: int, max_epoch: int, init: float = 1e-4, low: float = 1e-5) -> f
 
 
 def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, shapes, tmp_path, monkeypatch):
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     cfg = _cfg(shapes, tmp_path, "local", {"max_steps_per_epoch": 3, "save_freq_steps": 2,
                                            "valid_splits": ["val"], "keep_checkpoints": 5})
-    monkeypatch.setenv("QFORMER_FAIL_ONCE_AT_STEP", "2")
-    with pytest.raises(Exception, match="injected failure"):
-        launch_training(cfg, local_mode=True)  # crashes after the step-2 checkpoint, mid-epoch 0
-    monkeypatch.delenv("QFORMER_FAIL_ONCE_AT_STEP")
+    with pytest.raises(Exception, match="injected failure"):  # crashes after the step-2 checkpoint, mid-epoch 0
+        launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(2, str(tmp_path / "failed_once"))])
     result = launch_training(cfg, local_mode=True)  # same name: picks up the step-2 checkpoint
 
     client = _client(cfg)
@@ -122,17 +121,17 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, shapes
 
 
 def test_two_worker_ddp_sync_disjoint_data_and_failure_recovery(ray_cluster, shapes, tmp_path, monkeypatch):
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     debug = tmp_path / "debug"
     cfg = _cfg(shapes, tmp_path, "ddp", {
         "batch_size_train": 2, "max_epoch": 1, "max_steps_per_epoch": 4, "save_freq_steps": 2, "log_freq": 2,
         "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 1, "use_gpu": False},
     })
-    monkeypatch.setenv("QFORMER_FAIL_ONCE_AT_STEP", "3")
-    result = launch_training(cfg, extra_loop_config={"debug_dir": str(debug)})
+    cfg.run.data.audit_dir = str(debug)  # each rank's batches and weights
+    marker = tmp_path / "failed_once"
+    result = launch_training(cfg, step_hooks=[FailOnceAtStep(3, str(marker))])
     assert result.error is None and result.metrics["step"] == 4
-    marker = Path(result.storage_path) / result.name / ".injected_failure_done"
     assert marker.read_text() == "3"  # the failure did happen once
 
     ranks = [json.loads((debug / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -159,7 +158,7 @@ def test_two_worker_ddp_sync_disjoint_data_and_failure_recovery(ray_cluster, sha
 
 def test_iteration_based_runner_cycles_data_and_counts_inner_epochs(ray_cluster, shapes, tmp_path):
     """runner_iter: max_iters / iters_per_inner_epoch inner epochs; the stream continues past a data pass."""
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     # 32 captions / batch 8 = 4 batches per pass; 2 inner epochs x 3 iterations cross the pass boundary
     cfg = _cfg(shapes, tmp_path, "iters", {"batch_size_train": 8, "max_iters": 6, "iters_per_inner_epoch": 3,

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from qformer.tuning import mlflow_runs
-from qformer.tuning.mlflow_server import local_tracking_server
-from qformer.tuning.spec import load_sweep
+from qformer.tracking import sweep_runs as mlflow_runs
+from qformer.tracking.server import local_tracking_server
+from qformer.jobs.sweep.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def test_server_parent_children_and_orphans(tmp_path):
         assert uri.startswith("http://127.0.0.1:")
         client = MlflowClient(tracking_uri=uri)
         exp_id = client.create_experiment("sweeps", artifact_location=(artifacts / "sweeps").as_uri())
-        parent = mlflow_runs.start_parent(client, exp_id, spec, tmp_path)
+        parent = mlflow_runs.start_parent(client, exp_id, spec.name, spec.mlflow_params(), spec.input_files(), tmp_path)
         # Children as the training code opens them: tagged with the parent's id.
         done = client.create_run(exp_id, run_name="t0", tags={mlflow_runs.PARENT_TAG: parent}).info.run_id
         client.set_terminated(done, "FINISHED")

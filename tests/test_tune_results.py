@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from qformer.config import load_config
-from qformer.tuning import results
-from qformer.tuning.best_config import resolve_trial_config, retrain_command, write_best_config
-from qformer.tuning.early_stop import FLAG, EarlyStopMarker
-from qformer.tuning.results import TrialRow
-from qformer.tuning.spec import load_sweep
-from qformer.tuning.trainable import TrialPlumbing, carries_metric, evaluation_count, train_run_name, trial_options
+from qformer.jobs.sweep import results
+from qformer.jobs.sweep.best_config import resolve_trial_config, retrain_command, write_best_config
+from qformer.jobs.sweep.early_stop import FLAG, EarlyStopMarker
+from qformer.jobs.sweep.results import TrialRow
+from qformer.jobs.sweep.spec import load_sweep
+from qformer.jobs.sweep.trainable import TrialPlumbing, carries_metric, evaluation_count, train_run_name, trial_options
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"
@@ -78,7 +78,7 @@ def test_best_config_is_a_ready_to_run_experiment(spec, tmp_path):
     assert cfg.run.max_steps_per_epoch == 2  # the sweep's base options are baked in
     from omegaconf import OmegaConf
 
-    from qformer.train.launcher import run_name
+    from qformer.jobs.train_job import run_name
 
     trial = resolve_trial_config(spec, sampled)
     # its own run: not the base experiment's output_dir and Ray run name (retraining would resume that run)
@@ -123,7 +123,7 @@ def test_only_evaluation_reports_reach_tune():
 def test_driver_callbacks_override_real_tune_hooks():
     from ray.tune import Callback
 
-    from qformer.tuning.placement_groups import PlacementGroupReaper
+    from qformer.jobs.sweep.placement_groups import PlacementGroupReaper
 
     for cls, hook in ((PlacementGroupReaper, "on_step_end"), (EarlyStopMarker, "on_trial_result")):
         assert hasattr(Callback, hook) and getattr(cls, hook) is not getattr(Callback, hook)

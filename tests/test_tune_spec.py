@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from qformer.config import ConfigError, load_config
-from qformer.tuning.overrides import format_value, sampled_options
-from qformer.tuning.search_space import parse_search_space
-from qformer.tuning.spec import load_sweep
-from qformer.tuning.validate import validate_sweep
+from qformer.jobs.sweep.overrides import format_value, sampled_options
+from qformer.jobs.sweep.search_space import parse_search_space
+from qformer.jobs.sweep.spec import load_sweep
+from qformer.jobs.sweep.validate import validate_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = REPO / "experiments" / "demo" / "tiny_shapes.yaml"

@@ -18,8 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from qformer.config import ConfigError, load_config
-from qformer.tune import run_sweep
-from qformer.tuning.spec import load_sweep
+from qformer.jobs.sweep.run import run_sweep
+from qformer.jobs.sweep.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = REPO / "experiments" / "sweeps" / "tiny_lr_queries.yaml"
@@ -147,7 +147,7 @@ def test_no_sweep_record_points_into_the_deleted_working_dir(sweep, tmp_path):
 def test_best_config_loads_and_trains_a_new_run(sweep):
     """The retrain YAML once kept the base experiment's output_dir, hence its Ray run name: `qformer train` on
     it continued the base's earlier run (same MLflow run, "start at epoch 1") instead of starting its own."""
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     spec, outcome, _, root = sweep
     path = outcome.files["best_config"]
@@ -243,7 +243,7 @@ def test_placement_group_of_a_killed_creator_is_released(ray_cluster):
     import ray
     from ray.util.placement_group import placement_group
 
-    from qformer.tuning.placement_groups import release_orphaned_placement_groups
+    from qformer.jobs.sweep.placement_groups import release_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:
@@ -268,3 +268,22 @@ def test_placement_group_of_a_killed_creator_is_released(ray_cluster):
     assert orphan in released
     assert ray.util.placement_group_table(kept)["state"] == "CREATED"
     ray.util.remove_placement_group(kept)
+
+
+def test_a_restored_trial_whose_training_had_finished_reports_its_last_result_again(ray_cluster, tmp_path):
+    """A sweep stopped while a trial's Train run completes its last epoch: on --resume the trial trains
+    nothing (the run is finished) and hands its last checkpoint's report to Tune, so the trial ends with
+    that result and the iteration count it reached (4 after epoch 3), not the one before the stop."""
+    from ray import tune
+
+    from qformer.jobs.sweep.trainable import MetricReportCallback
+
+    def trial(config):
+        MetricReportCallback("train_epoch/loss", [], 1).report_finished(
+            {"epoch": 3, "step": 12, "train_epoch/loss": 0.5}, "/runs/epoch=0003-step=00000012-end")
+
+    grid = tune.Tuner(trial, run_config=tune.RunConfig(storage_path=str(tmp_path), name="finished")).fit()
+    result = grid[0]
+    assert result.error is None
+    assert result.metrics["training_iteration"] == 4 and result.metrics["train_epoch/loss"] == 0.5
+    assert result.metrics["checkpoint_path"] == "/runs/epoch=0003-step=00000012-end"

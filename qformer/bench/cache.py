@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from qformer.bench.common import train_state, write_result
+from qformer.core.seeding import setup_seeds
+
 TARGET_SPEEDUP_VIT_G = 4.0
 
 
@@ -39,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench_config(vit: str, image_size: int = 224, queries: int = 32):
     """The tiny model (MiniLM Q-Former) with a full-size timm ViT at 224 px, random weights."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.config import load_config_dict
 
     return load_config_dict({
@@ -53,13 +57,14 @@ def bench_config(vit: str, image_size: int = 224, queries: int = 32):
 
 
 def _state(cfg, model):
-    from qformer.bench.common import train_state
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.train.amp import resolve_amp
 
     return train_state(model, cfg.run, resolve_amp(bool(cfg.run.amp), cfg.run.amp_dtype, "cpu"))
 
 
 def _epoch(state, batches: list[dict]) -> float:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.train.step import train_step
 
     start = time.perf_counter()
@@ -71,6 +76,7 @@ def _epoch(state, batches: list[dict]) -> float:
 
 def _counted_flops(state, batch: dict) -> int:
     """Matmul FLOPs of one forward + backward as torch counts them (no optimiser step: not matmuls)."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -88,7 +94,9 @@ def _counted_flops(state, batch: dict) -> int:
 
 def _analytic(cfg, model, batch: int, text_len: int) -> dict[str, Any]:
     """The FLOP model at the measured config; `text_len`: the columns its captions use (padding trim)."""
-    from qformer.features.flops import LAVIS_STEP, OURS_ONE_RANK, QFormerDims, VitDims, cache_speedup
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
+    from qformer.features.flops import LAVIS_STEP, OURS_ONE_RANK, VitDims, cache_speedup
+    from qformer.models.flops import QFormerDims
 
     bert = model.Qformer.config
     vit = model.visual_encoder.model
@@ -96,13 +104,15 @@ def _analytic(cfg, model, batch: int, text_len: int) -> dict[str, Any]:
                 depth=len(vit.blocks), mlp=vit.blocks[0].mlp.fc1.out_features)
     q = QFormerDims(hidden=bert.hidden_size, layers=bert.num_hidden_layers, intermediate=bert.intermediate_size,
                     cross_attention_freq=int(cfg.model.cross_attention_freq), queries=int(cfg.model.num_query_token),
-                    text_len=text_len, vocab=bert.vocab_size, embed_dim=int(cfg.model.embed_dim))
+                    text_len=text_len, vocab=bert.vocab_size, embed_dim=int(cfg.model.embed_dim),
+                    image_tokens=v.tokens, image_width=v.width)
     step = OURS_ONE_RANK if model.reuse_itm_kv else dataclasses.replace(LAVIS_STEP, all_last_rows=False)
     return {"vit": v, "qformer": q, **cache_speedup(v, q, batch, step)}  # this process is one rank
 
 
 def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int = 2, image_size: int = 224,
             queries: int = 32) -> dict[str, Any]:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import torch
 
     from qformer.data.normalize import normalize_uint8
@@ -112,7 +122,6 @@ def measure(images: int, batch_size: int, vit: str, work_dir: Path, repeats: int
     from qformer.data.tokenizer import tokenize
     from qformer.features import store
     from qformer.models import build_model
-    from qformer.seeding import setup_seeds
 
     cfg = bench_config(vit, image_size, queries)
     size = int(cfg.model.image_size)
@@ -186,6 +195,7 @@ def _at_width(q, width: int, step):
 def projection() -> dict[str, Any]:
     """ViT-g ratios for LAVIS's step and ours (ITM K/V reuse: all rows on one rank, the gathered
     negative images projected on several), at each batch text width the padding trim may leave."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.features.flops import (
         BERT_BASE_QFORMER, EVA_VIT_G, OURS_ONE_RANK, STEP_VARIANTS, cache_speedup, qformer_forward_flops,
     )
@@ -206,6 +216,7 @@ def projection() -> dict[str, Any]:
 def caption_widths(cfg, batches: int = 200, seed: int = 0) -> list[int]:
     """Text columns left by trim_padding in `batches` random training batches of the config's own
     captions (its text processors, tokenizer and max_txt_len; batch size run.batch_size_train)."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.data.pipeline import train_sources, train_transform
     from qformer.data.tokenizer import tokenize
 
@@ -221,6 +232,7 @@ def caption_widths(cfg, batches: int = 200, seed: int = 0) -> list[int]:
 
 def projection_at_widths(widths: list[int]) -> dict[str, Any]:
     """ViT-g ratios with the Q-Former's FLOPs averaged over batches of these text widths."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.features.flops import BERT_BASE_QFORMER, EVA_VIT_G, STEP_VARIANTS, qformer_train_flops, vit_forward_flops
 
     vit = vit_forward_flops(EVA_VIT_G)
@@ -234,10 +246,9 @@ def projection_at_widths(widths: list[int]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from qformer.bench.common import write_result
-
     at_captions = None
     if args.captions_cfg:  # first: a config or annotation error stops the bench before the long measurement
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         from qformer.config import load_config
 
         widths = caption_widths(load_config(args.captions_cfg, args.options))

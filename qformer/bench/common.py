@@ -12,6 +12,7 @@ RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
 
 
 def machine_info() -> dict:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import torch
 
     info = {
@@ -43,6 +44,7 @@ def write_result(name: str, payload: dict, out_dir: str | Path | None = None) ->
 def train_state(model, run_cfg, amp):
     """The training loop's per-worker state for a bench: LAVIS's AdamW and LR schedule from `run_cfg`
     (anything with .get and attributes), the AMP policy's GradScaler when it wants one."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.train.lr_schedule import build_lr_scheduler
     from qformer.train.optim import build_optimizer
     from qformer.train.step import TrainState
@@ -54,6 +56,7 @@ def train_state(model, run_cfg, amp):
 
 def measure_matmul_peak(device: str = "cpu", size: int = 1024, dtype=None, seconds: float = 1.0) -> float:
     """Achievable dense-matmul FLOP/s on this device (the baseline that step FLOP/s is compared with)."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import torch
 
     dtype = dtype or torch.float32
@@ -72,6 +75,7 @@ def measure_matmul_peak(device: str = "cpu", size: int = 1024, dtype=None, secon
 
 
 def _sync(device: str) -> None:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import torch
 
     if str(device).startswith("cuda"):

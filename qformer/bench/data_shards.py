@@ -37,9 +37,18 @@ import os
 import pickle
 import subprocess
 import sys
+import resource
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import numpy as np
+
+import qformer
+from qformer.bench.common import write_result
+from qformer.bench.data_common import (DEFAULT_IMAGES, QUICK_IMAGES, STAGE1_CFG, STAGE1_OPTIONS, STAGE1_SYNTH, CpuMeter,
+                                       bench_config, start_ray, summarise, timed_epoch)
 
 SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (1_000, 4_000)
@@ -88,6 +97,7 @@ def write_manifests(folder: Path, rows: list[tuple[str, str]], total: int, shard
 
 
 def shard_set(paths: list[str], root: str):
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.data.shard_set import DEFAULT_KEYS, ShardSet
 
     text_key, image_key = DEFAULT_KEYS["jsonl"]
@@ -96,7 +106,7 @@ def shard_set(paths: list[str], root: str):
 
 def table_rows(paths: list[str], root: str):
     """What today's driver holds: every (path, caption) read from the annotation files, then the DataFrame."""
-    import numpy as np
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import pandas as pd
 
     samples = []
@@ -111,6 +121,7 @@ def table_rows(paths: list[str], root: str):
 
 
 def _dataset(path: str, manifests: list[str], root: str, spec, cfg, workers: int):
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import ray
 
     from qformer.data.pipeline import to_ray_dataset
@@ -132,8 +143,7 @@ class _StoreSampler:
     """Peak object-store bytes in use (all nodes), sampled in a thread."""
 
     def __init__(self, address: str, every: float = 0.1) -> None:
-        import threading
-
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         from ray._private.internal_api import get_state_from_address
 
         self._state, self._every = get_state_from_address(address), every
@@ -144,6 +154,7 @@ class _StoreSampler:
         self._thread.start()
 
     def read(self) -> int:
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         from ray._private.internal_api import get_memory_info_reply
 
         return int(get_memory_info_reply(self._state).store_stats.object_store_bytes_used)
@@ -172,8 +183,8 @@ def _datasource(ds):
 
 def run_case(case: dict) -> dict:
     """Build one path's dataset for one manifest size and read its first rows; driver RSS and store use."""
-    import resource
-
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py); all of them (and the
+    # pipeline's) are imported before the baseline RSS reading, so the growth counts the dataset alone
     import cloudpickle
     import psutil
     import ray
@@ -217,8 +228,6 @@ def run_case(case: dict) -> dict:
 
 def _child_env() -> dict:
     """This checkout's qformer first on the child's path (the venv may hold another checkout's)."""
-    import qformer
-
     here = str(Path(qformer.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -238,6 +247,7 @@ def _spawn_case(case: dict, tmp: Path) -> dict:
 
 
 def memory_cases(args: argparse.Namespace, cfg, spec, pool: list[tuple[str, str]], workers: int, tmp: Path) -> dict:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import ray
 
     sizes = sorted(args.rows or (QUICK_SIZES if args.quick else SIZES))
@@ -267,8 +277,7 @@ def memory_cases(args: argparse.Namespace, cfg, spec, pool: list[tuple[str, str]
 
 # ---- images/s per core, both paths in one run -------------------------------------------------------
 def throughput(name: str, args: argparse.Namespace, workers: int, epochs: int, meter, tmp: Path) -> dict:
-    from qformer.bench.data import (DEFAULT_IMAGES, QUICK_IMAGES, STAGE1_CFG, STAGE1_OPTIONS, STAGE1_SYNTH,
-                                    _config, _epoch, _summary)
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     from qformer.data.pipeline import rows_per_task, train_transform
 
     if name == "stage1":
@@ -276,7 +285,7 @@ def throughput(name: str, args: argparse.Namespace, workers: int, epochs: int, m
     else:
         cfg_path, options, size, noise = args.cfg_path, list(args.options), args.synth_size, 0.0
     n = args.n_images or (QUICK_IMAGES if args.quick else DEFAULT_IMAGES[name])
-    cfg, sources, data_info = _config(cfg_path, options, n, tmp / f"images-{name}", size, noise)
+    cfg, sources, data_info = bench_config(cfg_path, options, n, tmp / f"images-{name}", size, noise)
     rows = [(p, c) for _, _, samples in sources[:1] for p, c in samples][:n]
     bs = args.batch_size or int(cfg.run.data.batch_size)
     spec = train_transform(cfg, sources[:1])
@@ -289,10 +298,10 @@ def throughput(name: str, args: argparse.Namespace, workers: int, epochs: int, m
     runs: dict[str, list[dict]] = {"table": [], "shards": []}
     for _ in range(epochs):  # alternate so that machine-load drift hits both alike
         for path, (_, ds) in datasets.items():
-            runs[path].append(_epoch(lambda ds=ds: ds.iter_torch_batches(batch_size=bs, drop_last=False,
+            runs[path].append(timed_epoch(lambda ds=ds: ds.iter_torch_batches(batch_size=bs, drop_last=False,
                                                                         prefetch_batches=prefetch),
                                      meter, meter.descendants))
-    table, shards = _summary(runs["table"], workers), _summary(runs["shards"], workers)
+    table, shards = summarise(runs["table"], workers), summarise(runs["shards"], workers)
     payload = {"config": cfg_path, "options": options, "data": data_info, "image_size": int(cfg.model.image_size),
                "batch_size": bs, "rows_per_task": per_shard, "num_shards": len(manifests), "epochs": epochs,
                "decode_workers": workers, "table": table, "shards": shards,
@@ -310,10 +319,9 @@ def throughput(name: str, args: argparse.Namespace, workers: int, epochs: int, m
 
 
 def run(args: argparse.Namespace) -> dict:
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import ray
 
-    from qformer.bench.common import write_result
-    from qformer.bench.data import _config, _CpuMeter, start_ray
     from qformer.data.pipeline import train_transform
 
     workers = args.workers or os.cpu_count() or 1
@@ -324,13 +332,13 @@ def run(args: argparse.Namespace) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         with tempfile.TemporaryDirectory(prefix="qformer-bench-shards-") as tmp_name:
             tmp = Path(tmp_name)
-            cfg, sources, data_info = _config(args.cfg_path, list(args.options), args.pool * 5, tmp / "pool",
+            cfg, sources, data_info = bench_config(args.cfg_path, list(args.options), args.pool * 5, tmp / "pool",
                                               args.synth_size, 0.0)
             pool = _pool([s for _, _, samples in sources[:1] for s in samples], args.pool)
             print(f"[memory] {args.cfg_path}: manifests over {len(pool)} distinct images ({data_info['origin']})")
             memory = memory_cases(args, cfg, train_transform(cfg, sources[:1]), pool, workers, tmp)
             memory["data"] = data_info
-            meter = _CpuMeter()
+            meter = CpuMeter()
             speed = {name: throughput(name, args, workers, epochs, meter, tmp) for name in names}
     finally:
         if started_ray:

@@ -26,7 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qformer.bench.common import write_result
 from qformer.bench.sim_cluster import SimulatedRun
+from qformer.core.logs import setup_logging
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", nargs="+", default=["resize", "preempt"], choices=["resize", "preempt"])
@@ -36,8 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from qformer.bench.common import write_result
-
     results: dict[str, Any] = {}
     if "resize" in args.scenarios:
         results["resize"] = run_scenario("resize", timeout_s=args.timeout)
@@ -135,8 +135,6 @@ def _main(argv: list[str]) -> int:
     temp = tempfile.mkdtemp(prefix="qfe", dir="/tmp")  # short: Ray's socket paths are length-limited
     os.environ["RAY_TMPDIR"] = temp
     try:
-        from qformer.logging_setup import setup_logging
-
         setup_logging()
         result = SCENARIOS[name](work, options)
         (work / "result.json").write_text(json.dumps(result, indent=1))

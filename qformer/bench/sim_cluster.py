@@ -4,7 +4,7 @@
 and a `qf_node` resource each; training workers ask for one `qf_node`, so each lands on its own node and a
 removed node takes exactly one worker with it. The run is `launch_training` on the tiny model and generated
 shapes data, in a thread, with a sqlite MLflow store; the observations come from MLflow, the run's
-checkpoints and the loop's `starts.jsonl` (one line per worker-group start, written with debug_dir).
+checkpoints and the training audit's `starts.jsonl` (one line per worker-group start, run.data.audit_dir).
 Must run in a process without another Ray (qformer.bench.elastic starts one per scenario).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ class SimulatedRun:
     """A simulated cluster, a training run in a thread, and the observations the scenarios assert on."""
 
     def __init__(self, work: Path, nodes: int, run: dict):
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         from ray.cluster_utils import Cluster
 
         from qformer.config import load_config_dict
@@ -45,6 +46,7 @@ class SimulatedRun:
                                      "datasets": coco_caption_section(data), "run": base})
         self.uri = self.cfg.run.mlflow.tracking_uri
         self.debug = work / "debug"
+        self.cfg.run.data.audit_dir = str(self.debug)
         self.cluster = Cluster(initialize_head=True, connect=True, head_node_args={
             "num_cpus": 1, "object_store_memory": OBJECT_STORE, "include_dashboard": False})
         self.nodes = [self.add_node() for _ in range(nodes)]
@@ -58,11 +60,12 @@ class SimulatedRun:
         return self.cluster.add_node(num_cpus=1, resources={NODE_RESOURCE: 1}, object_store_memory=OBJECT_STORE)
 
     def start(self) -> None:
-        from qformer.train.launcher import launch_training
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
+        from qformer.jobs.train_job import launch_training
 
         def target() -> None:
             try:
-                self.outcome["result"] = launch_training(self.cfg, extra_loop_config={"debug_dir": str(self.debug)})
+                self.outcome["result"] = launch_training(self.cfg)
             except BaseException as err:  # noqa: BLE001 - reported by finish()
                 self.outcome["error"] = repr(err)
 
@@ -71,22 +74,22 @@ class SimulatedRun:
 
     # -- observations
     def run_id(self) -> str | None:
-        from mlflow.tracking import MlflowClient
+        from qformer.tracking.uri import mlflow_client  # lazy: `qformer --help` imports the bench suites
 
         if not self.starts():  # the launcher creates the store (two processes creating its tables collide)
             return None
-        client = MlflowClient(tracking_uri=self.uri)
+        client = mlflow_client(self.uri)
         exp = client.get_experiment_by_name("elastic")
         runs = client.search_runs([exp.experiment_id]) if exp else []
         return runs[0].info.run_id if runs else None
 
     def history(self, key: str) -> list[tuple[int, float]]:
-        from mlflow.tracking import MlflowClient
+        from qformer.tracking.uri import mlflow_client  # lazy: `qformer --help` imports the bench suites
 
         run_id = self.run_id()
         if run_id is None:
             return []
-        return sorted((m.step, m.value) for m in MlflowClient(tracking_uri=self.uri).get_metric_history(run_id, key))
+        return sorted((m.step, m.value) for m in mlflow_client(self.uri).get_metric_history(run_id, key))
 
     def last_step(self) -> int:
         return max((s for s, _ in self.history("loss")), default=0)
@@ -135,11 +138,11 @@ class SimulatedRun:
         ev["recovered_t"] = time.monotonic() - self.t0
 
     def finish(self) -> dict:
-        from mlflow.tracking import MlflowClient
+        from qformer.tracking.uri import mlflow_client  # lazy: `qformer --help` imports the bench suites
 
         self.thread.join(600)
         result = self.outcome.get("result")
-        client = MlflowClient(tracking_uri=self.uri)
+        client = mlflow_client(self.uri)
         exp = client.get_experiment_by_name("elastic")
         runs = client.search_runs([exp.experiment_id]) if exp else []
         starts = self.starts()
@@ -166,6 +169,7 @@ class SimulatedRun:
         }
 
     def close(self) -> None:
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         import ray
 
         try:
@@ -186,6 +190,7 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
 
 def train_worker_processes() -> list:
     """Ray Train worker processes among this process's descendants (a private Ray's, or a simulated cluster's)."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import psutil
 
     found = []

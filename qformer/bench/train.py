@@ -12,6 +12,10 @@ import argparse
 import tempfile
 import time
 
+from qformer.bench.common import write_result
+from qformer.config.batch_plan import worker_range
+from qformer.core.logs import setup_logging
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-path", default="experiments/demo/tiny_shapes.yaml")
@@ -22,14 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mlflow.tracking import MlflowClient
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
 
-    from qformer.bench.common import write_result
     from qformer.config import load_config
-    from qformer.demo import ensure_shapes_data
-    from qformer.logging_setup import setup_logging
-    from qformer.train.elastic import worker_range
-    from qformer.train.launcher import connect_ray, launch_training
+    from qformer.jobs.demo import ensure_shapes_data
+    from qformer.jobs.ray_cluster import connect_ray
+    from qformer.jobs.train_job import launch_training
+    from qformer.tracking.uri import mlflow_client
 
     setup_logging()
     steps = args.steps or (6 if args.quick else 40)
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         result = launch_training(cfg)
         wall = time.perf_counter() - start
-        client = MlflowClient(tracking_uri=result.tracking_uri)
+        client = mlflow_client(result.tracking_uri)
         history = {key: sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, key))
                    for key in ("samples_per_s", "data_wait_frac")}
     world = max(1, worker_range(cfg.run.ray.num_workers)[1])

@@ -8,6 +8,9 @@ by run.ray.address / RAY_ADDRESS (GPU actors when it has GPUs), else on a local 
 from __future__ import annotations
 
 import argparse
+import os
+
+from qformer.core.logs import setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
     import ray
 
     from qformer.config import load_config
-    from qformer.features import cache_features
-    from qformer.logging_setup import setup_logging
+    from qformer.jobs.cache_features import cache_features
 
     setup_logging()
     cfg = load_config(args.cfg_path, args.options)

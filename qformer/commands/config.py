@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from qformer.core.logs import setup_logging
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-path", help="experiment YAML (LAVIS schema); required unless --keys")
@@ -17,12 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Light imports only: this command must not import torch.
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py); light ones only, no torch
     from qformer.config import ConfigError, load_config
     from qformer.config.explain import explain_yaml, to_yaml
-    from qformer.logging_setup import setup_logging
 
     if args.keys:
+        # lazy: `qformer --help` imports every command module (see qformer/cli.py)
         from qformer.config.describe import describe_schema
 
         print(describe_schema(), end="")

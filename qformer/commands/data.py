@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from qformer.core.logs import setup_logging
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -39,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "synth" and args.format != "coco":
+        # lazy: `qformer --help` imports every command module (see qformer/cli.py)
         from qformer.data.synth_shards import upload_tree, write_shards
 
         info = write_shards(args.out, args.format, args.shards, args.per_shard, args.seed, args.image_size)
@@ -49,14 +52,15 @@ def run(args: argparse.Namespace) -> int:
                   f"{args.upload.rstrip('/')}/{info['storage'].rsplit('/', 1)[1]})")
         return 0
     if args.action == "synth":
+        # lazy: `qformer --help` imports every command module (see qformer/cli.py)
         from qformer.data.synth import write_synthetic
 
         counts = write_synthetic(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
         print(f"wrote {counts} images to {args.out}")
         return 0
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
     from qformer.config import load_config
     from qformer.data.check import check_config, failed, format_report
-    from qformer.logging_setup import setup_logging
 
     setup_logging()  # progress lines when stdout is not a terminal
 

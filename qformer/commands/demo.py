@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from qformer.core.logs import setup_logging
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-path", default=None, help="demo experiment (default experiments/demo/tiny_shapes.yaml)")
@@ -12,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qformer.demo import run_demo
-    from qformer.logging_setup import setup_logging
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
+    from qformer.jobs.demo import run_demo
 
     setup_logging()
     run_demo(args.cfg_path, args.options)

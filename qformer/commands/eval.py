@@ -6,6 +6,10 @@ The checkpoint is one of ours (a Ray checkpoint directory or its checkpoint.pth)
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from qformer.core.logs import setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,15 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
     from qformer.config import load_config
-    from qformer.logging_setup import setup_logging
 
     setup_logging()
     cfg = load_config(args.cfg_path, args.options)
-    from qformer.evaluate.runner import evaluate_checkpoint
+    # lazy: imported after the config, so its errors show before torch and Ray load (see qformer/cli.py)
+    from qformer.jobs.eval_job import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(cfg, args.checkpoint, args.split, track=not args.no_mlflow,
@@ -37,10 +39,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(result.metrics, indent=2, sort_keys=True))
     if result.mlflow_run_id:
-        from qformer.evaluate.visuals import visual_artifacts
-        from qformer.tracking import ui_hint
+        # lazy: `qformer --help` imports every command module (see qformer/cli.py)
+        from qformer.evaluate.visuals import ARTIFACT_ROOT
+        from qformer.tracking.run_tracker import artifact_files
+        from qformer.tracking.uri import ui_hint
 
         print(f"MLflow run {result.mlflow_run_id} in {result.tracking_uri}\n  {ui_hint(result.tracking_uri)}")
-        for path in visual_artifacts(result.tracking_uri, result.mlflow_run_id):
+        for path in artifact_files(result.tracking_uri, result.mlflow_run_id, ARTIFACT_ROOT, ".png"):
             print(f"  picture: {path}")
     return 0

@@ -20,15 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
     from qformer.config import load_config
     from qformer.models import build_model
     from qformer.models.hf_convert import export_hf
     from qformer.models.vision.eva_vit import EvaVisionTransformer
+    from qformer.train.checkpoint import check_readable
 
     # the checkpoint given here is what gets exported, not the config's pretrained/finetuned files
     cfg = load_config(args.cfg_path, list(args.options) + ["model.load_pretrained=False", "model.load_finetuned=False"])
-    from qformer.train.checkpoint import check_readable
-
     check_readable(args.checkpoint)  # before building the (possibly ViT-g sized) model
     model = build_model(cfg.model).eval()
     report = model.load_checkpoint(args.checkpoint)

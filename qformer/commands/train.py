@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from qformer.core.logs import setup_logging
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-path", required=True, help="experiment YAML (LAVIS schema)")
@@ -22,12 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
     from qformer.config import load_config
-    from qformer.logging_setup import setup_logging
 
     setup_logging()
     cfg = load_config(args.cfg_path, args.options)  # config errors surface before Ray starts
-    from qformer.train.launcher import launch_training
+    # lazy: imported after the config, so its errors show before torch and Ray load (see qformer/cli.py)
+    from qformer.jobs.train_job import launch_training
 
     result = launch_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     print(f"checkpoint: {result.checkpoint_path}")

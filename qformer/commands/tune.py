@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from qformer.core.logs import setup_logging
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-path", required=True, help="sweep YAML (base: <experiment yaml> + tune: section)")
@@ -20,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qformer.logging_setup import setup_logging
-    from qformer.tune import run_sweep
-    from qformer.tuning.spec import load_sweep
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
+    from qformer.jobs.sweep.run import run_sweep
+    from qformer.jobs.sweep.spec import load_sweep
 
     setup_logging()
     outcome = run_sweep(load_sweep(args.cfg_path, args.options), resume=args.resume)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qformer.config.errors import closest
+from qformer.config.packaged import processor_known
+from qformer.core.errors import closest
 
 
 def non_empty(value: Any) -> str | None:
@@ -23,8 +24,6 @@ def warmup_lr(value: float) -> str | None:
 
 
 def processor(value: dict) -> str | tuple[str, str | None] | None:
-    from qformer.config.packaged import processor_known
-
     name = value.get("name")
     if not isinstance(name, str) or not name:
         return "a processor needs a 'name' (e.g. {name: blip_caption})"

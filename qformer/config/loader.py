@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qformer.config import packaged
-from qformer.config.errors import ConfigError, closest
+from qformer.core.errors import ConfigError, closest
 from qformer.config.options import SOURCE as OPTIONS_SOURCE
 from qformer.config.options import parse_options
 from qformer.config.schema import IGNORED

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from qformer.config.errors import ConfigError
+from qformer.core.errors import ConfigError
 
 SOURCE = "--options"
 _KEY = re.compile(r"^[A-Za-z0-9_][\w\-]*(\.[A-Za-z0-9_][\w\-]*)*$")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from qformer.config.errors import ConfigError, closest
+from qformer.core import registry
+from qformer.core.errors import ConfigError, closest
 
 DEFAULTS_DIR = Path(__file__).resolve().parent / "defaults"
 _PACKAGE_PARENT = DEFAULTS_DIR.parents[2]  # the directory holding the `qformer` package
@@ -36,8 +37,6 @@ def _subdirs(directory: Path) -> list[str]:
 
 def _registered(kind: str) -> list[str]:
     """Registry names of `kind`; empty when the package that registers them cannot be imported yet."""
-    from qformer import registry
-
     try:
         return registry.list_names(kind)
     except ModuleNotFoundError as err:  # the registering package is not written yet; a broken one still raises
@@ -47,8 +46,6 @@ def _registered(kind: str) -> list[str]:
 
 
 def _registered_class(kind: str, name: str) -> type | None:
-    from qformer import registry
-
     if name not in _registered(kind):
         return None
     return {"model": registry.get_model_class, "builder": registry.get_builder_class,

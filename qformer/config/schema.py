@@ -214,6 +214,10 @@ SCHEMA: dict[str, Key] = {
     "run.data.prefetch_batches":    Int(2, ge=0),
     "run.data.num_cpus_per_task":   Float(1.0, gt=0),
     "run.data.s3_endpoint":         Str(None, doc="S3-compatible endpoint URL for s3:// data (else AWS_ENDPOINT_URL)"),
+    "run.data.audit_dir":           Str(None, doc="a directory where each rank writes which samples every step trained "
+                                                  "on (rows-rank<r>.jsonl), each worker-group start (starts.jsonl) and, "
+                                                  "at the end, its batch fingerprints and weight sums (rank<r>.json): "
+                                                  "an exactly-once audit across restarts and resizes"),
     "run.data.check_images":        Bool(True, doc="before Ray starts, the driver checks that each image folder exists "
                                                    "and a sample of images opens (false: the driver cannot see them)"),
 }

@@ -11,7 +11,11 @@ import os
 import re
 from typing import Any, Callable
 
-from qformer.config.errors import ConfigError, closest
+from omegaconf import OmegaConf
+
+from qformer.config import batch_plan
+from qformer.core import registry
+from qformer.core.errors import ConfigError, closest
 from qformer.config.schema import IGNORED, REQUIRED, SCHEMA, Key
 
 SourceOf = Callable[[str], "str | None"]
@@ -219,13 +223,9 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
 
 
 def _check_elastic(run: dict, source_of: SourceOf) -> None:
-    """The global batch the smallest world must keep (qformer.train.elastic), named by key and layer."""
-    from omegaconf import OmegaConf
-
-    from qformer.train import elastic
-
+    """The global batch the smallest world must keep (qformer.config.batch_plan), named by key and layer."""
     try:
-        elastic.check(OmegaConf.create(run))
+        batch_plan.check(OmegaConf.create(run))
     except ConfigError as err:
         source = source_of(err.key) or source_of("run.elastic.global_batch") or source_of("run.batch_size_train")
         raise ConfigError(err.reason, err.key, source) from None
@@ -239,8 +239,6 @@ def dataset_splits(ds: dict) -> set[str]:
 def _check_image_sizes(cfg: dict, source_of: SourceOf) -> None:
     """Each image processor a run uses must produce model.image_size pixels (the ViT's position
     embeddings are built for it): checked here so `qformer config` catches it, not a Ray worker."""
-    from qformer.data.processors import build_processor
-
     run, model_size = cfg["run"], cfg["model"]["image_size"]
     preprocess = (cfg.get("preprocess") or {}).get("vis_processor") or {}
     for name, ds in cfg["datasets"].items():
@@ -252,9 +250,16 @@ def _check_image_sizes(cfg: dict, source_of: SourceOf) -> None:
             key = f"datasets.{name}.vis_processor.{kind}"
             if node is None:
                 node, key = preprocess.get(kind), f"preprocess.vis_processor.{kind}"
-            size = getattr(build_processor(node), "image_size", None) if in_use and node else None
+            size = getattr(_build_processor(node), "image_size", None) if in_use and node else None
             if size is not None and size != model_size:
                 given = f"{key}.image_size" if "image_size" in node else key  # else: the processor's default
                 raise ConfigError(f"image_size {size} differs from model.image_size {model_size} (processors must "
                                   f"produce the ViT's input size)", f"{key}.image_size",
                                   source_of(given) or source_of("model.image_size"))
+
+
+def _build_processor(node: dict):
+    """The processor a config node names, through the registry (which imports the built-in ones itself)."""
+    if not node.get("name"):
+        return None
+    return registry.get_processor_class(str(node["name"])).from_config(node)

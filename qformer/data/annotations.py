@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qformer.data.errors import AnnotationError
+from qformer.core.errors import AnnotationError
 
 
 @dataclass(frozen=True)

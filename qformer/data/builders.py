@@ -2,7 +2,7 @@
 
 A builder turns `datasets.<name>` of the config into (image path, caption) training samples and,
 for COCO, retrieval val/test splits. Paths: relative `build_info.*.storage` values resolve against
-`qformer.paths.data_root(run.data_root)` (LAVIS's cache_root).
+`qformer.core.paths.data_root(run.data_root)` (LAVIS's cache_root).
 
 Any builder reads image-text shards instead of an annotation file when `build_info.storage` names
 them (LAVIS's laion builder key): a brace pattern, a glob or a list, local or in object storage, in
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qformer.config.errors import ConfigError
+from qformer.core.errors import ConfigError
 from qformer.data.annotations import CaptionRecord, coco_eval_image_id, read_caption_file, resolve_image_path
 from qformer.data.processors import build_processor
 from qformer.data.retrieval import RetrievalSplit
 from qformer.data.shard_set import DEFAULT_KEYS, FORMATS, ShardSet, infer_format
 from qformer.data.storage import expand, is_uri
-from qformer.paths import data_root
-from qformer.registry import register_builder
+from qformer.core.paths import data_root
+from qformer.core.registry import get_builder_class, register_builder
 
 SPLITS = ("train", "val", "test")
 
@@ -183,6 +183,4 @@ for _name in ("image_text_shards", "conceptual_caption_3m", "conceptual_caption_
 
 def build_builder(cfg, name: str) -> CaptionBuilder:
     """`datasets.<name>`'s builder: `datasets.<name>.builder` when set, else the registered `<name>`."""
-    from qformer.registry import get_builder_class
-
     return get_builder_class(str(cfg.datasets[name].get("builder") or name))(name, cfg)

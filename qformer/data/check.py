@@ -11,9 +11,12 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from qformer.data.errors import AnnotationError
+from qformer.core.errors import AnnotationError
+from qformer.core.progress import Progress
+from qformer.data.builders import build_builder
 from qformer.data.preflight import image_error, missing_image_root
 from qformer.data.processors.text import pre_caption
+from qformer.data.shard_check import ShardReport, format_shard_report, shard_report
 
 
 @dataclass
@@ -35,10 +38,6 @@ class SplitReport:
 
 
 def check_config(cfg, images: bool = True, workers: int | None = None) -> list[SplitReport]:
-    from qformer.data.builders import build_builder
-
-    from qformer.data.shard_check import shard_report
-
     reports = []
     for name in cfg.datasets:
         builder = build_builder(cfg, name)
@@ -73,9 +72,7 @@ def check_config(cfg, images: bool = True, workers: int | None = None) -> list[S
 
 
 def _check_images(paths: list[str], workers: int | None, label: str = "data check") -> list[str]:
-    """'path: reason' of each image that does not decode, with progress (qformer.progress) as they are read."""
-    from qformer.progress import Progress
-
+    """'path: reason' of each image that does not decode, with progress (qformer.core.progress) as they are read."""
     workers = workers or min(8, os.cpu_count() or 1)
     results = []
     with Progress(len(paths), f"{label}: decode images", "images") as bar:
@@ -94,15 +91,11 @@ def _check_images(paths: list[str], workers: int | None, label: str = "data chec
 def failed(reports: list, images_fail: bool = True) -> bool:
     """True when a file is bad or a named shard missing, or (images_fail) when an image folder is missing or
     an image undecodable."""
-    from qformer.data.shard_check import ShardReport
-
     return any(bool(r.missing) if isinstance(r, ShardReport) else
                (r.error or (images_fail and (r.bad_images or r.missing_image_root))) for r in reports)
 
 
 def format_report(reports: list, show: int = 20) -> str:
-    from qformer.data.shard_check import ShardReport, format_shard_report
-
     lines = []
     shard_reports = [r for r in reports if isinstance(r, ShardReport)]
     for r in shard_reports:

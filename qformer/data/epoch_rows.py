@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -90,8 +91,6 @@ def epoch_shuffled_dataset(table: pa.Table, rows_per_task: int, seed: int | tupl
                            stream: str | None = None):
     """`table`'s rows as a Ray Dataset, fully re-shuffled every pass, one block per read task. `stream`
     (default `name`) is its key in `plan`."""
-    import ray.data
-
     source = EpochShuffledRows(table, rows_per_task, seed, name, seed_column, plan, task_base, stream)
     kwargs = {"num_cpus": float(num_cpus)} if num_cpus is not None else {}
     # 1, not the task count: when Ray is asked for more blocks than there are read tasks (a resumed pass skips

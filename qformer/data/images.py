@@ -17,7 +17,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from qformer.data.errors import ImageDecodeError
+from qformer.core.errors import ImageDecodeError
+from qformer.data.storage import read_bytes
 
 # Pillow's own default (about 89.5 Mpx); Pillow raises DecompressionBombError at twice this.
 DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -46,8 +47,6 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
     path = str(path)
     try:
         if data is None and "://" in path:  # an object-storage image root
-            from qformer.data.storage import read_bytes
-
             data = read_bytes(path, endpoint)
         if (len(data) if data is not None else os.path.getsize(path)) == 0:
             raise ImageDecodeError(path, "empty file (0 bytes)")

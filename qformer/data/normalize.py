@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
+from qformer.data.builders import processor_cfg
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 
 
@@ -24,8 +25,6 @@ def normalize_uint8(
 
 def image_mean_std(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean/std of the first train dataset's vis processor (LAVIS default: CLIP's)."""
-    from qformer.data.builders import processor_cfg
-
     for name in cfg.datasets:
         node = processor_cfg(cfg, name, "vis_processor", "train")
         if node is not None:

@@ -37,11 +37,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from qformer.config.errors import ConfigError
+from qformer.core.errors import ConfigError
 from qformer.data.builders import build_builder
+from qformer.data.epoch_rows import epoch_shuffled_dataset
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
 from qformer.data.retrieval import RetrievalSplit
 from qformer.data.shard_set import ShardSet
+from qformer.data.shard_source import shard_dataset
+from qformer.data.stats import start_counter
 from qformer.data.transform import AUG_SEED, TrainTransform, train_batch
 
 
@@ -76,7 +79,7 @@ def train_sources(cfg) -> list[tuple[str, object, list[tuple[str, str]] | ShardS
     return sources
 
 
-_train_sources = train_sources  # older name, used by qformer.evaluate.learning
+_train_sources = train_sources  # older name, used by learning
 
 
 def train_transform(cfg, sources) -> TrainTransform:
@@ -112,13 +115,9 @@ def to_ray_dataset(rows: pd.DataFrame | ShardSet, spec: TrainTransform, cfg, str
     so tasks take hundreds of rows. With run.data.concurrency unset, Ray Data fuses the read into
     the decode task; a concurrency cap keeps them apart (Ray Data does not fuse a capped map), which
     costs one small read task per decode task."""
-    from qformer.data.epoch_rows import epoch_shuffled_dataset
-
     data_cfg = cfg.run.data
     num_cpus = float(data_cfg.num_cpus_per_task)
     if isinstance(rows, ShardSet):
-        from qformer.data.shard_source import shard_dataset
-
         ds = shard_dataset(rows, stream, rows_per_task(data_cfg), (int(cfg.run.seed), stream), plan=plan,
                            stream=name, num_cpus=num_cpus)
     else:
@@ -150,8 +149,6 @@ def _check_ratios(ratios, names: list[str]) -> dict[str, float]:
 def build_train_datasets(cfg, sources=None, plan=None) -> TrainData:
     """Validate annotations (or take `train_sources(cfg)` already read), then return lazy streaming
     datasets (nothing is decoded yet). `plan`: the run's StreamPlan actor (qformer.data.position)."""
-    from qformer.data.stats import start_counter
-
     sources = train_sources(cfg) if sources is None else sources
     spec = train_transform(cfg, sources)
     mean, std = spec.vis_processors[0].mean, spec.vis_processors[0].std

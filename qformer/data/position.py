@@ -151,7 +151,7 @@ class _StreamPlan:
 def create_plan():
     """A small actor owned by the caller (the launcher's driver), so it ends with the job. It lives on the
     driver's node: placed anywhere, it would die with a preempted worker node and take the run with it."""
-    import ray
+    import ray  # lazy: `qformer config` imports this module (builders -> retrieval -> transform) without Ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor = ray.remote(num_cpus=0)(_StreamPlan)
@@ -167,6 +167,6 @@ def read_plan(plan, stream: str) -> StreamPosition:
     """The position the training loop asked for (pass 0, nothing done, without a plan)."""
     if plan is None:
         return StreamPosition()
-    import ray
+    import ray  # lazy: as in create_plan
 
     return StreamPosition.from_dict(ray.get(plan.get.remote(stream)))

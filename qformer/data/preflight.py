@@ -13,9 +13,11 @@ import logging
 import random
 from collections.abc import Iterable
 
-from qformer.config.errors import ConfigError
-from qformer.data.errors import ImageDecodeError
+from qformer.core.errors import ConfigError
+from qformer.core.errors import ImageDecodeError
+from qformer.data.builders import build_builder
 from qformer.data.images import load_rgb
+from qformer.data.shard_check import check_present
 
 log = logging.getLogger("qformer.data")
 SAMPLE_SIZE = 8  # images opened per dataset and split: enough to tell a wrong folder from a few bad files
@@ -43,10 +45,6 @@ def check_images(cfg, splits: Iterable[str], builders: dict | None = None, sampl
     """Raise ConfigError (key datasets.<name>.build_info.images.storage) when a dataset's image folder
     is missing or none of a sample of a split's images opens. `builders`: name -> builder already
     holding its records (so large annotation files are not read twice); others are built here."""
-    from qformer.data.builders import build_builder
-
-    from qformer.data.shard_check import check_present
-
     wanted = set(splits)
     builders = dict(builders or {})
     local_checks = bool(cfg.run.data.get("check_images", True))

@@ -8,6 +8,7 @@ import numpy as np
 
 from qformer.data.images import DEFAULT_MAX_PIXELS
 from qformer.data.processors.image import CLIP_MEAN, CLIP_STD
+from qformer.data.transform import eval_batch
 
 
 @dataclass
@@ -38,8 +39,6 @@ class RetrievalSplit:
 
     def images(self, batch_size: int = 64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Single-process iterator: (indices int64 [b], images uint8 [b,3,S,S]) in index order."""
-        from qformer.data.transform import eval_batch
-
         for start in range(0, len(self.image_paths), batch_size):
             idx = np.arange(start, min(start + batch_size, len(self.image_paths)), dtype=np.int64)
             out = eval_batch(
@@ -50,9 +49,7 @@ class RetrievalSplit:
 
     def ray_dataset(self, batch_size: int = 64, concurrency=None, num_cpus: float = 1.0):
         """A Ray Dataset of rows {"index": int64, "image": uint8 [3,S,S]} (order not guaranteed)."""
-        import ray.data
-
-        from qformer.data.transform import eval_batch
+        import ray.data  # lazy: `qformer config` imports this module (the builders do) and must not import Ray
 
         n_blocks = max(1, min(len(self.image_paths) // max(batch_size, 1), 200))
         ds = ray.data.from_items(

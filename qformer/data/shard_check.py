@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import random
+import tarfile
 from dataclasses import dataclass, field
 
-from qformer.config.errors import ConfigError
-from qformer.data.shard_set import ShardSet
+import pyarrow.parquet as pq
+
+from qformer.core.errors import ConfigError
+from qformer.data.shard_set import WDS_IMAGE_EXTS, ShardSet
 from qformer.data.storage import filesystem, missing
 
 SAMPLE_SHARDS = 8
@@ -51,8 +54,6 @@ def _metadata_count(shards: ShardSet, path: str) -> int | None:
     fs, inner = filesystem(path, shards.endpoint)
     try:
         if shards.format == "parquet":
-            import pyarrow.parquet as pq
-
             with fs.open_input_file(inner) as f:
                 return int(pq.ParquetFile(f).metadata.num_rows)
         if shards.format == "wds":
@@ -67,10 +68,6 @@ def _metadata_count(shards: ShardSet, path: str) -> int | None:
 def _read_count(shards: ShardSet, path: str, problems: list[str]) -> int:
     """Samples in one shard without Ray (Ray Data's readers need a running Ray: they put their paths in the
     object store): WebDataset keys with an image member, or manifest rows."""
-    import tarfile
-
-    from qformer.data.shard_set import WDS_IMAGE_EXTS
-
     fs, inner = filesystem(path, shards.endpoint)
     keys: set[str] = set()
     try:

@@ -23,11 +23,18 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from ray.data._internal.datasource.csv_datasource import CSVDatasource
+from ray.data._internal.datasource.json_datasource import ArrowJSONDatasource
+from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from qformer.data.position import ROW, UNIT, UNIT_ROWS, decode_unit, encode_unit, read_plan
 from qformer.data.shard_set import WDS_IMAGE_EXTS, ShardSet
+from qformer.data.stats import record_skipped
+from qformer.data.storage import filesystem, join
 
 ROW_SCHEMA = pa.schema([("path", pa.string()), ("data", pa.binary()), ("caption", pa.string()),
                         ("source", pa.int64()), (UNIT, pa.int64()), (ROW, pa.int64()), (UNIT_ROWS, pa.int64()),
@@ -73,8 +80,6 @@ class ShardStream(Datasource):
 def shard_dataset(shards: ShardSet, source: int, rows_per_chunk: int, seed: tuple[int, ...], *, plan=None,
                   stream: str | None = None, num_cpus: float | None = None):
     """The shards as a Ray Dataset of (path, data, caption, source, unit, unit_rows, aug_seed) rows."""
-    import ray.data
-
     kwargs = {"num_cpus": float(num_cpus)} if num_cpus is not None else {}
     return ray.data.read_datasource(ShardStream(shards, source, rows_per_chunk, seed, plan, stream),
                                     override_num_blocks=1, **kwargs)  # see epoch_rows: no block splits
@@ -83,8 +88,6 @@ def shard_dataset(shards: ShardSet, source: int, rows_per_chunk: int, seed: tupl
 # ---- inside a read task ------------------------------------------------------------------------------
 def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chunk: int, seed: tuple[int, ...],
                done_chunks: frozenset, trained: dict[int, frozenset] | None = None) -> Iterator[pa.Table]:
-    from qformer.data.stats import record_skipped
-
     skipped: list[str] = []
     records = list(read_records(shards, path, skipped))
     record_skipped(skipped)
@@ -117,28 +120,16 @@ def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chu
 
 def _ray_source(shards: ShardSet, path: str):
     """Ray Data's own reader for one shard."""
-    from qformer.data.storage import filesystem
-
     fs, inner = filesystem(path, shards.endpoint)
     if shards.format == "wds":
-        from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
-
         return WebDatasetDatasource([inner], decoder=None, filesystem=fs)
     if shards.format == "jsonl":
-        from ray.data._internal.datasource.json_datasource import ArrowJSONDatasource
-
         return ArrowJSONDatasource([inner], filesystem=fs, partitioning=None)
-    from ray.data._internal.datasource.csv_datasource import CSVDatasource
-
     return CSVDatasource([inner], filesystem=fs, partitioning=None)
 
 
 def _parquet_batches(shards: ShardSet, path: str) -> Iterator[pa.RecordBatch]:
     """pyarrow's reader, which Ray's uses too (Ray's also samples every file to estimate its size in memory)."""
-    import pyarrow.parquet as pq
-
-    from qformer.data.storage import filesystem
-
     fs, inner = filesystem(path, shards.endpoint)
     with fs.open_input_file(inner) as f:
         yield from pq.ParquetFile(f).iter_batches(batch_size=1024)
@@ -175,8 +166,6 @@ def _text(value) -> str | None:
 
 
 def _normalise(df, shards: ShardSet, path: str, skipped: list[str]) -> pa.Table:
-    from qformer.data.storage import join
-
     paths, datas, captions = [], [], []
     fmt, text_key, image_key = shards.format, shards.text_key, shards.image_key
     root = shards.image_root

@@ -6,6 +6,8 @@ calls `skipped_count()` at log steps (cheap: one actor call) and logs it as `ski
 Without Ray, or before any image was skipped, there is no actor and the count is 0.
 One counter per Ray job: concurrent runs in the same job (Tune trials) share it. The job's driver owns
 it, so it ends with the job (a detached counter outlived every eval and failed job on a long-lived head).
+Ray is imported inside the functions: the decode transform imports this module, and `qformer config`
+imports the transform (builders -> retrieval) without Ray.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ _owned = None  # the handle that keeps the counter this process created alive
 
 
 def _actor_class():
-    import ray
+    import ray  # lazy: see the module docstring
 
     @ray.remote(num_cpus=0)
     class SkippedCounter:
@@ -45,7 +47,7 @@ def _actor_class():
 
 
 def _get_actor(create: bool):
-    import ray
+    import ray  # lazy: see the module docstring
 
     if not ray.is_initialized():
         return None
@@ -74,7 +76,7 @@ def start_counter():
     _local_count = 0
     actor = _get_actor(create=True)
     if actor is not None:
-        import ray
+        import ray  # lazy: see the module docstring
 
         ray.get(actor.reset.remote())
     return actor
@@ -90,7 +92,7 @@ def record_skipped(reasons: list[str]) -> None:
     _local_count += len(reasons)
     actor = _get_actor(create=True)
     if actor is not None:
-        import ray
+        import ray  # lazy: see the module docstring
 
         # wait for it (skips are rare): the count is exact by the time the batch is consumed
         ray.get(actor.add.remote(len(reasons), reasons))
@@ -98,7 +100,7 @@ def record_skipped(reasons: list[str]) -> None:
 
 def skipped_count() -> int:
     """Images skipped so far in this Ray job (0 when none, or without Ray: this process's count)."""
-    import ray
+    import ray  # lazy: see the module docstring
 
     actor = _get_actor(create=False)
     if actor is None:
@@ -108,7 +110,7 @@ def skipped_count() -> int:
 
 def recent_skipped() -> list[str]:
     """The last (up to 20) 'path: reason' messages, for logs and the data check."""
-    import ray
+    import ray  # lazy: see the module docstring
 
     actor = _get_actor(create=False)
     return [] if actor is None else list(ray.get(actor.recent.remote()))
@@ -120,6 +122,6 @@ def reset_skipped() -> None:
     _local_count = 0
     actor = _get_actor(create=False)
     if actor is not None:
-        import ray
+        import ray  # lazy: see the module docstring
 
         ray.get(actor.reset.remote())

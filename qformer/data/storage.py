@@ -9,6 +9,9 @@ Shard specs as users write them (img2dataset, LAVIS's laion builder):
 - a brace pattern: `laion/{00000..01023}.tar` (zero padding kept), `{a,b}` alternatives;
 - a glob: `cc3m/*.parquet` (listed, sorted);
 - a list of any of these.
+
+pyarrow is imported inside the functions: `qformer config` imports this module (through the builders)
+and need not pay for pyarrow.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def join(root: str, relative: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _s3(endpoint: str | None):
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: see the module docstring
 
     if not endpoint:
         return pafs.S3FileSystem()
@@ -52,7 +55,7 @@ def _s3(endpoint: str | None):
 
 def filesystem(target: str, endpoint: str | None = None):
     """(pyarrow FileSystem, path inside it) for a local path or a URI."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: see the module docstring
 
     target = str(target)
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -99,7 +102,7 @@ def _split_uri(target: str) -> tuple[str, str]:
 
 
 def _glob(pattern: str, endpoint: str | None) -> list[str]:
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: see the module docstring
 
     prefix, path = _split_uri(pattern)
     parts = path.split("/")
@@ -135,7 +138,7 @@ def expand(spec: str | Iterable[str], endpoint: str | None = None) -> list[str]:
 
 def missing(paths: list[str], endpoint: str | None = None) -> list[str]:
     """The entries of `paths` that are not files. One listing per folder, not one request per shard."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: see the module docstring
 
     by_dir: dict[str, list[str]] = {}
     for p in paths:

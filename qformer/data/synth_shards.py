@@ -17,7 +17,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from qformer.data.storage import filesystem
 from qformer.data.synth import captions, render, sample_scene
 
 FORMAT_SUFFIX = {"wds": "tar", "parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
@@ -61,9 +64,6 @@ def _write_wds(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
 
 
 def _write_parquet(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     keys, jpgs, caps = zip(*samples)
     pq.write_table(pa.table({"key": list(keys), "caption": list(caps), "jpg": pa.array(jpgs, pa.binary())}), path)
 
@@ -96,8 +96,6 @@ _WRITERS = {"wds": _write_wds, "parquet": _write_parquet, "jsonl": _write_jsonl,
 
 def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> int:
     """Copy every file under `local` to `uri` (s3://bucket/prefix); returns the number of files."""
-    from qformer.data.storage import filesystem
-
     fs, base = filesystem(uri, endpoint)
     n = 0
     for file in sorted(Path(local).rglob("*")):

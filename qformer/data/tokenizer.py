@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from qformer.core.errors import ConfigError
+
 
 def resolve_bert_model(name: str) -> str:
     """`pkg:<module>` -> the module's `get_model_path()`; anything else unchanged."""
@@ -21,8 +23,6 @@ def resolve_bert_model(name: str) -> str:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        from qformer.config.errors import ConfigError
-
         raise ConfigError(f"cannot import package '{module_name}' ({err})", "model.bert_model") from None
     return str(module.get_model_path())
 
@@ -30,7 +30,7 @@ def resolve_bert_model(name: str) -> str:
 @lru_cache(maxsize=4)
 def load_tokenizer(bert_model: str):
     """Cached per process: Ray reuses worker processes, so each loads the vocabulary once."""
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer  # lazy: `qformer config` imports this module (via the builders); ~0.7 s
 
     tokenizer = BertTokenizer.from_pretrained(resolve_bert_model(bert_model))
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})

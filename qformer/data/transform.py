@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qformer.data.errors import ImageDecodeError
+from qformer.core.errors import ImageDecodeError
 from qformer.data.images import DEFAULT_MAX_PIXELS, load_rgb
 from qformer.data.position import ROW, UNIT, UNIT_ROWS
 from qformer.data.stats import record_skipped

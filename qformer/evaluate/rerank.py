@@ -79,7 +79,7 @@ def itm_rerank(
 
     sims: coarse similarities [N_img, N_txt] (all images and texts, as every shard sees them).
     The scorer gets pairs sorted by image, in batches of at most `batch_size`.
-    `progress(total_pairs)`: makes a qformer.progress.Progress-like object, updated per scored batch.
+    `progress(total_pairs)`: makes a qformer.core.progress.Progress-like object, updated per scored batch.
     """
     if k_test < 1:
         raise ValueError(f"run.k_test must be >= 1, got {k_test}")

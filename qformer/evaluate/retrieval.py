@@ -24,7 +24,11 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from qformer.core.progress import Progress
+from qformer.data.normalize import normalize_uint8
+from qformer.data.transform import eval_batch
 from qformer.evaluate.distributed import gather_entries, gather_shards, resolve_rank_world, shard_range
 from qformer.evaluate.metrics import retrieval_metrics
 from qformer.evaluate.rerank import coarse_similarity, itm_rerank
@@ -67,8 +71,6 @@ class ScoreMatrices:
 def _image_batches(split: Any, rows: range, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(rows read, indices, eval-processed uint8 [b,3,S,S]) for split rows `rows`; undecodable images are
     absent from the indices."""
-    from qformer.data.transform import eval_batch
-
     paths = split.image_paths
     for lo in range(rows.start, rows.stop, batch_size):
         hi = min(rows.stop, lo + batch_size)
@@ -103,11 +105,8 @@ def compute_score_matrices(
 ) -> ScoreMatrices:
     """LAVIS's compute_sim_matrix: ITC sims + ITM re-rank of the top k_test, on every rank.
 
-    Rank 0 shows the progress of each stage (texts, images, ITM pairs) under `label` (qformer.progress).
+    Rank 0 shows the progress of each stage (texts, images, ITM pairs) under `label` (qformer.core.progress).
     """
-    from qformer.data.normalize import normalize_uint8
-    from qformer.progress import Progress
-
     rank, world_size = resolve_rank_world(rank, world_size)
     device = torch.device(device)
     core = getattr(model, "module", model)  # DDP-wrapped in the training loop
@@ -214,8 +213,6 @@ def _stack_rows(rows: list[torch.Tensor | None], device: torch.device) -> torch.
 
 
 def _agree_on_shape(shape: torch.Size | None, device: torch.device) -> tuple[int, ...]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         if shape is None:
             raise ValueError("nothing to encode: no image of the eval split could be decoded")

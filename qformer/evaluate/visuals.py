@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from qformer.data.images import load_rgb
+from qformer.data.normalize import normalize_uint8
+from qformer.evaluate.attention_grid import render_attention_grid
+from qformer.evaluate.gallery import build_gallery, render_gallery
+from qformer.evaluate.retrieval import CLIP_MEAN, CLIP_STD
+from qformer.models.attention_maps import patch_grid, query_cross_attention
 
 log = logging.getLogger("qformer.evaluate.visuals")
 
@@ -34,9 +42,6 @@ def write_visuals(model: torch.nn.Module, split: Any, scores: Any, out_dir: str 
                   seed: int = 0, autocast_dtype: torch.dtype | None = None) -> list[Path]:
     """Render the gallery and the attention grid of `split` (a RetrievalSplit) into `out_dir`; returns the files.
     `autocast_dtype`: the evaluation's (the attention pass runs in the same precision)."""
-    from qformer.data.images import load_rgb
-    from qformer.evaluate.gallery import build_gallery, render_gallery
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     max_pixels = getattr(split, "max_pixels", None)
@@ -55,12 +60,6 @@ def write_visuals(model: torch.nn.Module, split: Any, scores: Any, out_dir: str 
 
 def _write_attention(model: torch.nn.Module, split: Any, rows: list[int], target: Path,
                      device: torch.device | str, split_name: str, autocast_dtype: torch.dtype | None) -> Path:
-    from qformer.data.images import load_rgb
-    from qformer.data.normalize import normalize_uint8
-    from qformer.evaluate.attention_grid import render_attention_grid
-    from qformer.evaluate.retrieval import CLIP_MEAN, CLIP_STD
-    from qformer.models.attention_maps import patch_grid, query_cross_attention
-
     paths = [split.image_paths[i] for i in rows]
     images = np.stack([split.vis_processor(load_rgb(p, getattr(split, "max_pixels", None))) for p in paths])
     pixels = normalize_uint8(torch.as_tensor(images).to(device), getattr(split, "mean", CLIP_MEAN),
@@ -88,8 +87,6 @@ def log_eval_visuals(tracker: Any, model: torch.nn.Module, split: Any, scores: A
                      label: str | None, device: torch.device | str, autocast_dtype: torch.dtype | None = None
                      ) -> list[str]:
     """write_visuals + log_visuals through a temporary folder; a warning (and []) on any failure."""
-    import tempfile
-
     try:
         with tempfile.TemporaryDirectory(prefix="qformer-visuals-") as tmp:
             write_visuals(model, split, scores, tmp, device=device, split_name=split_name,
@@ -98,21 +95,3 @@ def log_eval_visuals(tracker: Any, model: torch.nn.Module, split: Any, scores: A
     except Exception as err:  # pictures are a view on the run, not part of it
         log.warning("retrieval gallery / attention maps for '%s' not logged: %s", split_name, err)
         return []
-
-
-def visual_artifacts(uri: str, run_id: str) -> list[str]:
-    """Artifact paths of a run's galleries and attention grids (under visuals/), in logging order of steps."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    found: list[str] = []
-
-    def walk(path: str) -> None:
-        for item in client.list_artifacts(run_id, path):
-            if item.is_dir:
-                walk(item.path)
-            elif item.path.endswith(".png"):
-                found.append(item.path)
-
-    walk(ARTIFACT_ROOT)
-    return sorted(found)

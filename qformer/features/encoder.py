@@ -11,6 +11,12 @@ import hashlib
 from typing import Any
 
 import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from qformer.core.seeding import setup_seeds
+from qformer.data.normalize import image_mean_std, normalize_uint8
+from qformer.models import build_model
 
 
 def vit_fingerprint(module: Any, sample: int = 4096) -> str:
@@ -19,8 +25,6 @@ def vit_fingerprint(module: Any, sample: int = 4096) -> str:
     Rounding to fp16 makes a CUDA fp16-converted ViT and its fp32 original agree; sampling keeps
     hashing a 1B-parameter ViT-g fast.
     """
-    import torch
-
     h = hashlib.sha1()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -35,13 +39,6 @@ class ModelEncoder:
     """Callable uint8 [B,3,S,S] (NumPy) -> fp32 NumPy [B,N,D]: normalise, then `model.vit_features`."""
 
     def __init__(self, cfg_container: dict, device: str | None = None):
-        import torch
-        from omegaconf import OmegaConf
-
-        from qformer.data.normalize import image_mean_std
-        from qformer.models import build_model
-        from qformer.seeding import setup_seeds
-
         cfg = OmegaConf.create(cfg_container)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         setup_seeds(int(cfg.run.seed), 0)  # as training's rank 0 before build_model
@@ -53,10 +50,6 @@ class ModelEncoder:
         self.amp_dtype = torch.bfloat16 if str(cfg.run.get("amp_dtype", "auto")) == "bf16" else torch.float16
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        import torch
-
-        from qformer.data.normalize import normalize_uint8
-
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
         x = normalize_uint8(x, self.mean, self.std)
         with torch.inference_mode(), torch.autocast("cuda", self.amp_dtype, enabled=self.autocast):
@@ -68,8 +61,6 @@ class EncoderFactory:
     """Picklable zero-argument factory handed to Ray (the config travels as a plain dict)."""
 
     def __init__(self, cfg: Any):
-        from omegaconf import OmegaConf
-
         self.cfg_container = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
 
     def __call__(self) -> ModelEncoder:

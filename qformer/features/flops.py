@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qformer.models.flops import QFormerDims
+
 
 @dataclass(frozen=True)
 class VitDims:
@@ -24,21 +26,9 @@ class VitDims:
         return (self.image_size // self.patch) ** 2 + int(self.cls_token)
 
 
-@dataclass(frozen=True)
-class QFormerDims:
-    hidden: int = 768
-    layers: int = 12
-    intermediate: int = 3072
-    cross_attention_freq: int = 2
-    queries: int = 32
-    text_len: int = 32
-    vocab: int = 30523
-    embed_dim: int = 256
-
-
 EVA_VIT_G = VitDims()                                                    # spec §3.3
 VIT_B_16 = VitDims(image_size=224, patch=16, width=768, depth=12, mlp=3072)
-BERT_BASE_QFORMER = QFormerDims()                                        # spec §3.4
+BERT_BASE_QFORMER = QFormerDims()  # spec §3.4 (its image_tokens/image_width: EVA_VIT_G's, unread here)
 
 
 def _self_attn(n: int, m: int, d: int) -> int:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from qformer.core.errors import ConfigError
+from qformer.features.encoder import vit_fingerprint
+from qformer.features.reader import open_cache
+
 
 def check_model(model: Any, cfg: Any) -> None:
     """Raise ConfigError (key run.vision_cache) unless model.visual_encoder matches the cache."""
-    from qformer.config.errors import ConfigError
-    from qformer.features.encoder import vit_fingerprint
-    from qformer.features.reader import open_cache
-
     cache_dir, manifest = open_cache(cfg)
     expected = manifest.get("vit_fingerprint")
     if not expected:

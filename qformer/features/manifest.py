@@ -10,6 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from qformer.core.errors import ConfigError
+from qformer.data.builders import processor_cfg
 from qformer.features.store import FORMAT_VERSION, MANIFEST
 
 # cfg.model keys that determine the ViT output.
@@ -20,13 +24,8 @@ TEXT_KEYS = ("bert_model", "max_txt_len")
 
 def _plain(value: Any) -> Any:
     """OmegaConf nodes -> JSON-comparable plain values (tuples become lists)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
@@ -43,8 +42,6 @@ def cache_settings(cfg: Any, sources: list[str] | None = None) -> dict[str, Any]
     Processor settings are the effective ones (a dataset's own, else the model's `preprocess`),
     keyed by the dataset, because that is what the writer ran.
     """
-    from qformer.data.builders import processor_cfg
-
     out: dict[str, Any] = {}
     for key in VISION_KEYS + TEXT_KEYS:
         out[f"model.{key}"] = _plain(_get(cfg.model, key))
@@ -80,8 +77,6 @@ def write_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    from qformer.config.errors import ConfigError
-
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
         raise ConfigError(f"{cache_dir} is not a feature cache (no {MANIFEST}); create one with "
@@ -111,8 +106,6 @@ def stored_sources(manifest: dict[str, Any]) -> list[str]:
 
 def check_compatible(manifest: dict[str, Any], cfg: Any, cache_dir: str | Path) -> None:
     """Raise ConfigError (naming run.vision_cache and every differing key) unless cfg may use the cache."""
-    from qformer.config.errors import ConfigError
-
     diff = mismatches(manifest, cfg)
     if diff:
         lines = "; ".join(f"{k}: cache has {a!r}, config has {b!r}" for k, (a, b) in diff.items())

@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.data
 
+from qformer.config.batch_plan import worker_range
+from qformer.core.errors import ConfigError
+from qformer.data.epoch_rows import epoch_shuffled_dataset
+from qformer.data.pipeline import TrainData
+from qformer.data.position import ROW, UNIT, UNIT_ROWS
 from qformer.features import store
 from qformer.features.manifest import check_compatible, read_manifest
-from qformer.data.position import ROW, UNIT, UNIT_ROWS
 from qformer.features.views import train_view_for
-from qformer.train.elastic import worker_range
 
 MAX_BLOCKS = 1000  # read tasks per epoch at most: few enough to plan cheaply (each costs Ray tens of ms)
 
@@ -58,8 +62,6 @@ def _as_2d(column: Any, dtype) -> np.ndarray:
 
 def open_cache(cfg: Any) -> tuple[Path, dict[str, Any]]:
     """The cache directory named by run.vision_cache and its manifest, after the compatibility check."""
-    from qformer.config.errors import ConfigError
-
     value = cfg.run.vision_cache
     if not value:
         raise ConfigError("is not set; it must name a directory made by `qformer cache-features`",
@@ -88,8 +90,6 @@ def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str,
     Shuffling as the image pipeline does it: every epoch a new full permutation of the records
     (qformer.data.epoch_rows), seeded by `seed`, read in blocks of at least `batch_size` rows.
     """
-    from qformer.data.epoch_rows import epoch_shuffled_dataset
-
     if view is not None and not 0 <= view < manifest["views"]:
         raise ValueError(f"view {view} out of range: the cache holds {manifest['views']} views")
     table = store.read_records(cache_dir, source)
@@ -103,8 +103,6 @@ def source_dataset(cache_dir: str | Path, manifest: dict[str, Any], source: str,
 
 
 def _pool(actors: int | tuple[int, int]):
-    import ray.data
-
     if isinstance(actors, int):
         return ray.data.ActorPoolStrategy(size=actors)
     return ray.data.ActorPoolStrategy(min_size=int(actors[0]), max_size=int(actors[1]))
@@ -123,9 +121,6 @@ def dataset(cfg: Any, epoch: int | None = None, view: int | None = None, plan=No
 
     Refuses a cache whose manifest differs from cfg (ConfigError naming run.vision_cache and the keys).
     """
-    from qformer.config.errors import ConfigError
-    from qformer.data.pipeline import TrainData
-
     cache_dir, manifest = open_cache(cfg)
     sources = train_sources(cfg)
     missing = [s for s in sources if s not in manifest["sources"]]

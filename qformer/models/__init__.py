@@ -3,16 +3,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from qformer.core.errors import ConfigError
+from qformer.core.registry import get_model_class
 from qformer.models.blip2_qformer import Blip2Output, Blip2Qformer
-from qformer.registry import get_model_class
 
 
 def build_model(model_cfg: Mapping[str, Any]):
     """`model.arch` -> registered class -> `from_config(model_cfg)`."""
     arch = model_cfg.get("arch") if hasattr(model_cfg, "get") else None
     if not arch:
-        from qformer.config.errors import ConfigError
-
         raise ConfigError("model.arch is required")
     return get_model_class(str(arch)).from_config(model_cfg)
 

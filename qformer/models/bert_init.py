@@ -10,8 +10,13 @@ import importlib
 import logging
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import BertTokenizer
 
+from qformer.models.checkpoint_io import torch_load
 from qformer.models.qformer_bert import BertLMHeadModel
 
 log = logging.getLogger(__name__)
@@ -40,9 +45,6 @@ def resolve_bert_dir(bert_model: str) -> Path:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
     try:
         config = Path(hf_hub_download(repo_id, "config.json"))
         hf_hub_download(repo_id, "vocab.txt")
@@ -67,10 +69,8 @@ def read_bert_state_dict(bert_dir: Path) -> dict[str, torch.Tensor]:
         file = bert_dir / name
         if file.exists():
             if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(file))
-            return torch.load(file, map_location="cpu", weights_only=True)
+                return safetensors.torch.load_file(str(file))
+            return torch_load(file)
     raise ValueError(f"no BERT weights ({' or '.join(_WEIGHT_FILES)}) in {bert_dir}")
 
 
@@ -122,8 +122,6 @@ def copy_query_ffn_from_text(qformer: BertLMHeadModel) -> int:
 
 def load_tokenizer(bert_dir: Path):
     """BertTokenizer (right truncation) + `[DEC]` as bos token; len == vocab + 1."""
-    from transformers import BertTokenizer
-
     tokenizer = BertTokenizer.from_pretrained(str(bert_dir), truncation_side="right")
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
     return tokenizer

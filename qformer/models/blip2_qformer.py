@@ -25,12 +25,13 @@ from qformer.models.bert_init import (
 from qformer.models.checkpoint_io import load_model_checkpoint
 from qformer.models.gather import dist_rank_world
 from qformer.models.losses import ITCLoss, ITMLoss, ItmImages, lm_inputs
-from qformer.models.qformer_bert import BertLMHeadModel, CrossKV
+from qformer.models.qformer_bert import BertLMHeadModel
 from qformer.models.qformer_config import QFormerConfig
+from qformer.models.qformer_layers import CrossKV
 from qformer.models.vision import build_vision_encoder, load_vision_weights
 from qformer.models.vision.build import maybe_fp16
 from qformer.models.vision.clip_vit import LayerNorm as FP32LayerNorm
-from qformer.registry import register_model
+from qformer.core.registry import register_model
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Blip2Qformer(nn.Module):
         _checkpoint_source(cfg)  # fail on an empty pretrained/finetuned before building anything
         vit_kwargs = _cfg(cfg, "vit_kwargs", {})
         if vit_kwargs is not None and not isinstance(vit_kwargs, dict):
-            from omegaconf import OmegaConf
+            from omegaconf import OmegaConf  # lazy: the model builds without omegaconf (bench device's bare GPU box)
 
             vit_kwargs = OmegaConf.to_container(vit_kwargs, resolve=True)
         model = cls(

@@ -11,17 +11,52 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def read_checkpoint(source: str | Path) -> dict[str, Any]:
+CKPT_FILE = "checkpoint.pth"  # ours, inside a checkpoint directory (LAVIS's layout in the file)
+
+
+def resolve_file(path: str | Path) -> Path:
+    """A checkpoint file, or a directory holding checkpoint.pth (ours) or exactly one *.pth (LAVIS's)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / CKPT_FILE).is_file():
+            return path / CKPT_FILE
+        candidates = sorted(path.glob("*.pth"))
+        if len(candidates) == 1:
+            return candidates[0]
+        raise FileNotFoundError(f"checkpoint directory {path} has no {CKPT_FILE} and {len(candidates)} *.pth files")
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+
+
+def torch_load(file: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """The one way this package reads a torch file: torch.load(weights_only=True), so a pickle with
+    arbitrary objects is refused rather than executed (checkpoints, LAVIS's files and ViT/BERT weights
+    are tensors and plain values). mmap=True maps the tensors instead of reading them (zip format only:
+    a legacy file is read whole)."""
+    if mmap:
+        try:
+            return torch.load(file, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+    return torch.load(file, map_location=map_location, weights_only=True)
+
+
+def read_checkpoint(source: str | Path, mmap: bool = False) -> Any:
+    """A checkpoint from a file, a checkpoint directory, or an http(s) URL (fetched once into torch.hub's
+    cache). ValueError names the source when it is missing or cannot be read."""
     source = str(source)
     if source.startswith(("http://", "https://")):
-        return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=False)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise ValueError(f"checkpoint not found: {source}")
+        return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=True)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        file = resolve_file(source)
+    except FileNotFoundError as err:
+        raise ValueError(f"checkpoint not found: {err}") from None
+    try:
+        return torch_load(file, mmap=mmap)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {source}: {err}") from err
+        raise ValueError(f"cannot read checkpoint {file} with torch.load(weights_only=True): {err}") from err
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], where: str = "checkpoint") -> dict[str, torch.Tensor]:

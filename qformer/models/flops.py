@@ -13,18 +13,26 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from qformer.models.blip2_qformer import vit_num_layers
 
-@dataclass
+
+@dataclass(frozen=True)
 class QFormerDims:
-    hidden: int
-    intermediate: int
-    layers: int
-    cross_attention_freq: int
-    vocab: int
-    queries: int
-    image_tokens: int
-    image_width: int
-    embed_dim: int
+    """The sizes the FLOP counts read: the Q-Former's own, the image tokens its cross-attention reads
+    (`image_tokens` of width `image_width`) and the caption width `text_len`. Defaults: the BERT-base
+    Q-Former of BLIP-2 over EVA ViT-g/14 at 224 px (257 tokens, width 1408), max_txt_len 32.
+    Shared with qformer.features.flops, whose functions take the image sizes from a VitDims instead."""
+
+    hidden: int = 768
+    intermediate: int = 3072
+    layers: int = 12
+    cross_attention_freq: int = 2
+    vocab: int = 30523
+    queries: int = 32
+    image_tokens: int = 257
+    image_width: int = 1408
+    embed_dim: int = 256
+    text_len: int = 32
 
 
 def _layer(d: QFormerDims, tq: int, tt: int, prefix: int = 0, cross: bool = False, image_kv: bool = True,
@@ -88,15 +96,13 @@ def vit_forward_flops(encoder: nn.Module, image_size: int) -> float:
 
 
 def _num_blocks(encoder: nn.Module) -> int:
-    from qformer.models.blip2_qformer import vit_num_layers
-
     blocks = vit_num_layers(encoder)
     if not blocks:
         raise ValueError(f"cannot find the transformer blocks of {type(encoder).__name__}")
     return blocks
 
 
-def model_dims(model, image_size: int) -> QFormerDims:
+def model_dims(model, image_size: int, text_len: int = QFormerDims.text_len) -> QFormerDims:
     c = model.Qformer.config
     vit = model.visual_encoder
     conv = next(m for m in vit.modules() if isinstance(m, nn.Conv2d))
@@ -104,13 +110,13 @@ def model_dims(model, image_size: int) -> QFormerDims:
         hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers,
         cross_attention_freq=c.cross_attention_freq, vocab=c.vocab_size, queries=model.query_tokens.shape[1],
         image_tokens=(image_size // conv.kernel_size[0]) ** 2 + 1, image_width=vit.num_features,
-        embed_dim=model.vision_proj.out_features,
+        embed_dim=model.vision_proj.out_features, text_len=text_len,
     )
 
 
 def train_flops_per_sample(model, image_size: int, text_len: int, lm_targets: float, world_size: int = 1) -> dict:
     """{"qformer_forward": {...}, "vit_forward", "total"} with total = 3 x Q-Former fwd + ViT fwd."""
-    dims = model_dims(model, image_size)
+    dims = model_dims(model, image_size, text_len)
     kv_rows = 3 if not getattr(model, "reuse_itm_kv", False) else (0 if world_size == 1 else 1)
     qf = qformer_forward_flops(dims, text_len, lm_targets, kv_rows)
     vit = vit_forward_flops(model.visual_encoder, image_size)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from qformer.models.vision.eva_vit import EvaVisionTransformer
+
 log = logging.getLogger(__name__)
 
 # (ours, hf) regex pairs for the Q-Former; applied to names with the "Qformer.bert." / "qformer." prefix removed
@@ -148,7 +150,7 @@ def from_hf_retrieval(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def hf_qformer_config(model):
     """`Blip2QFormerConfig` equivalent to `model.Qformer` (transformers imported lazily)."""
-    from transformers import Blip2QFormerConfig
+    from transformers import Blip2QFormerConfig  # lazy: transformers' BLIP-2 classes take seconds; export only
 
     c = model.Qformer.config
     return Blip2QFormerConfig(
@@ -172,9 +174,7 @@ def hf_qformer_config(model):
 
 def hf_retrieval_config(model):
     """`Blip2Config` for `Blip2ForImageTextRetrieval`; only an EVA-style encoder maps onto HF's vision model."""
-    from transformers import Blip2Config, Blip2VisionConfig
-
-    from qformer.models.vision.eva_vit import EvaVisionTransformer
+    from transformers import Blip2Config, Blip2VisionConfig  # lazy: as in hf_qformer_config
 
     vit = model.visual_encoder
     if not isinstance(vit, EvaVisionTransformer):
@@ -206,7 +206,7 @@ def hf_retrieval_config(model):
 
 def export_hf(model, out_dir: str | Path, qformer_only: bool = False) -> Path:
     """Write a directory `from_pretrained` loads: Blip2ForImageTextRetrieval (EVA) or Blip2QFormerModel."""
-    from transformers import Blip2ForImageTextRetrieval, Blip2QFormerModel
+    from transformers import Blip2ForImageTextRetrieval, Blip2QFormerModel  # lazy: as in hf_qformer_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

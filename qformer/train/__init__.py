@@ -1,4 +1,4 @@
-"""Training: optimiser + LR schedules, the per-micro-batch step, the Ray Train worker loop and launcher.
-
-Import submodules directly (`qformer.train.launcher`, `qformer.train.step`); this package stays light.
+"""Training on one worker: the train step, optimiser, LR schedules, AMP, checkpoints, resume, preemption, and
+the loop that calls them (`worker.train_loop_per_worker` is Ray Train's entry point; `qformer.jobs.train_job`
+launches it). Import submodules directly; this package stays light.
 """

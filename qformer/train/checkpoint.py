@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from qformer.train.errors import CheckpointError
+from qformer.core.errors import CheckpointError
+from qformer.models.checkpoint_io import CKPT_FILE, resolve_file, torch_load
 
-CKPT_FILE = "checkpoint.pth"
 META_FILE = "meta.json"
-META_KEYS = ("epoch", "step", "iters_in_epoch", "epoch_complete", "mlflow_run_id")
+META_KEYS = ("epoch", "step", "iters_in_epoch", "epoch_complete", "mlflow_run_id", "metrics")
 CONFIG_SECTIONS = ("model", "datasets")
 
 
@@ -47,7 +47,8 @@ class ResumePoint:
 
 def build_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                 scaler: torch.amp.GradScaler | None, config: dict, *, epoch: int, step: int, iters_in_epoch: int,
-                epoch_complete: bool, mlflow_run_id: str | None, data_position: dict | None = None) -> dict:
+                epoch_complete: bool, mlflow_run_id: str | None, data_position: dict | None = None,
+                metrics: dict | None = None) -> dict:
     trainable = getattr(model, "checkpoint_state_dict", None)
     model_state = trainable() if callable(trainable) else {
         k: v for k, v in model.state_dict().items() if k not in _frozen_param_names(model)}
@@ -64,6 +65,7 @@ def build_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
         "epoch_complete": bool(epoch_complete),
         "mlflow_run_id": mlflow_run_id,
         "data_position": data_position or {},  # per stream: qformer.data.position.StreamPosition.to_dict()
+        "metrics": dict(metrics or {}),  # what was reported with it (a finished run reports them again)
     }
 
 
@@ -126,21 +128,6 @@ def incomplete(directory: str | Path) -> str | None:
     return None
 
 
-def resolve_file(path: str | Path) -> Path:
-    """A checkpoint file, or a directory holding checkpoint.pth (ours) or exactly one *.pth (LAVIS's)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / CKPT_FILE).is_file():
-            return path / CKPT_FILE
-        candidates = sorted(path.glob("*.pth"))
-        if len(candidates) == 1:
-            return candidates[0]
-        raise FileNotFoundError(f"checkpoint directory {path} has no {CKPT_FILE} and {len(candidates)} *.pth files")
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-
-
 def check_readable(path: str | Path) -> Path:
     """On the driver, before anything heavy starts: `path` exists and holds a torch state dict (ours,
     LAVIS's {"model": ...} or a bare one). Memory-mapped, so a large file is not read. CheckpointError
@@ -150,7 +137,7 @@ def check_readable(path: str | Path) -> Path:
     except FileNotFoundError as err:
         raise CheckpointError(str(err)) from None
     try:
-        state = _torch_load(file, "cpu", mmap=True)
+        state = torch_load(file, "cpu", mmap=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {file} cannot be read as a torch checkpoint: {first[:200]}") from None
@@ -161,22 +148,10 @@ def check_readable(path: str | Path) -> Path:
     return file
 
 
-def _torch_load(file: Path, map_location: str | torch.device, mmap: bool) -> Any:
-    """torch.load(weights_only=True); mmap=True maps the tensors instead of reading them (zip format
-    only: a legacy file is read whole)."""
-    if mmap:
-        try:
-            return torch.load(file, map_location=map_location, weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-    return torch.load(file, map_location=map_location, weights_only=True)
-
-
 def load_file(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     file = resolve_file(path)
     try:
-        state = _torch_load(file, map_location, mmap)
+        state = torch_load(file, map_location, mmap)
     except Exception as err:  # pickle with arbitrary objects: refuse rather than execute it
         raise ValueError(f"checkpoint {file} cannot be loaded with torch.load(weights_only=True): {err}") from err
     if not isinstance(state, dict) or "model" not in state:

@@ -150,6 +150,6 @@ def build_lr_scheduler(optimizer: Optimizer, run_cfg: Any) -> LavisLRScheduler:
 
 
 def _config_error(key: str, message: str) -> Exception:
-    from qformer.config.errors import ConfigError
+    from qformer.core.errors import ConfigError
 
     return ConfigError(message, key=key)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qformer.config.errors import ConfigError
+from qformer.core.errors import ConfigError
 from qformer.train import checkpoint as ckpt_io
 from qformer.train.lr_schedule import schedule_max_epoch
 

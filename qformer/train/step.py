@@ -43,7 +43,7 @@ class TrainState:
     # error mode: device-side "a non-finite loss was seen since the last check" flag, checked lazily
     image_mean: tuple[float, ...] | None = None  # the vis processor's normalisation (None: CLIP's)
     image_std: tuple[float, ...] | None = None
-    # micro-batches per step (qformer.train.elastic: a smaller world keeps the global batch by running
+    # micro-batches per step (qformer.config.batch_plan: a smaller world keeps the global batch by running
     # several micro-batches per step); the step count and the LR schedule advance once per step
     micro_per_step: int = 1
     _bad_flag: torch.Tensor | None = field(default=None, repr=False)

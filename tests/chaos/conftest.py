@@ -3,7 +3,7 @@ file, a diverging loss), each promise asserted with numbers. `pytest -m chaos` r
 
 Every test adds a row (fault, promise, steps lost, steps repeated, MLflow runs, seconds to recover) to
 the session's report; with QFORMER_CHAOS_REPORT=FILE the rows are written there as JSON, and the table
-is printed at the end of the session (the README's reliability table comes from it).
+is printed at the end of the session (the reliability table in docs/reliability.md comes from it).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow]
 
 def test_nonfinite_loss_stops_with_the_last_good_checkpoint(ray_cluster, shapes, tmp_path, chaos_report):
     from qformer.train.checkpoint import load_file
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     cfg = chaos_cfg(shapes, tmp_path, "nan", {"max_steps_per_epoch": 8, "init_lr": 1e30, "warmup_steps": 0})
     with pytest.raises(Exception, match=r"non-finite loss \(NaN/inf\) between global steps"):
@@ -28,7 +28,7 @@ def test_nonfinite_loss_stops_with_the_last_good_checkpoint(ray_cluster, shapes,
 
 
 def test_skip_nonfinite_skips_counts_and_finishes(ray_cluster, shapes, tmp_path, chaos_report):
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     cfg = chaos_cfg(shapes, tmp_path, "nan_skip", {"max_steps_per_epoch": 8, "init_lr": 1e30, "warmup_steps": 0,
                                                    "skip_nonfinite": True})

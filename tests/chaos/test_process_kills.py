@@ -31,7 +31,7 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def test_sigkill_of_a_train_worker_restarts_from_the_last_checkpoint(ray_cluster, shapes, tmp_path, chaos_report):
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     cfg = chaos_cfg(shapes, tmp_path, "worker_kill", {
         "max_steps_per_epoch": 6, "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 1,
@@ -39,8 +39,8 @@ def test_sigkill_of_a_train_worker_restarts_from_the_last_checkpoint(ray_cluster
     uri = cfg.run.mlflow.tracking_uri
     outcome: dict = {}
     debug = tmp_path / "debug"  # the restarted worker records the batches it trained
-    thread = threading.Thread(target=lambda: outcome.update(
-        result=launch_training(cfg, extra_loop_config={"debug_dir": str(debug)})), daemon=True)
+    cfg.run.data.audit_dir = str(debug)
+    thread = threading.Thread(target=lambda: outcome.update(result=launch_training(cfg)), daemon=True)
     thread.start()
     run_id = wait_for(lambda: latest_run_id(uri), 300, "the MLflow run")
     wait_for(lambda: max(loss_steps(uri, run_id), default=0) >= 3, 300, "step 3 in MLflow")

@@ -5,10 +5,10 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from chaos_helpers import ChaosRow, chaos_cfg, client_for, latest_run_id, loss_steps, wait_for
+from step_hooks import FailOnceAtStep
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow]
 
@@ -28,9 +28,9 @@ def small_tmpfs(tmp_path):
 
 def test_full_checkpoint_storage_fails_clearly_and_keeps_the_previous_checkpoint(ray_cluster, shapes, tmp_path,
                                                                                    small_tmpfs, chaos_report):
-    from qformer.evaluate.runner import evaluate_checkpoint
+    from qformer.jobs.eval_job import evaluate_checkpoint
     from qformer.train.checkpoint import CheckpointWriteError
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     cfg = chaos_cfg(shapes, tmp_path, "disk_full", {"max_steps_per_epoch": 6, "test_splits": ["test"],
                                                     "ray": {"storage_path": str(small_tmpfs)}})
@@ -71,14 +71,12 @@ def test_full_checkpoint_storage_fails_clearly_and_keeps_the_previous_checkpoint
 
 def test_truncated_newest_checkpoint_is_passed_over_for_the_previous_one(ray_cluster, shapes, tmp_path,
                                                                         monkeypatch, chaos_report, caplog):
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     cfg = chaos_cfg(shapes, tmp_path, "truncated", {"max_steps_per_epoch": 6})
     uri = cfg.run.mlflow.tracking_uri
-    monkeypatch.setenv("QFORMER_FAIL_ONCE_AT_STEP", "5")
-    with pytest.raises(Exception, match="injected failure"):
-        launch_training(cfg, local_mode=True)  # checkpoints at steps 2 and 4, then a crash
-    monkeypatch.delenv("QFORMER_FAIL_ONCE_AT_STEP")
+    with pytest.raises(Exception, match="injected failure"):  # checkpoints at steps 2 and 4, then a crash
+        launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(5, str(tmp_path / "failed_once"))])
     newest = next((tmp_path / "truncated").glob("ray_results/*/local_checkpoints/epoch=0000-step=00000004"))
     with open(newest / "checkpoint.pth", "r+b") as f:
         f.truncate(f.seek(0, 2) // 3)

@@ -64,7 +64,7 @@ def server(tmp_path):
 
 
 def test_a_run_started_while_the_server_is_down_fails_fast(shapes, tmp_path, server):
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     cfg = chaos_cfg(shapes, tmp_path, "down", {"mlflow": {"tracking_uri": server.uri}})
     with pytest.raises(ConfigError) as info:
@@ -77,7 +77,7 @@ def test_a_run_started_while_the_server_is_down_fails_fast(shapes, tmp_path, ser
 
 
 def test_server_killed_mid_run_costs_no_metric(ray_cluster, shapes, tmp_path, server, chaos_report):
-    from qformer.train.launcher import launch_training
+    from qformer.jobs.train_job import launch_training
 
     server.start()
     cfg = chaos_cfg(shapes, tmp_path, "outage", {"max_steps_per_epoch": 8, "save_freq_steps": 1,

@@ -10,7 +10,7 @@ from qformer.data.processors.image import (  # noqa: F401  (registers)
     BlipImageTrainProcessor,
 )
 from qformer.data.processors.text import BlipCaptionProcessor, pre_caption  # noqa: F401
-from qformer.registry import get_processor_class
+from qformer.core.registry import get_processor_class
 
 
 def build_processor(cfg):

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from qformer.data.processors.randaugment import DEFAULT_AUGS, RandomAugment
-from qformer.registry import register_processor
+from qformer.core.registry import register_processor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from qformer.registry import register_processor
+from qformer.core.registry import register_processor
 
 # Only these characters are removed; commas, apostrophes, hyphens and '?' survive (spec §2.5).
 _PUNCT = re.compile(r"([.!\"()*#:;~])")

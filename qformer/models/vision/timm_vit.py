@@ -10,7 +10,7 @@ class TimmEncoder(nn.Module):
 
     def __init__(self, name: str, drop_path_rate: float = 0.0, use_grad_checkpoint: bool = False, **kwargs):
         super().__init__()
-        import timm
+        import timm  # lazy: ~1.5 s to import, and only timm: encoders need it (not EVA/CLIP)
 
         try:
             self.model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)

@@ -5,27 +5,27 @@ import logging
 import math
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qformer.models.checkpoint_io import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def read_weights(source: str) -> dict[str, torch.Tensor]:
     """State dict from `model.vit_weights`: a local file, or a URL fetched once into torch.hub's cache."""
-    if source.startswith(("http://", "https://")):
-        state = torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=False)
-    else:
+    if source.endswith(".safetensors"):
         path = Path(source).expanduser()
         if not path.is_file():
             raise ValueError(f"model.vit_weights: file not found: {source}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safetensors.torch.load_file(str(path))
+    else:
+        if not source.startswith(("http://", "https://")) and not Path(source).expanduser().is_file():
+            raise ValueError(f"model.vit_weights: file not found: {source}")
+        state = read_checkpoint(source)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

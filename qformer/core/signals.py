@@ -1,0 +1,81 @@
+"""SIGTERM handling, in one place: the driver notes a stop, a training worker notes a preemption notice.
+
+Two uses, both only note the signal and leave the action to the code that polls them:
+- Driver (`watch_stop_signal`): `ray job stop` sends SIGTERM (then SIGKILL 3 s later). ray.init's own
+  handler exits, which Ray re-raises inside `ray.get` as a plain SystemExit(1), so the exception alone
+  cannot tell a stopped run from a broken one; `stopped_by_signal()` can.
+- Training worker (`install_preemption_handler`): spot instances and Kubernetes send SIGTERM some seconds
+  before the kill; the handler sets a flag the loop reads at optimiser-step boundaries
+  (qformer.train.preemption votes on it across ranks). A second SIGTERM goes to the handler that was
+  there before (Ray's: exit now), so `kill` twice, or Ray's teardown of a worker group, still ends it.
+
+Python runs handlers on the main thread only, so both install there (the caller makes sure of it).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from qformer.core.logs import get_logger
+
+log = get_logger("signals")
+
+_stop_signals: set[int] = set()  # stop signals this (driver) process received
+_preemption_requested = threading.Event()
+_previous_handler: Any = None
+
+
+def watch_stop_signal() -> None:
+    """Note a SIGTERM, then hand it to the handler already set. Main thread only; idempotent."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or getattr(previous, "qformer_watch", False):
+        return
+
+    def note(signum, frame):
+        _stop_signals.add(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)  # the default action, but through the `except`/`finally` blocks
+
+    note.qformer_watch = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, note)
+
+
+def stopped_by_signal() -> bool:
+    """This process received SIGTERM while watched (a stop, not a failure)."""
+    return signal.SIGTERM in _stop_signals
+
+
+def clear_stop_signals() -> None:
+    _stop_signals.clear()
+
+
+def _on_preemption_notice(signum: int, frame: Any) -> None:
+    if _preemption_requested.is_set() and callable(_previous_handler):  # second notice: what was there before
+        _previous_handler(signum, frame)
+        return
+    _preemption_requested.set()
+    log.warning("SIGTERM received: finishing the current step, then every rank saves a checkpoint")
+
+
+def install_preemption_handler() -> str:
+    """Make SIGTERM a preemption notice in this thread's process (call on the main thread); clears an old
+    notice. Returns the thread's name (the caller checks where it ran)."""
+    global _previous_handler
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not _on_preemption_notice:
+        _previous_handler = current
+        signal.signal(signal.SIGTERM, _on_preemption_notice)
+    _preemption_requested.clear()
+    return threading.current_thread().name
+
+
+def preemption_requested() -> bool:
+    """This process got a preemption notice (SIGTERM)."""
+    return _preemption_requested.is_set()
+
+
+def clear_preemption_notice() -> None:
+    _preemption_requested.clear()

@@ -1,0 +1,50 @@
+"""Connecting to Ray: the configured cluster, the job's cluster, or a private local one; GPU detection."""
+from __future__ import annotations
+
+import os
+
+import ray
+from omegaconf import DictConfig
+
+from qformer.core.errors import RayStartError
+
+
+def connect_ray(cfg: DictConfig) -> None:
+    """Attach to run.ray.address / RAY_ADDRESS / the job's cluster, else start a private local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray.get("address") or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address)
+            return
+        # dashboard on loopback: users get the Ray UI, and Train's placement-group cleaner its State API
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")  # prints the dashboard URL
+    except Exception as err:  # a start-up failure is one line that says what to try, not Ray's traceback
+        raise RayStartError(_ray_start_advice(address, err)) from None
+
+
+def _ray_start_advice(address: str | None, err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    if address:
+        return (f"could not connect to the Ray cluster at {address} ({first}); check that it is running and "
+                "reachable, or unset run.ray.address / RAY_ADDRESS to start a local Ray")
+    return (f"could not start a local Ray ({first}); on a busy machine try again or free some CPUs, attach to "
+            f"a running cluster with run.ray.address (or RAY_ADDRESS), and see the Ray logs under "
+            f"{os.environ.get('RAY_TMPDIR') or '/tmp'}/ray/session_latest/logs")
+
+
+def use_gpu(cfg: DictConfig) -> bool:
+    value = cfg.run.ray.get("use_gpu", "auto")
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    return cluster_gpus() > 0
+
+
+def cluster_gpus() -> int:
+    """GPUs in the connected cluster (all nodes)."""
+    return int(ray.cluster_resources().get("GPU", 0))

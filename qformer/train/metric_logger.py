@@ -1,0 +1,133 @@
+"""Training metrics: the per-log-step window (losses, speed, data wait, LR, ...) and per-epoch metrics, into
+MLflow on rank 0 and the job log. A tracking-server outage costs buffered metrics, never the training."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from qformer.config.batch_plan import BatchPlan
+from qformer.core.logs import get_logger
+from qformer.data.stats import skipped_count
+from qformer.tracking.run_tracker import RunTracker
+from qformer.tracking.uri import fail_fast_http
+from qformer.train.loop_config import TrackingTarget
+from qformer.train.meters import LossMeter, memory_metrics
+from qformer.train.step import StepOutput, TrainState
+
+log = get_logger("train")
+
+
+class MetricLogger:
+    def __init__(self, target: TrackingTarget | None, rank: int, world: int, plan: BatchPlan,
+                 outage_wait_s: float) -> None:
+        self.rank, self.world, self.plan, self.outage_wait_s = rank, world, plan, outage_wait_s
+        self.tracker: RunTracker | None = None
+        if rank == 0 and target is not None:
+            fail_fast_http()
+            self.tracker = RunTracker(target.uri, target.run_id)
+        self.logged_through = 0  # steps up to this one are in MLflow already (a restart re-runs them)
+        self.window = LossMeter()
+        self.last: dict[str, float] = {}  # loss and lr of the last log step (step checkpoints report them)
+        self.start_window()
+
+    def resume(self) -> None:
+        """After a restart the steps since the checkpoint are re-run, but logged once."""
+        if self.tracker is None:
+            return
+        try:
+            self.logged_through = max((s for s, _ in self.tracker.metric_history("loss")), default=0)
+        except Exception as err:  # noqa: BLE001 - informational: at worst a step is logged twice
+            log.warning("MLflow: could not read the loss history (%s)", err)
+
+    def start_window(self) -> None:
+        self.window_start, self.window_wait, self.window_steps = time.perf_counter(), 0.0, 0
+
+    def waited(self, seconds: float) -> None:
+        """Time the loop waited for the next step's data (the log's `data wait`)."""
+        self.window_wait += seconds
+
+    def log_step(self, state: TrainState, model: torch.nn.Module, epoch: int, i: int, length: int | None,
+                 out: StepOutput, bar: Any) -> None:
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        metrics: dict[str, Any] = dict(self.window.mean())
+        metrics.update({
+            "lr": out.lr,
+            "temp": float(model.temp.detach()) if hasattr(model, "temp") else None,
+            "samples_per_s": self.window_steps * self.plan.samples_per_step / elapsed,
+            "data_wait_frac": min(1.0, self.window_wait / elapsed),
+            "grad_norm": out.grad_norm,
+            "epoch": float(epoch),
+            "skipped_nonfinite": float(state.skipped_nonfinite),
+            # elastic training: the MLflow UI shows every resize and what it kept
+            "world_size": float(self.world),
+            "global_batch": float(self.plan.global_batch),
+            "accum_grad_iters": float(self.plan.accum_grad_iters),
+            "worker_batch": float(self.plan.worker_batch),
+        })
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+        if self.rank == 0:
+            metrics["skipped_images"] = float(_skipped_images())
+            metrics.update(memory_metrics(state.device))
+            if self.tracker is not None and state.global_step > self.logged_through:
+                self.tracker.log_metrics_buffered(metrics, step=state.global_step)  # an outage buffers
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{out.lr:.2e}", refresh=False)
+            of = f"/{length}" if length else ""
+            log.info("epoch %d iter %d%s step %d | loss %.4f (itc %.4f itm %.4f lm %.4f) | lr %.3e | %.1f samples/s | "
+                     "data wait %.0f%%", epoch, i, of, state.global_step, metrics.get("loss", math.nan),
+                     metrics.get("loss_itc", math.nan), metrics.get("loss_itm", math.nan),
+                     metrics.get("loss_lm", math.nan), out.lr, metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
+        self.last = {k: metrics[k] for k in ("loss", "lr") if k in metrics}
+        self.start_window()
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        """Per-epoch metrics (the epoch is their step) and the re-drawn loss curves."""
+        if self.rank != 0:
+            return
+        if self.tracker is not None:
+            self.tracker.log_metrics_buffered(metrics, step=epoch)
+            safe(self.tracker.log_loss_curve)
+        log.info("epoch %d done: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+    def log_final(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics_buffered(metrics, step=step)
+
+    def note(self, metrics: dict[str, float], step: int) -> None:
+        """A single marker value (e.g. where a preemption checkpoint was taken)."""
+        if self.tracker is not None:
+            safe(self.tracker.log_metrics_buffered, metrics, step=step)
+
+    def tag(self, tags: dict[str, Any]) -> None:
+        if self.tracker is not None:
+            safe(self.tracker.set_tags, tags)
+
+    def close(self) -> None:
+        """Tell the run what a tracking-server outage cost: values sent late (with their own steps) and
+        values lost (dropped from a full buffer, or still waiting because the server is down now)."""
+        tracker = self.tracker
+        if tracker is None:
+            return
+        sent = tracker.flush(wait_s=self.outage_wait_s)
+        lost = tracker.dropped + tracker.pending
+        if tracker.sent_late or lost:
+            safe(tracker.set_tags, {"qformer.metrics_sent_late": tracker.sent_late, "qformer.metrics_lost": lost})
+        if not sent:
+            log.warning("MLflow: %d metric values could not be sent (server unreachable at the end)", lost)
+
+
+def safe(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Tracking calls must not end a long run: a tracking-server outage costs metrics, not the training."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:
+        log.warning("MLflow %s failed: %s", getattr(fn, "__name__", "call"), err)
+
+
+def _skipped_images() -> int:
+    try:
+        return int(skipped_count())
+    except Exception:  # the counter is informational
+        return 0

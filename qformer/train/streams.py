@@ -1,0 +1,156 @@
+"""The training streams of one worker: its shards of the Ray Datasets, read pass by pass from where the
+checkpoint left them, drawn by ratio when several sources mix (LAVIS's MultiIterLoader).
+
+Epoch-based runs read one fresh pass per epoch; iteration-based runs (`max_iters`) and mixed sources cycle
+one endless stream per source across inner epochs (LAVIS's IterLoader). Each pass starts by telling the
+stream's source, through the stream plan, which pass to read and what of it is already done
+(qformer.data.position), so a resumed pass trains every row exactly once.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from qformer.config.batch_plan import BatchPlan
+from qformer.core.logs import get_logger
+from qformer.data.position import PositionTracker, StreamPosition
+
+log = get_logger("train")
+
+
+class TrainingStreams:
+    def __init__(self, run: Any, plan: BatchPlan, ratios: dict[str, float] | None, num_rows: dict[str, int],
+                 stream_plan: Any, saved_positions: dict | None, rank: int) -> None:
+        self.run, self.plan, self.ratios, self.num_rows = run, plan, ratios, num_rows
+        self.stream_plan, self.rank = stream_plan, rank
+        self.iter_based = bool(run.get("max_iters"))
+        self.names = list(ratios) if ratios else ["train"]
+        self.shards = {name: ray.train.get_dataset_shard(name) for name in self.names}
+        saved = saved_positions or {}
+        self.positions = {n: PositionTracker(StreamPosition.from_dict(saved.get(n))) for n in self.names}
+        self.position_restored = bool(saved)
+        self._endless: dict[str, Iterator[dict]] = {}
+
+    def steps_per_epoch(self) -> int | None:
+        """Optimiser steps per (inner) epoch when known up front; None = until the shard is exhausted."""
+        cap = self.run.get("max_steps_per_epoch")
+        if self.iter_based:
+            n = int(self.run.iters_per_inner_epoch)
+        elif self.ratios:  # sources cycle, so an epoch is one pass over all rows in batches
+            n = max(1, sum(int(self.num_rows.get(s, 0)) for s in self.names) // self.plan.samples_per_step)
+        else:
+            n = None
+        if cap:
+            n = int(cap) if n is None else min(n, int(cap))
+        return n
+
+    def expected_steps(self) -> int | None:
+        """steps_per_epoch, else an estimate from the row count (for the progress bar)."""
+        known = self.steps_per_epoch()
+        return known if known is not None else (int(self.num_rows.get("train") or 0) // self.plan.samples_per_step
+                                                or None)
+
+    def steps(self, epoch: int, begin: int) -> Iterator[list[dict]]:
+        """This epoch's optimiser steps from step `begin` on, each a list of micro-batches."""
+        return _grouped(self._batches(epoch, begin * self.plan.micro_per_step), self.plan.micro_per_step)
+
+    def settled_positions(self) -> dict[str, dict]:
+        """Every stream's position agreed over the ranks, for a checkpoint (a collective)."""
+        return {n: t.settle(_gather_objects).to_dict() for n, t in self.positions.items()}
+
+    def close(self) -> None:
+        for stream in self._endless.values():
+            stream.close()
+
+    def _batches(self, epoch: int, begin: int) -> Iterator[dict]:
+        if self.iter_based or self.ratios:
+            if not self._endless:  # one endless stream per source, closed in close()
+                first = {n: self.positions[n].position.pass_ if self.position_restored else epoch for n in self.names}
+                self._endless = {n: self._source(n, first[n], cycle=True) for n in self.names}
+            yield from self._draw(self._endless, epoch, begin)
+            return
+        iters = {n: self._source(n, epoch, cycle=False) for n in self.names}
+        if begin and not self.position_restored:  # a checkpoint from before data positions: skip by count
+            log.info("resuming inside epoch %d: skipping %d batches of this epoch's data", epoch, begin)
+            for _ in range(begin):
+                if next(iters["train"], None) is None:
+                    return
+        try:
+            yield from self._draw(iters, epoch, begin)
+        finally:  # close Ray's iterators now (an early stop at max_steps_per_epoch leaves them open)
+            for it in iters.values():
+                it.close()
+
+    def _draw(self, iters: dict[str, Iterator[dict]], epoch: int, begin: int) -> Iterator[dict]:
+        i = begin
+        while True:
+            name = pick_stream(self.ratios, int(self.run.seed), epoch, i) if self.ratios else self.names[0]
+            batch = next(iters[name], None)
+            if batch is None:
+                return
+            self.positions[name].observe(batch)
+            yield batch
+            i += 1
+
+    def _source(self, name: str, first_pass: int, cycle: bool) -> Iterator[dict]:
+        """Batches of stream `name`, from pass `first_pass` on (every pass when cycling)."""
+        shard, data = self.shards[name], self.run.data
+        buffer = int(data.shuffle_buffer or 0)
+        round_ = 0
+        while True:
+            pass_ = first_pass + round_
+            tracker = self.positions[name]
+            tracker.start_pass(pass_)  # a new pass forgets the old one's progress
+            if self.stream_plan is not None:  # every rank writes the same; Ray plans the read after all have
+                ray.get(self.stream_plan.set.remote(name, tracker.position.to_dict()))
+            seen = False
+            for batch in shard.iter_torch_batches(
+                batch_size=self.plan.worker_batch, drop_last=True, prefetch_batches=int(data.prefetch_batches),
+                local_shuffle_buffer_size=buffer or None,
+                local_shuffle_seed=(int(self.run.seed) * 1000 + pass_ * 31) if buffer else None,
+                pin_memory=torch.cuda.is_available(),  # makes the host->GPU copy asynchronous
+            ):
+                seen = True
+                yield batch
+            if not cycle:
+                return
+            if not seen:
+                raise RuntimeError(f"training dataset '{name}' yields no full batch of {self.plan.worker_batch} on "
+                                   f"rank {self.rank}; lower run.batch_size_train or add data")
+            round_ += 1
+
+
+def pick_stream(ratios: dict[str, float], seed: int, epoch: int, i: int) -> str:
+    """The training stream micro-batch `i` of `epoch` comes from, drawn by ratio (LAVIS's runner_iter
+    MultiIterLoader). Seeded by (seed, epoch, i), so every rank draws the same without talking."""
+    names = list(ratios)
+    probs = np.array([ratios[n] for n in names], dtype=np.float64)
+    rng = np.random.default_rng([seed, epoch, i])
+    return names[int(rng.choice(len(names), p=probs / probs.sum()))]
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """all_gather_object over the training ranks (just [obj] without a process group)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _grouped(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive micro-batches, `size` at a time (one step's); an incomplete last group is dropped."""
+    group: list[dict] = []
+    try:
+        for batch in batches:
+            group.append(batch)
+            if len(group) == size:
+                yield group
+                group = []
+    finally:
+        batches.close()

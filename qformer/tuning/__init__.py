@@ -1,4 +1,0 @@
-"""Hyper-parameter sweeps: sweep-file schema, search spaces, the Tune trial, MLflow plumbing, reports.
-
-`qformer.tune.run_sweep` ties the pieces together; `qformer tune` is its command line.
-"""

@@ -282,7 +282,8 @@ def test_a_restored_trial_whose_training_had_finished_reports_its_last_result_ag
         MetricReportCallback("train_epoch/loss", [], 1).report_finished(
             {"epoch": 3, "step": 12, "train_epoch/loss": 0.5}, "/runs/epoch=0003-step=00000012-end")
 
-    grid = tune.Tuner(trial, run_config=tune.RunConfig(storage_path=str(tmp_path), name="finished")).fit()
+    trainable = tune.with_resources(trial, {"CPU": 0.25})  # as a sweep's trial driver
+    grid = tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path), name="finished")).fit()
     result = grid[0]
     assert result.error is None
     assert result.metrics["training_iteration"] == 4 and result.metrics["train_epoch/loss"] == 0.5

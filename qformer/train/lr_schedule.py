@@ -19,6 +19,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from qformer.core.errors import ConfigError
+
 SCHEDULE_NAMES = ("linear_warmup_cosine_lr", "linear_warmup_step_lr", "constant_lr")
 
 
@@ -150,6 +152,4 @@ def build_lr_scheduler(optimizer: Optimizer, run_cfg: Any) -> LavisLRScheduler:
 
 
 def _config_error(key: str, message: str) -> Exception:
-    from qformer.core.errors import ConfigError
-
     return ConfigError(message, key=key)

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from qformer.data.normalize import normalize_uint8
 from qformer.train.amp import AmpPolicy
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm", "loss_lm")
@@ -76,8 +77,6 @@ def prepare_samples(batch: Mapping[str, Any], device: torch.device, mean: tuple[
         samples[key] = value
     image = samples.get("image")
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
-        from qformer.data.normalize import normalize_uint8
-
         kwargs = {"mean": mean, "std": std} if mean is not None and std is not None else {}
         samples["image"] = normalize_uint8(image, **kwargs)
     return samples

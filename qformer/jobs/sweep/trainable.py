@@ -44,18 +44,25 @@ class MetricReportCallback(TuneReportCallback):
         self._metric, self._valid_splits, self._val_freq = metric, list(valid_splits), val_freq
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        if metrics and carries_metric(metrics[0], self._metric):
-            iteration = evaluation_count(metrics[0], self._metric, self._valid_splits, self._val_freq)
-            if iteration is not None:  # Tune keeps a reported training_iteration (it only fills a missing one)
-                metrics = [{**metrics[0], "training_iteration": iteration}, *metrics[1:]]
-            super().after_report(run_context, metrics, checkpoint)
+        result = self.tune_result(metrics[0]) if metrics else None
+        if result is not None:
+            super().after_report(run_context, [result, *metrics[1:]], checkpoint)
+
+    def tune_result(self, report: dict[str, Any]) -> dict[str, Any] | None:
+        """The Tune result of a rank-0 report: None unless it carries the metric; its iteration set."""
+        if not carries_metric(report, self._metric):
+            return None
+        iteration = evaluation_count(report, self._metric, self._valid_splits, self._val_freq)
+        # Tune keeps a reported training_iteration (it only fills a missing one)
+        return report if iteration is None else {**report, "training_iteration": iteration}
 
     def report_finished(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
         """A restored trial whose Train run had already finished (it completed its last epoch while the sweep
-        was being stopped) trains nothing; its final report goes to Tune again, so the trial ends with its
-        last result and iteration count."""
-        self.after_report(None, [{**metrics, **({"checkpoint_path": checkpoint_path} if checkpoint_path else {})}],
-                          None)
+        was being stopped) trains nothing; its final report goes to Tune again, from the trial itself, so the
+        trial ends with its last result and iteration count."""
+        result = self.tune_result({**metrics, **({"checkpoint_path": checkpoint_path} if checkpoint_path else {})})
+        if result is not None:
+            ray.tune.report(result)
 
 
 def evaluation_count(report: dict[str, Any], metric: str, valid_splits: list[str], val_freq: int) -> int | None:

@@ -151,7 +151,7 @@ class TrainingLoop:
 
     def stop(self, epoch: int, i: int) -> None:
         self.metrics.note({"preemption_checkpoint": 1.0}, self.state.global_step)  # the UI shows where
-        self.preemption.stop(self.rank, self.state.global_step, epoch, i)
+        self.preemption.stop(self.state.global_step, epoch, i)
 
     def finish(self) -> None:
         self.streams.close()

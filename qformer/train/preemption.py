@@ -82,7 +82,7 @@ class PreemptionGuard:
         self.stopping = self.stopping or self.vote.agreed()
         return self.stopping
 
-    def stop(self, rank: int, step: int, epoch: int, i: int) -> None:
+    def stop(self, step: int, epoch: int, i: int) -> None:
         """After the preemption checkpoint: raise on every rank once Ray Train has registered it. The rank-0
         report (the one with the checkpoint) is slower than the others; raising as soon as ours is queued
         lets the controller restart on the first error, from the checkpoint before. A second report returns

@@ -32,17 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_random_bert(root: Path, small: bool) -> Path:
-    """A BERT directory the Q-Former loader accepts: config + random weights + a word-piece vocab."""
+    """A random BERT (BERT-base dims and ~its 30522-token vocabulary unless `small`)."""
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
-    from transformers import BertConfig, BertModel
+    from qformer.models.bert_init import write_random_bert
 
-    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += [f"w{i}" for i in range(2000 if small else 30418)]  # bert-base-uncased size: 30522
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    dims = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if small
-            else dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
-    BertModel(BertConfig(vocab_size=len(vocab), **dims)).save_pretrained(str(root))
-    return root
+    words = [f"w{i}" for i in range(2000 if small else 30330)]
+    if small:
+        return write_random_bert(root, words)
+    return write_random_bert(root, words, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072)
 
 
 def build_model(bert_dir: Path, small: bool, device: str):
@@ -82,7 +80,7 @@ def _batches(model, batch: int, size: int, device: str) -> tuple[dict, dict]:
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
-    ids, atts = _random_text(batch, model.max_txt_len, len(model.tokenizer), g)
+    ids, atts = _random_text(batch, model.max_txt_len, model.tokenizer, g)
     with torch.no_grad():
         feats = model.vit_features(normalize_uint8(images.to(device))).to("cpu", torch.float16)
     pin = (lambda t: t.pin_memory()) if device.startswith("cuda") else (lambda t: t)  # noqa: E731

@@ -30,15 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
 
 
-def _random_text(b: int, length: int, vocab: int, generator):
+def _random_text(b: int, length: int, tokenizer, generator):
+    """Random word ids between [CLS] and [SEP], right-padded to random lengths: a text batch of `tokenizer`'s vocabulary."""
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import torch
 
+    vocab = len(tokenizer) - 1  # not the added [DEC]
     lengths = torch.randint(max(3, length // 3), length + 1, (b,), generator=generator)
-    ids = torch.randint(1000, min(vocab - 2, 29000), (b, length), generator=generator)
+    ids = torch.randint(min(1000, vocab // 2), min(vocab, 29000), (b, length), generator=generator)  # ordinary words
     atts = (torch.arange(length)[None] < lengths[:, None]).long()
-    ids[:, 0] = 101
-    ids[torch.arange(b), lengths - 1] = 102
+    ids[:, 0] = tokenizer.cls_token_id
+    ids[torch.arange(b), lengths - 1] = tokenizer.sep_token_id
     return ids * atts, atts
 
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     size, length = int(cfg.model.image_size), int(cfg.model.max_txt_len)
     image = torch.randn(batch, 3, size, size, generator=g).to(device)
-    ids, atts = _random_text(batch, length, len(model.tokenizer), g)
+    ids, atts = _random_text(batch, length, model.tokenizer, g)
     samples = {"image": image, "text_ids": ids.to(device), "text_atts": atts.to(device)}
     if args.features:
         with autocast:
@@ -116,7 +118,8 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": batch, "timed_steps": steps, "step_times_s": times, "step_time_s": step_time,
         "samples_per_s": samples_per_s, "peak_memory_bytes": int(peak_mem),
         "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
-        "model_flops_per_sample": flops, "achieved_flops": achieved, "matmul_peak_flops": peak,
+        "model_flops_per_sample": flops, "lm_targets": lm_targets,
+        "achieved_flops": achieved, "matmul_peak_flops": peak,
         "achieved_over_matmul_peak": achieved / peak, "last_losses": losses,
         "step_time_recompute_itm_kv_s": median(times_recompute),
         "speedup_itm_kv_reuse": median(times_recompute) / step_time,

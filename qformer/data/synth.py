@@ -14,6 +14,7 @@ Layout (what `qformer data synth --out DIR` writes; the demo config points coco_
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,14 @@ def captions(scene: Scene, n: int, rng: np.random.Generator) -> list[str]:
         words.update({k.capitalize(): v.capitalize() for k, v in list(words.items())})
         out.append(TEMPLATES[int(t)].format(**words))
     return out
+
+
+def caption_words() -> list[str]:
+    """Every lower-case word a caption can hold, sorted: the vocabulary of a small test-sized BERT."""
+    texts = [re.sub(r"\{\w+\}", " ", t) for t in TEMPLATES]  # the templates' own words, not their slots
+    texts += [*COLOURS, *BACKGROUNDS, *SHAPES, *(w for ws in SIZE_WORDS.values() for w in ws),
+              *(w for ws in POSITION_WORDS.values() for w in ws)]
+    return sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower())})
 
 
 def write_synthetic(

@@ -64,6 +64,29 @@ def _hub_snapshot(repo_id: str) -> Path:
     return config.parent
 
 
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def write_random_bert(root: Path, words: list[str], *, hidden_size: int = 64, num_hidden_layers: int = 2,
+                      num_attention_heads: int = 4, intermediate_size: int = 128, seed: int = 0) -> Path:
+    """A BERT directory `model.bert_model` accepts (config, random weights, word-piece vocabulary), for
+    machines that cannot download one: the tests' small text tower and the device check's BERT-base.
+
+    The vocabulary is BERT's special tokens, every printable ASCII character (and its `##` continuation,
+    so any ASCII text tokenizes without [UNK]) and `words` as whole tokens."""
+    from transformers import BertConfig, BertModel  # lazy: only tests and benches write one
+
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]  # uncased: no capitals
+    vocab = list(dict.fromkeys([*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars), *words]))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size)
+    BertModel(config).save_pretrained(str(root))
+    return root
+
+
 def read_bert_state_dict(bert_dir: Path) -> dict[str, torch.Tensor]:
     for name in _WEIGHT_FILES:
         file = bert_dir / name

@@ -69,9 +69,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_scenario(name: str, options: dict | None = None, timeout_s: float = 600.0) -> dict:
-    """Run one scenario in a fresh Python process (a Cluster cannot share a process with another Ray)."""
-    with tempfile.TemporaryDirectory(prefix=f"qformer-elastic-{name}-") as work:
+def run_scenario(name: str, options: dict | None = None, timeout_s: float = 600.0, work_root: str | None = None) -> dict:
+    """Run one scenario in a fresh Python process (a Cluster cannot share a process with another Ray).
+    `options["model"]`: model keys over the tiny model's; `work_root`: where its temporary folder goes."""
+    with tempfile.TemporaryDirectory(prefix=f"qformer-elastic-{name}-", dir=work_root) as work:
         out = Path(work) / "result.json"
         cmd = [sys.executable, "-m", "qformer.bench.elastic", name, work, json.dumps(options or {})]
         env = {**os.environ, "RAY_ADDRESS": ""}
@@ -84,20 +85,27 @@ def run_scenario(name: str, options: dict | None = None, timeout_s: float = 600.
 
 
 def _resize(work: Path, options: dict) -> dict:
-    """Two nodes -> one (node removed mid-epoch) -> two (node added) -> SIGTERM to a worker."""
-    scenario = SimulatedRun(work, nodes=2, run={"ray": {"num_workers": [1, 2]}, "save_freq_steps": 3, "max_epoch": 3})
+    """Two nodes -> one (node removed mid-epoch) -> two (node added) -> SIGTERM to a worker. The training holds
+    at steps 4, 10 and 13 until each event has happened, so the events land at the same steps on any machine."""
+    scenario = SimulatedRun(work, nodes=2, run={"ray": {"num_workers": [1, 2]}, "save_freq_steps": 3, "max_epoch": 3},
+                            model=options.get("model"), holds=(4, 10, 13), notice_hold=13)
     try:
         scenario.start()
-        scenario.wait(lambda: scenario.registered(3) and len(scenario.starts()) == 1, "the step-3 checkpoint")
+        scenario.wait(lambda: scenario.registered(3) and len(scenario.starts()) == 1 and scenario.last_step() >= 4,
+                      "the step-3 checkpoint and step 4")
         scenario.event("node_removed", lambda: scenario.cluster.remove_node(scenario.nodes.pop()))
+        scenario.release(4)
         scenario.wait_restart("node_removed")
         scenario.event("node_added", lambda: scenario.nodes.append(scenario.add_node()))
         scenario.wait(lambda: scenario.starts()[-1]["world"] == 2 and len(scenario.starts()) >= 3,
                       "the group to grow back to two workers")
+        scenario.release(10)
         scenario.wait_restart("node_added")
-        step = scenario.last_step()  # then a step whose next one has no periodic checkpoint (every 3)
-        scenario.wait(lambda: scenario.last_step() > step and scenario.last_step() % 3 == 1, "a step on the grown group")
+        # step 13: its next step (14) has no periodic checkpoint (every 3), so the notice's own one is seen
+        scenario.wait(lambda: scenario.last_step() >= 13, "step 13 on the grown group")
         scenario.event("sigterm", lambda: scenario.workers()[0].send_signal(signal.SIGTERM))
+        scenario.wait(lambda: scenario.notice_seen(13), "the preemption notice in the worker")
+        scenario.release(13)
         scenario.wait_restart("sigterm")
         return scenario.finish()
     finally:
@@ -108,7 +116,7 @@ def _preempt(work: Path, options: dict) -> dict:
     """A fixed 2-worker run, a checkpoint every 5 steps; SIGTERM to one worker 3 steps past a checkpoint."""
     keep = bool(options.get("preemption_checkpoint", True))
     scenario = SimulatedRun(work, nodes=2, run={"ray": {"num_workers": 2}, "save_freq_steps": 5, "max_epoch": 2,
-                                             "elastic": {"preemption_checkpoint": keep}})
+                                             "elastic": {"preemption_checkpoint": keep}}, model=options.get("model"))
     try:
         scenario.start()
         scenario.wait(lambda: scenario.last_step() >= 8, "step 8")

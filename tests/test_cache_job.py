@@ -14,8 +14,8 @@ pytestmark = pytest.mark.ray
 VIEWS = 3
 
 
-def _cfg_dict(root, **run):
-    return {"model": {"arch": "blip2", "model_type": "tiny"},
+def _cfg_dict(root, bert: str, **run):
+    return {"model": {"arch": "blip2", "model_type": "tiny", "bert_model": bert},
             "datasets": {"coco_caption": {"build_info": {
                 "annotations": {"train": {"storage": f"{root}/annotations/coco_karpathy_train.json"}},
                 "images": {"storage": f"{root}/images"}}}},
@@ -23,7 +23,7 @@ def _cfg_dict(root, **run):
 
 
 @pytest.fixture(scope="module")
-def cache(ray_cluster, tmp_path_factory):
+def cache(ray_cluster, tiny_bert, tmp_path_factory):
     """6 synthetic images (one made corrupt), 2 captions each, cached with VIEWS views."""
     from qformer.data.synth import write_synthetic
     from qformer.jobs.cache_features import cache_features
@@ -33,11 +33,12 @@ def cache(ray_cluster, tmp_path_factory):
     bad = root / "images" / "train" / "train_000005.jpg"
     bad.write_bytes(b"not a jpeg")
     out = tmp_path_factory.mktemp("cache") / "c"
-    manifest = cache_features(load_config_dict(_cfg_dict(root)), out, views=VIEWS, batch_size=4)
+    manifest = cache_features(load_config_dict(_cfg_dict(root, tiny_bert)), out, views=VIEWS, batch_size=4)
     return root, out, manifest, str(bad)
 
 
-def test_job_writes_index_records_and_manifest(cache):
+def test_job_writes_index_records_and_manifest(cache, tiny_bert):
+    from qformer.data.tokenizer import load_tokenizer
     from qformer.features import store
 
     root, out, manifest, bad = cache
@@ -52,14 +53,14 @@ def test_job_writes_index_records_and_manifest(cache):
         assert arr.dtype == np.float16 and arr.shape[1:] == (VIEWS, 65, 192) and row < arr.shape[0]
     records = store.read_records(out, "coco_caption")
     ids = store.fixed_list_to_numpy(records["text_ids"])
-    assert ids.shape == (10, 32) and (ids[:, 0] == 101).all()   # [CLS] first, padded to max_txt_len
+    assert ids.shape == (10, 32) and (ids[:, 0] == load_tokenizer(tiny_bert).cls_token_id).all()  # [CLS] first, padded
 
 
-def test_reader_streams_features_and_tokens(cache):
+def test_reader_streams_features_and_tokens(cache, tiny_bert):
     from qformer.features import dataset
 
     root, out, manifest, _ = cache
-    cfg = load_config_dict(_cfg_dict(root, vision_cache=str(out)))
+    cfg = load_config_dict(_cfg_dict(root, tiny_bert, vision_cache=str(out)))
     data = dataset(cfg)
     assert list(data.datasets) == ["train"] and data.ratios is None and data.num_rows == {"train": 10}
     rows = data.datasets["train"].take_batch(10, batch_format="numpy")
@@ -68,24 +69,24 @@ def test_reader_streams_features_and_tokens(cache):
     assert set(rows) == {"image_embeds", "text_ids", "text_atts", "unit", "unit_row", "unit_rows"}  # + the stream position
 
 
-def test_reader_refuses_a_cache_made_by_another_vit(cache):
+def test_reader_refuses_a_cache_made_by_another_vit(cache, tiny_bert):
     from qformer.features import dataset
 
     root, out, _, _ = cache
-    cfg = load_config_dict(_cfg_dict(root, vision_cache=str(out)), ["model.vit_kwargs.depth=2"])
+    cfg = load_config_dict(_cfg_dict(root, tiny_bert, vision_cache=str(out)), ["model.vit_kwargs.depth=2"])
     with pytest.raises(ConfigError, match=r"run\.vision_cache.*model\.vit_kwargs"):
         dataset(cfg)
     with pytest.raises(ConfigError, match=r"run\.vision_cache.*does not exist"):
-        dataset(load_config_dict(_cfg_dict(root, vision_cache=str(out / "nope"))))
+        dataset(load_config_dict(_cfg_dict(root, tiny_bert, vision_cache=str(out / "nope"))))
 
 
-def test_check_model_accepts_the_seeded_vit_and_refuses_another(cache):
+def test_check_model_accepts_the_seeded_vit_and_refuses_another(cache, tiny_bert):
     from qformer.features import check_model
     from qformer.models import build_model
     from qformer.core.seeding import setup_seeds
 
     root, out, _, _ = cache
-    cfg = load_config_dict(_cfg_dict(root, vision_cache=str(out)))
+    cfg = load_config_dict(_cfg_dict(root, tiny_bert, vision_cache=str(out)))
     setup_seeds(int(cfg.run.seed), 0)
     check_model(build_model(cfg.model), cfg)
     setup_seeds(int(cfg.run.seed) + 1, 0)  # another random ViT
@@ -99,7 +100,7 @@ def _loss(model, samples) -> float:
         return float(model(samples).loss)
 
 
-def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache):
+def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache, tiny_bert):
     from qformer.data.builders import build_builder
     from qformer.data.images import load_rgb
     from qformer.data.normalize import normalize_uint8
@@ -111,7 +112,7 @@ def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache):
     from qformer.core.seeding import setup_seeds
 
     root, out, manifest, _ = cache
-    cfg = load_config_dict(_cfg_dict(root))
+    cfg = load_config_dict(_cfg_dict(root, tiny_bert))
     setup_seeds(int(cfg.run.seed), 0)  # as training's rank 0 (random-init tiny ViT)
     model = build_model(cfg.model).eval()  # dropout off
     assert vit_fingerprint(model.visual_encoder) == manifest["vit_fingerprint"]
@@ -127,19 +128,25 @@ def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache):
     text = {"text_ids": torch.from_numpy(ids), "text_atts": torch.from_numpy(atts)}
     reader = store.ShardReader(out)
     for view in (0, 2):  # the eval view, and a seeded train view regenerated here
-        pixels = np.stack([maker(load_rgb(p), order[p])[view] for p in paths])
-        online = _loss(model, {"image": normalize_uint8(torch.from_numpy(pixels)), **text})
+        pixels = normalize_uint8(torch.from_numpy(np.stack([maker(load_rgb(p), order[p])[view] for p in paths])))
+        online = _loss(model, {"image": pixels, **text})
         feats = reader.gather(np.array([index[p][0] for p in paths]), np.array([index[p][1] for p in paths]),
                               np.full(len(paths), view))
-        cached = _loss(model, {"image_embeds": torch.from_numpy(feats).float(), **text})
+        cached_embeds = torch.from_numpy(feats).float()
+        cached = _loss(model, {"image_embeds": cached_embeds, **text})
         assert cached == pytest.approx(online, rel=2e-3, abs=2e-3), f"view {view}"
-    # the check has teeth: a different view changes the loss by more than the tolerance
+        # the ViT features the Q-Former reads: the online ViT's, up to the cache's fp16 rounding
+        with torch.no_grad():
+            online_vit = model.vit_features(pixels)
+        tolerance = 2e-3 * float(online_vit.abs().max())
+        assert float((cached_embeds - online_vit).abs().max()) < tolerance, f"view {view}"
+    # the check has teeth: another view's features are far from these
     other = reader.gather(np.array([index[p][0] for p in paths]), np.array([index[p][1] for p in paths]),
                           np.full(len(paths), 1))
-    assert _loss(model, {"image_embeds": torch.from_numpy(other).float(), **text}) != pytest.approx(online, abs=2e-3)
+    assert float((torch.from_numpy(other).float() - online_vit).abs().max()) > 20 * tolerance
 
 
-def test_training_streams_cached_features_end_to_end(cache, tmp_path):
+def test_training_streams_cached_features_end_to_end(cache, tiny_bert, tmp_path):
     """`run.vision_cache` through the same launcher as `qformer train`: the workers get image_embeds
     rows (no image decoding), the ViT guard passes, and the run logs finite losses to MLflow."""
     from mlflow.tracking import MlflowClient
@@ -149,7 +156,7 @@ def test_training_streams_cached_features_end_to_end(cache, tmp_path):
     root, out, _, _ = cache
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config_dict(_cfg_dict(
-        root, vision_cache=str(out), batch_size_train=4, max_epoch=1, log_freq=1, amp=False,
+        root, tiny_bert, vision_cache=str(out), batch_size_train=4, max_epoch=1, log_freq=1, amp=False,
         output_dir=str(tmp_path / "run"), valid_splits=[], test_splits=[],
         ray={"num_workers": 0}, mlflow={"tracking_uri": uri, "experiment_name": "cache-train"}))
     result = launch_training(cfg)

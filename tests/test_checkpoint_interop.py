@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from helpers import small_model_cfg
 from qformer.models import Blip2Qformer, build_model
 
 BERT_BASE = {
@@ -73,18 +73,14 @@ def test_full_size_vitL_crossattention_reads_1024(bert_base_dir):
     assert "visual_encoder.transformer.resblocks.22.ln_2.weight" in sd
 
 
-def _tiny(minilm_path, **over):
-    cfg = {"arch": "blip2", "model_type": "tiny", "load_pretrained": False, "vit_model": "timm:vit_tiny_patch16_224",
-           "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}, "image_size": 32, "vit_precision": "fp32",
-           "num_query_token": 4, "bert_model": minilm_path, "max_txt_len": 8, "embed_dim": 16}
-    cfg.update(over)
-    return OmegaConf.create(cfg)
+def _tiny(bert, **over):
+    return small_model_cfg(bert, max_txt_len=8, **over)
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, minilm_path):
+def saved(tmp_path_factory, tiny_bert):
     torch.manual_seed(0)
-    model = build_model(_tiny(minilm_path))
+    model = build_model(_tiny(tiny_bert))
     with torch.no_grad():
         model.temp.fill_(0.05)
         model.itm_head.bias.fill_(0.3)
@@ -93,10 +89,10 @@ def saved(tmp_path_factory, minilm_path):
     return model, path
 
 
-def test_lavis_checkpoint_round_trip_reports_only_vit_missing(saved, minilm_path):
+def test_lavis_checkpoint_round_trip_reports_only_vit_missing(saved, tiny_bert):
     model, path = saved
     torch.manual_seed(5)
-    fresh = build_model(_tiny(minilm_path))
+    fresh = build_model(_tiny(tiny_bert))
     report = fresh.load_lavis_checkpoint(str(path))
     assert report["unexpected"] == []
     assert report["missing"] and all(k.startswith("visual_encoder.") for k in report["missing"])
@@ -106,14 +102,14 @@ def test_lavis_checkpoint_round_trip_reports_only_vit_missing(saved, minilm_path
     assert fresh.Qformer.cls.predictions.decoder.weight is fresh.Qformer.bert.embeddings.word_embeddings.weight
 
 
-def test_config_load_pretrained_and_finetuned(saved, minilm_path):
+def test_config_load_pretrained_and_finetuned(saved, tiny_bert):
     _, path = saved
-    m = build_model(_tiny(minilm_path, load_pretrained=True, pretrained=str(path)))
+    m = build_model(_tiny(tiny_bert, load_pretrained=True, pretrained=str(path)))
     assert abs(m.temp.item() - 0.05) < 1e-7
-    m = build_model(_tiny(minilm_path, load_finetuned=True, finetuned=str(path), load_pretrained=True, pretrained="x"))
+    m = build_model(_tiny(tiny_bert, load_finetuned=True, finetuned=str(path), load_pretrained=True, pretrained="x"))
     assert torch.allclose(m.itm_head.bias, torch.full((2,), 0.3))
     with pytest.raises(ValueError, match="model.finetuned"):
-        build_model(_tiny(minilm_path, load_finetuned=True, finetuned=""))
+        build_model(_tiny(tiny_bert, load_finetuned=True, finetuned=""))
 
 
 def test_bad_checkpoints_raise_clear_errors(saved, tmp_path):
@@ -141,8 +137,8 @@ def test_optimizer_groups_follow_lavis_head_rules(saved):
     assert len(decay) + len(no_decay) == n_trainable
 
 
-def test_unfrozen_vit_gets_per_layer_lr_scale(minilm_path):
-    model = build_model(_tiny(minilm_path, freeze_vit=False, vit_model="eva_clip_g",
+def test_unfrozen_vit_gets_per_layer_lr_scale(tiny_bert):
+    model = build_model(_tiny(tiny_bert, freeze_vit=False, vit_model="eva_clip_g",
                               vit_kwargs={"embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_size": 8}))
     groups = {g["name"]: g for g in model.get_optimizer_params(weight_decay=0.05, lr_scale=0.5)}
     assert groups["vit_layer_0_decay"]["lr_scale"] == 0.5 ** 3  # patch embedding / pos_embed
@@ -152,23 +148,23 @@ def test_unfrozen_vit_gets_per_layer_lr_scale(minilm_path):
     assert model.visual_encoder.training  # unfrozen ViT follows train()
 
 
-def test_training_checkpoint_carries_a_random_vit_but_not_one_from_a_weight_file(minilm_path, tmp_path):
+def test_training_checkpoint_carries_a_random_vit_but_not_one_from_a_weight_file(tiny_bert, tmp_path):
     """A ViT with no weight file (the tiny config's random encoder) cannot be rebuilt from disk, so the
     training checkpoint stores it; one loaded from `model.vit_weights` is left out, as LAVIS does."""
     torch.manual_seed(0)
-    random_vit = build_model(_tiny(minilm_path))
+    random_vit = build_model(_tiny(tiny_bert))
     state = random_vit.checkpoint_state_dict()
     vit_keys = {k for k in state if k.startswith("visual_encoder.")}
     assert vit_keys == {f"visual_encoder.{k}" for k in random_vit.visual_encoder.state_dict()}
     assert set(state) - vit_keys == set(random_vit.trainable_state_dict())
 
     torch.manual_seed(1)  # another random init: loading the checkpoint restores the original encoder
-    other = build_model(_tiny(minilm_path))
+    other = build_model(_tiny(tiny_bert))
     assert other.load_checkpoint({"model": state})["missing"] == []
     image = torch.randn(2, 3, 32, 32)
     assert torch.equal(other.vit_features(image), random_vit.vit_features(image))
 
     weights = tmp_path / "vit.pth"
     torch.save(random_vit.visual_encoder.state_dict(), weights)
-    from_file = build_model(_tiny(minilm_path, vit_weights=str(weights)))
+    from_file = build_model(_tiny(tiny_bert, vit_weights=str(weights)))
     assert not any(k.startswith("visual_encoder.") for k in from_file.checkpoint_state_dict())

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qformer.config import ConfigError, load_config_dict
+from helpers import data_config
+from qformer.config import ConfigError
 from qformer.data.annotations import coco_eval_image_id, read_caption_file, resolve_image_path
 from qformer.data.builders import CaptionBuilder, build_builder
 from qformer.core.errors import AnnotationError
@@ -101,7 +102,7 @@ def test_coco_eval_image_id_quirk() -> None:
 
 
 def _cfg(datasets: dict, **run) -> object:
-    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": datasets, "run": run})
+    return data_config(datasets, **run)
 
 
 def test_coco_builder_resolves_relative_paths_against_data_root(tmp_path: Path) -> None:

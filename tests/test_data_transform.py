@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from helpers import data_config
 from qformer.data.processors import build_processor
 from qformer.data.stats import skipped_count
 from qformer.data.tokenizer import load_tokenizer, resolve_bert_model, tokenize
@@ -68,7 +69,7 @@ def test_tokenize_empty_list() -> None:
 def test_training_datasets_must_share_mean_std(synth_data: Path) -> None:
     import pytest
 
-    from qformer.config import ConfigError, load_config_dict
+    from qformer.config import ConfigError
     from qformer.data.pipeline import build_train_datasets
     from qformer.data.synth import coco_caption_section
 
@@ -76,7 +77,6 @@ def test_training_datasets_must_share_mean_std(synth_data: Path) -> None:
     vg = {"build_info": {"annotations": {"train": coco["build_info"]["annotations"]["train"]},
                          "images": coco["build_info"]["images"]},
           "vis_processor": {"train": {"name": "blip_image_train", "image_size": 64, "mean": [0.5, 0.5, 0.5]}}}
-    cfg = load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"},
-                            "datasets": {"coco_caption": coco, "vg_caption": vg}})
+    cfg = data_config({"coco_caption": coco, "vg_caption": vg})
     with pytest.raises(ConfigError, match="datasets.vg_caption.vis_processor.train: mean/std differ"):
         build_train_datasets(cfg)

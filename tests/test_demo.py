@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_options
 from qformer.core import paths
 
 pytestmark = pytest.mark.ray
 
 
-def test_demo_trains_and_reports_before_after(ray_cluster, tmp_path, capsys):
+def test_demo_trains_and_reports_before_after(ray_cluster, tiny_bert, tmp_path, capsys):
     from qformer.data.synth import write_synthetic
     from qformer.jobs.demo import run_demo
 
@@ -18,14 +19,22 @@ def test_demo_trains_and_reports_before_after(ray_cluster, tmp_path, capsys):
     write_synthetic(root, n_train=8, n_val=4, n_test=4, image_size=64, captions_per_image=2)
     stamp = (root / "annotations" / "coco_karpathy_train.json").stat().st_mtime_ns
     options = ["run.max_epoch=1", "run.max_steps_per_epoch=2", "run.batch_size_train=4", "run.batch_size_eval=4",
-               "run.valid_splits=[]", "run.k_test=2", "run.log_freq=1", "model.num_query_token=4",
+               "run.valid_splits=[]", "run.k_test=2", "run.log_freq=1", *tiny_options(tiny_bert),
                f"run.output_dir={tmp_path}/demo", f"run.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                "run.data.batch_size=8"]
     summary = run_demo(None, options)
     assert (root / "annotations" / "coco_karpathy_train.json").stat().st_mtime_ns == stamp  # not regenerated
     assert summary["split"] == "test"
-    for side in ("before", "after"):
-        assert 0.0 <= summary[side]["r_mean"] <= 100.0 and "txt_r1" in summary[side]
+    for side in ("before", "after"):  # 4 test images x 2 captions: any ranking puts every image in a top 5
+        m = summary[side]
+        assert m["img_r5"] == m["img_r10"] == m["txt_r10"] == 100.0, m
+        assert m["txt_r_mean"] == pytest.approx((m["txt_r1"] + m["txt_r5"] + m["txt_r10"]) / 3)
+        assert m["r_mean"] == pytest.approx((m["txt_r_mean"] + m["img_r_mean"]) / 2)
+    # after: what the training run evaluated at its end and logged
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.metrics
+    assert {k: logged.get(f"test/{k}") for k in summary["after"]} == pytest.approx(summary["after"])
     assert Path(summary["checkpoint"], "checkpoint.pth").is_file()
     out = capsys.readouterr().out
     assert "=== qformer demo ===" in out and f"run {summary['mlflow_run_id']}" in out

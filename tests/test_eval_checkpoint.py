@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qformer.config import load_config_dict
-
 from qformer.core.errors import CheckpointError
+from helpers import tiny_config, tiny_run
 
 pytestmark = pytest.mark.ray
 
@@ -21,28 +20,12 @@ METRIC_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "tx
                "agg_metrics")
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from qformer.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("shapes_eval")
-    write_synthetic(root, n_train=16, n_val=4, n_test=6, image_size=64, captions_per_image=2)
-    return root
-
-
-def _cfg(shapes: Path, tmp_path: Path, **run):
+def _cfg(bert: Path, shapes: Path, tmp_path: Path, **run):
     from qformer.data.synth import coco_caption_section
 
-    base = {
-        "batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-3, "warmup_steps": 0, "max_epoch": 1,
-        "max_steps_per_epoch": 3, "log_freq": 1, "k_test": 3, "output_dir": str(tmp_path / "run"),
-        "valid_splits": [], "test_splits": ["test"], "amp": False,
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "test-eval"},
-        "data": {"batch_size": 8},
-        **run,
-    }
-    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 4, "max_txt_len": 16},
-                             "datasets": coco_caption_section(shapes), "run": base})
+    return tiny_config(bert, coco_caption_section(shapes), tiny_run(
+        tmp_path, "run", init_lr=1e-3, warmup_steps=0, max_steps_per_epoch=3, k_test=3, test_splits=["test"],
+        mlflow={"experiment_name": "test-eval"}, data={"batch_size": 8}, **run))
 
 
 def _latest_checkpoint(run_dir: Path) -> str:
@@ -54,7 +37,7 @@ def _latest_checkpoint(run_dir: Path) -> str:
     return str(max(dirs, key=lambda d: int(read_meta(d).get("step") or 0)))
 
 
-def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_path, capsys):
+def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, tiny_bert, shapes, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from qformer.cli import main
@@ -66,7 +49,7 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_pa
     def visual_artifacts(uri, run_id):
         return artifact_files(uri, run_id, ARTIFACT_ROOT, ".png")
 
-    cfg = _cfg(shapes, tmp_path, valid_splits=["val"])
+    cfg = _cfg(tiny_bert, shapes, tmp_path, valid_splits=["val"])
     trained = launch_training(cfg, local_mode=True)
     assert trained.error is None
     client = MlflowClient(tracking_uri=cfg.run.mlflow.tracking_uri)
@@ -111,11 +94,11 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, shapes, tmp_pa
         "visuals/test/retrieval_gallery.png", "visuals/test/query_attention.png"}
 
 
-def test_bad_checkpoints_are_named_and_lavis_style_files_load(shapes, tmp_path):
+def test_bad_checkpoints_are_named_and_lavis_style_files_load(tiny_bert, shapes, tmp_path):
     from qformer.jobs.eval_job import evaluate_checkpoint
     from qformer.models import build_model
 
-    cfg = _cfg(shapes, tmp_path)
+    cfg = _cfg(tiny_bert, shapes, tmp_path)
     wrong = tmp_path / "wrong.pth"
     torch.save({"model": {"some.other.weight": torch.zeros(2)}}, wrong)
     with pytest.raises(ValueError, match="matches none"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from small_model import small_model as _model  # eval: dropout off, both paths see the same network
+from helpers import small_model as _model  # eval: dropout off, both paths see the same network
 from torch.utils.flop_counter import FlopCounterMode
 
 from qformer.models.losses import ItmImages
@@ -43,8 +43,8 @@ def _assert_same(a, b):
 
 
 @pytest.fixture(scope="module")
-def model(minilm_path):
-    return _model(minilm_path)
+def model(tiny_bert):
+    return _model(tiny_bert)
 
 
 def test_reuse_equals_recomputing_on_one_process(model):
@@ -102,10 +102,10 @@ def _rank_worker(rank: int, init_file: str, out_dir: str, bert_path: str) -> Non
         dist.destroy_process_group()
 
 
-def test_reuse_equals_recomputing_on_two_ranks(minilm_path, tmp_path):
+def test_reuse_equals_recomputing_on_two_ranks(tiny_bert, tmp_path):
     """Negative images gathered from the other rank are projected, local rows reuse K/V; the
     backward all-reduce of the image gather still runs on every rank (no hang)."""
-    mp.spawn(_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path), minilm_path), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(str(tmp_path / "pg"), str(tmp_path), tiny_bert), nprocs=2, join=True)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt")
         _assert_same(results[True], results[False])

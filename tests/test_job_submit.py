@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from helpers import tiny_options
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -179,9 +180,9 @@ def submission_id(output: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    # A short path: Ray puts unix sockets under it (socket paths are limited to ~107 bytes).
-    temp_dir = tempfile.mkdtemp(prefix="qfjob", dir="/tmp")
+def ray_head(tmp_path_factory):
+    # A short name: Ray puts unix sockets under it (socket paths are limited to ~107 bytes).
+    temp_dir = str(tmp_path_factory.mktemp("qfjob"))
     head = LoopbackRayHead(temp_dir=temp_dir)
     try:
         head.start()
@@ -265,7 +266,7 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def tiny_training_job(home: Path, tracking_uri: str, experiment: str, *extra: str) -> dict:
+def tiny_training_job(bert: Path, home: Path, tracking_uri: str, experiment: str, *extra: str) -> dict:
     """Synthetic data under `home` and the tiny `qformer train` job over it: entrypoint and env_vars."""
     synth = subprocess.run(
         [str(VENV_BIN / "qformer"), "data", "synth", "--out", str(home / "data" / "synth_shapes"), "--n-train", "16",
@@ -275,7 +276,7 @@ def tiny_training_job(home: Path, tracking_uri: str, experiment: str, *extra: st
     options = ["run.max_epoch=1", "run.max_steps_per_epoch=2", "run.batch_size_train=4", "run.batch_size_eval=4",
                "run.log_freq=1", "run.warmup_steps=1", "run.valid_splits=[]", "run.test_splits=[]",
                "run.ray.use_gpu=false", "run.ray.num_workers=1", "run.data.shuffle_buffer=0",
-               "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}", *extra]
+               "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}", *tiny_options(bert), *extra]
     return {"entrypoint": ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options",
                            *options],
             "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home),
@@ -283,12 +284,12 @@ def tiny_training_job(home: Path, tracking_uri: str, experiment: str, *extra: st
                          "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
 
 
-def test_tiny_training_job_records_an_mlflow_run(ray_head, tmp_path):
+def test_tiny_training_job_records_an_mlflow_run(ray_head, tiny_bert, tmp_path):
     import mlflow
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     experiment = "job-submit-e2e"
-    proc = ray_head.submit(**tiny_training_job(tmp_path / "qformer_home", tracking_uri, experiment))
+    proc = ray_head.submit(**tiny_training_job(tiny_bert, tmp_path / "qformer_home", tracking_uri, experiment))
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
     assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
@@ -330,7 +331,7 @@ def alive_actor_names(head: LoopbackRayHead) -> list[str]:
     return [a.get("name") or "" for a in json.loads(proc.stdout)]
 
 
-def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
+def test_no_skipped_image_counter_outlives_its_job(ray_head, tiny_bert, tmp_path):
     """An eval job and a failed training job, each skipping a corrupt image, leave no counter actor behind
     on the long-lived head; the eval's MLflow run records the skipped image."""
     import mlflow
@@ -344,7 +345,7 @@ def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
     write_synthetic(data, n_train=16, n_val=4, n_test=4, seed=0, image_size=64)
     for split in ("train", "test"):
         next((data / "images" / split).glob("*.jpg")).write_bytes(b"not a jpeg")
-    cfg = load_config(REPO / "experiments" / "demo" / "tiny_shapes.yaml")
+    cfg = load_config(REPO / "experiments" / "demo" / "tiny_shapes.yaml", tiny_options(tiny_bert))
     torch_file = tmp_path / "weights.pth"
     import torch
 
@@ -353,7 +354,7 @@ def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     common = ["run.ray.use_gpu=false", "run.ray.num_workers=1", "run.batch_size_eval=4", "run.k_test=2",
-              "run.mlflow.experiment_name=counter-jobs"]
+              "run.mlflow.experiment_name=counter-jobs", *tiny_options(tiny_bert)]
     evaluated = ray_head.submit(["qformer", "eval", "--cfg-path", "experiments/demo/tiny_shapes.yaml",
                                  "--checkpoint", str(torch_file), "--split", "test", "--options", *common],
                                 env_vars=env)
@@ -378,13 +379,13 @@ def test_no_skipped_image_counter_outlives_its_job(ray_head, tmp_path):
     assert runs[0].data.metrics["test/skipped_images"] == 1.0
 
 
-def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tmp_path):
+def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tiny_bert, tmp_path):
     """`ray job stop` SIGTERMs the driver (SIGKILL 3 s later): its MLflow run ends KILLED, not FAILED.
     `ray job submit` itself exits 0 for a STOPPED job (only FAILED gives 1), as docs/cluster.md says."""
     import mlflow
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    job = tiny_training_job(tmp_path / "qformer_home", tracking_uri, "job-stop-e2e",
+    job = tiny_training_job(tiny_bert, tmp_path / "qformer_home", tracking_uri, "job-stop-e2e",
                             "run.max_epoch=50", "run.max_steps_per_epoch=1000")  # runs until stopped
     sid = f"stop-{secrets.token_hex(4)}"
     submit = subprocess.Popen(ray_head.submit_command(**job, submission_id=sid), env=ray_head.env, cwd=ray_head.temp_dir,

@@ -3,20 +3,19 @@
 Setup: `write_synthetic` shapes set (300 train images x 5 captions, 24 test images x 5 captions, 64 px),
 the tiny model (timm ViT, 4 blocks, random and frozen; MiniLM Q-Former, 8 queries), run.k_test 8,
 20 micro-batches of 16 with the real train step (LAVIS LR schedule: 5 warm-up steps to 3e-4, AdamW),
-one process, torch on one thread (deterministic and much faster on a shared 2-core box).
+one process on torch's default threads (the thread count moves the trained numbers by a few points).
 
 Chance level on 24 images / 120 captions is r_mean ~ (1+5+10)/24/3 = 22%.
 Measured test r_mean, untrained -> trained, this exact setup (seed = model init + data order):
   seed 0: 16.39 -> 51.25 (+34.9)   seed 1: 25.69 -> 35.42 (+9.7)
   seed 2: 12.50 -> 50.00 (+37.5)   seed 3: 20.42 -> 46.94 (+26.5)
-(~100 s CPU each on one thread, ~30 s of it the two evaluations.) The test runs seed 0 and asks for a
+(measured on one thread; seed 0 on 2 threads: 16.39 -> 47.50, ~40 s on 2 cores.) The test runs seed 0 and asks for a
 gain of at least MARGIN = 8 points: below every measured gain, so it holds for any of these seeds, and
 far above what an untrained-vs-untrained comparison can produce (identical weights give identical r_mean).
 """
 from __future__ import annotations
 
 import pytest
-import torch
 
 from qformer.config import load_config_dict
 
@@ -27,15 +26,7 @@ STEPS = 20
 MARGIN = 8.0
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_trained_tiny_model_beats_untrained_on_test_retrieval(tmp_path, one_thread):
+def test_trained_tiny_model_beats_untrained_on_test_retrieval(tmp_path):
     from qformer.data.synth import coco_caption_section, write_synthetic
     from learning import train_and_compare
 

@@ -1,47 +1,33 @@
 """Blip2Qformer (tiny config): shapes of every pass, which params train, frozen ViT mode, losses fall."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from helpers import small_model_cfg
 from qformer.models import Blip2Output, Blip2Qformer, build_model
 
 TEXTS = ["a red circle on the left", "a blue square", "two green triangles", "a small yellow star"]
 
 
-def tiny_cfg(minilm_path: str, **over) -> dict:
-    cfg = {
-        "arch": "blip2",
-        "model_type": "tiny",
-        "load_pretrained": False,
-        "load_finetuned": False,
-        "vit_model": "timm:vit_tiny_patch16_224",
-        "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2},
-        "image_size": 32,
-        "vit_precision": "fp32",
-        "freeze_vit": True,
-        "num_query_token": 4,
-        "bert_model": minilm_path,
-        "cross_attention_freq": 2,
-        "max_txt_len": 12,
-        "embed_dim": 32,
-    }
-    cfg.update(over)
-    return OmegaConf.create(cfg)
+def tiny_cfg(bert: str, **over):
+    return small_model_cfg(bert, **{"vit_kwargs": {"depth": 2}, "max_txt_len": 12, "embed_dim": 32, **over})
 
 
 @pytest.fixture(scope="module")
-def model(minilm_path) -> Blip2Qformer:
+def model(tiny_bert) -> Blip2Qformer:
     torch.manual_seed(0)
-    return build_model(tiny_cfg(minilm_path))
+    return build_model(tiny_cfg(tiny_bert))
 
 
-def test_build_model_registers_blip2(model):
+def test_build_model_registers_blip2(model, tiny_bert):
     assert isinstance(model, Blip2Qformer)
-    assert len(model.tokenizer) == 30523
-    assert model.tokenizer.convert_tokens_to_ids("[DEC]") == model.tokenizer.bos_token_id == 30522
-    assert model.Qformer.bert.embeddings.word_embeddings.weight.shape == (30523, 384)
+    vocab = len(Path(tiny_bert, "vocab.txt").read_text().split())
+    assert len(model.tokenizer) == vocab + 1  # [DEC] added after the BERT's vocabulary
+    assert model.tokenizer.convert_tokens_to_ids("[DEC]") == model.tokenizer.bos_token_id == vocab
+    assert model.Qformer.bert.embeddings.word_embeddings.weight.shape == (vocab + 1, 64)
     assert model.temp.dim() == 0 and abs(model.temp.item() - 0.07) < 1e-7
 
 
@@ -56,14 +42,15 @@ def test_pass_shapes(model):
     feats2, _ = model.encode_image(image_embeds=raw)
     assert torch.allclose(feats, feats2)
     ids, atts = model.tokenize(TEXTS[:3])
-    assert ids.shape == atts.shape == (3, 12) and ids[0, 0].item() == 101
+    assert ids.shape == atts.shape == (3, 12) and ids[0, 0].item() == model.tokenizer.cls_token_id
     text_feat = model.encode_text(ids, atts)
     assert text_feat.shape == (3, 32)
     assert model.itm_logits(embeds_ln, ids, atts).shape == (3, 2)
     assert model.itm_logit(embeds_ln, ids, atts).shape == (3,)
     qout = model._query_pass(embeds_ln, use_cache=True)
-    assert len(qout.past_key_values) == 6
-    assert qout.past_key_values[0][0].shape == (3, 12, 4, 32)  # [B, heads, Q, head_dim]
+    bert = model.Qformer.config  # the test BERT: 4 layers of 4 heads, 64 wide
+    assert len(qout.past_key_values) == bert.num_hidden_layers == 4
+    assert qout.past_key_values[0][0].shape == (3, 4, 4, 16)  # [B, heads, Q, head_dim]
 
 
 def test_forward_gradients_only_reach_trainable_parts(model):

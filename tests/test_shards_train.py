@@ -12,45 +12,38 @@ from pathlib import Path
 
 import pytest
 
-from qformer.config import load_config_dict
 from qformer.data.synth_shards import upload_tree, write_shards
+from helpers import tiny_config, tiny_run
 from step_hooks import FailOnceAtStep
 
 pytestmark = pytest.mark.ray
 
 
-def _cfg(tmp_path: Path, storage: str, name: str, run: dict | None = None, data: dict | None = None,
+def _cfg(bert: Path, tmp_path: Path, storage: str, name: str, run: dict | None = None, data: dict | None = None,
          more_datasets: dict | None = None):
-    base = {
-        "batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-4, "min_lr": 1e-5, "warmup_lr": 0.0,
-        "warmup_steps": 2, "max_epoch": 1, "log_freq": 1, "output_dir": str(tmp_path / name), "amp": False,
-        "valid_splits": [], "test_splits": [], "data": {"batch_size": 8, "task_rows": 8, **(data or {})},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "test-shards"},
-        **(run or {}),
-    }
-    return load_config_dict({
-        "model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 4, "max_txt_len": 16, "image_size": 64},
-        "datasets": {"web": {"builder": "image_text_shards", "build_info": {"storage": storage},
-                             "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}},
-                     **(more_datasets or {})},
-        "run": base})
+    datasets = {"web": {"builder": "image_text_shards", "build_info": {"storage": storage},
+                        "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}},
+                **(more_datasets or {})}
+    return tiny_config(bert, datasets, tiny_run(tmp_path, name, data={"batch_size": 8, "task_rows": 8, **(data or {})},
+                                                mlflow={"experiment_name": "test-shards"}, **(run or {})),
+                       model={"image_size": 64})
 
 
 @pytest.mark.parametrize("fmt", ["wds", "parquet", "jsonl", "csv"])
-def test_train_reads_each_format(ray_cluster, tmp_path: Path, fmt: str) -> None:
+def test_train_reads_each_format(ray_cluster, tiny_bert, tmp_path: Path, fmt: str) -> None:
     from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", fmt, shards=2, per_shard=8, seed=1, image_size=64)
-    result = launch_training(_cfg(tmp_path, info["storage"], fmt), local_mode=True)
+    result = launch_training(_cfg(tiny_bert, tmp_path, info["storage"], fmt), local_mode=True)
     assert result.error is None and result.metrics["step"] == 4  # 16 pairs, batch 4, one epoch
 
 
-def test_train_from_object_storage(ray_cluster, s3_endpoint: str, tmp_path: Path) -> None:
+def test_train_from_object_storage(ray_cluster, tiny_bert, s3_endpoint: str, tmp_path: Path) -> None:
     from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=2, per_shard=8, seed=2, image_size=64)
     upload_tree(info["folder"], "s3://shards/train-wds", s3_endpoint)
-    cfg = _cfg(tmp_path, "s3://shards/train-wds/{00000..00001}.tar", "s3", data={"s3_endpoint": s3_endpoint})
+    cfg = _cfg(tiny_bert, tmp_path, "s3://shards/train-wds/{00000..00001}.tar", "s3", data={"s3_endpoint": s3_endpoint})
     result = launch_training(cfg, local_mode=True)
     assert result.error is None and result.metrics["step"] == 4
 
@@ -59,13 +52,13 @@ def _rows(debug: Path) -> list[tuple[int, list[int]]]:
     return [(r["step"], r["ids"]) for r in map(json.loads, (debug / "rows-rank0.jsonl").read_text().splitlines())]
 
 
-def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, tmp_path: Path, monkeypatch) -> None:
+def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, tiny_bert, tmp_path: Path, monkeypatch) -> None:
     """A crash after the step-3 checkpoint of a 12-step epoch (mid-chunk: chunks hold 8 rows); the re-launch
     continues from that checkpoint's data position: with the rows trained up to it, every pair exactly once."""
     from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=3, per_shard=16, seed=3, image_size=64)
-    cfg = _cfg(tmp_path, info["storage"], "resume", {"save_freq_steps": 3})
+    cfg = _cfg(tiny_bert, tmp_path, info["storage"], "resume", {"save_freq_steps": 3})
     debug = tmp_path / "debug"
     cfg.run.data.audit_dir = str(debug)  # which rows each step trained on
     with pytest.raises(Exception, match="injected failure"):
@@ -84,7 +77,7 @@ def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, tm
     assert result.metrics["step"] == 12  # the epoch's step count as if uninterrupted
 
 
-def test_missing_shard_stops_train_before_ray_starts(tmp_path: Path) -> None:
+def test_missing_shard_stops_train_before_ray_starts(tiny_bert, tmp_path: Path) -> None:
     info = write_shards(tmp_path / "data", "parquet", shards=2, per_shard=4, seed=1, image_size=64)
     spec = info["storage"].replace("00001}", "00003}")  # names 00002 and 00003 too
     cfg_path = tmp_path / "exp.yaml"
@@ -92,7 +85,7 @@ def test_missing_shard_stops_train_before_ray_starts(tmp_path: Path) -> None:
 
     from omegaconf import OmegaConf
 
-    yaml.safe_dump(OmegaConf.to_container(_cfg(tmp_path, spec, "missing"), resolve=True), cfg_path.open("w"))
+    yaml.safe_dump(OmegaConf.to_container(_cfg(tiny_bert, tmp_path, spec, "missing"), resolve=True), cfg_path.open("w"))
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.run([sys.executable, "-m", "qformer.cli", "train", "--cfg-path", str(cfg_path)],
                           capture_output=True, text=True, timeout=300, env=env)
@@ -102,7 +95,7 @@ def test_missing_shard_stops_train_before_ray_starts(tmp_path: Path) -> None:
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
 
 
-def test_resumed_at_another_world_size_the_pass_is_re_split_from_the_position(ray_cluster, tmp_path: Path,
+def test_resumed_at_another_world_size_the_pass_is_re_split_from_the_position(ray_cluster, tiny_bert, tmp_path: Path,
                                                                               monkeypatch) -> None:
     """2 DDP workers train half an epoch and fail; the run continues on 1 worker (global_batch mode: 2
     micro-batches per step) from the checkpoint, whose position merges what both ranks had trained on.
@@ -111,7 +104,7 @@ def test_resumed_at_another_world_size_the_pass_is_re_split_from_the_position(ra
 
     info = write_shards(tmp_path / "data", "wds", shards=4, per_shard=16, seed=4, image_size=64)
     run = {"batch_size_train": 2, "save_freq_steps": 4, "log_freq": 4, "elastic": {"global_batch": 4}}
-    two = _cfg(tmp_path, info["storage"], "resize", {
+    two = _cfg(tiny_bert, tmp_path, info["storage"], "resize", {
         **run, "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
     debug = tmp_path / "debug"
     two.run.data.audit_dir = str(debug)
@@ -119,7 +112,7 @@ def test_resumed_at_another_world_size_the_pass_is_re_split_from_the_position(ra
         launch_training(two, step_hooks=[FailOnceAtStep(7, str(tmp_path / "failed_once"))])
     before = [_rows_of(debug / f"rows-rank{r}.jsonl") for r in (0, 1)]
     (debug / "rows-rank0.jsonl").unlink()
-    one = _cfg(tmp_path, info["storage"], "resize", {
+    one = _cfg(tiny_bert, tmp_path, info["storage"], "resize", {
         **run, "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
     one.run.data.audit_dir = str(debug)
     result = launch_training(one)
@@ -136,7 +129,7 @@ def _rows_of(path: Path) -> list[tuple[int, list[int]]]:
     return [(r["step"], r["ids"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
-def test_iteration_based_run_mixes_shards_with_coco_by_ratio(ray_cluster, tmp_path: Path) -> None:
+def test_iteration_based_run_mixes_shards_with_coco_by_ratio(ray_cluster, tiny_bert, tmp_path: Path) -> None:
     """runner_iter over two endless streams, a shard set and COCO-format annotations, drawn by ratio."""
     from qformer.data.synth import coco_caption_section, write_synthetic
     from qformer.jobs.train_job import launch_training
@@ -145,7 +138,7 @@ def test_iteration_based_run_mixes_shards_with_coco_by_ratio(ray_cluster, tmp_pa
     write_synthetic(tmp_path / "coco", n_train=8, n_val=2, n_test=2, image_size=64, captions_per_image=2)
     coco = coco_caption_section(tmp_path / "coco")["coco_caption"]
     coco["vis_processor"] = {"train": {"name": "blip2_image_train", "image_size": 64}}
-    cfg = _cfg(tmp_path, info["storage"], "mixed", {"runner": "runner_iter", "max_iters": 10,
+    cfg = _cfg(tiny_bert, tmp_path, info["storage"], "mixed", {"runner": "runner_iter", "max_iters": 10,
                                                    "iters_per_inner_epoch": 5,
                                                    "train_dataset_ratios": {"web": 3, "coco_caption": 1}},
                more_datasets={"coco_caption": coco})

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from small_model import small_model
+from helpers import small_model
 
 from qformer.train.step import with_text_plan
 from qformer.train.sync_check import SyncRecorder
 
 @pytest.fixture(scope="module")
-def model(minilm_path):
-    return small_model(minilm_path)  # eval: dropout off, the two runs below see the same network
+def model(tiny_bert):
+    return small_model(tiny_bert)  # eval: dropout off, the two runs below see the same network
 
 
 @pytest.fixture()

@@ -17,37 +17,18 @@ import torch
 from omegaconf import OmegaConf
 
 from qformer.config import ConfigError, load_config_dict
+from helpers import merged, tiny_config, tiny_run
 from step_hooks import FailOnceAtStep
 
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    from qformer.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("shapes")
-    write_synthetic(root, n_train=16, n_val=4, n_test=4, image_size=64, captions_per_image=2)
-    return root
-
-
-def _cfg(shapes: Path, tmp_path: Path, name: str, run: dict):
+def _cfg(bert: Path, shapes: Path, tmp_path: Path, name: str, run_over: dict):
     from qformer.data.synth import coco_caption_section
 
-    base_run = {
-        "batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-4, "min_lr": 1e-5, "warmup_lr": 0.0,
-        "warmup_steps": 4, "max_epoch": 2, "log_freq": 1, "k_test": 2, "output_dir": str(tmp_path / name),
-        "valid_splits": [], "test_splits": [], "amp": False,
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "test-train"},
-        "data": {"batch_size": 8},
-    }
-    for key, value in run.items():
-        if isinstance(value, dict) and isinstance(base_run.get(key), dict):
-            base_run[key] = {**base_run[key], **value}
-        else:
-            base_run[key] = value
-    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 4, "max_txt_len": 16},
-                             "datasets": coco_caption_section(shapes), "run": base_run})
+    run = tiny_run(tmp_path, name, **{"max_epoch": 2, "warmup_steps": 4, "data": {"batch_size": 8},
+                                      "mlflow": {"experiment_name": "test-train"}})
+    return tiny_config(bert, coco_caption_section(shapes), merged(run, run_over))
 
 
 def _client(cfg):
@@ -60,10 +41,10 @@ def _cos(epoch: int, max_epoch: int, init: float = 1e-4, low: float = 1e-5) -> f
     return (init - low) * 0.5 * (1 + math.cos(math.pi * epoch / max_epoch)) + low
 
 
-def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, shapes, tmp_path, monkeypatch):
+def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_bert, shapes, tmp_path, monkeypatch):
     from qformer.jobs.train_job import launch_training
 
-    cfg = _cfg(shapes, tmp_path, "local", {"max_steps_per_epoch": 3, "save_freq_steps": 2,
+    cfg = _cfg(tiny_bert, shapes, tmp_path, "local", {"max_steps_per_epoch": 3, "save_freq_steps": 2,
                                            "valid_splits": ["val"], "keep_checkpoints": 5})
     with pytest.raises(Exception, match="injected failure"):  # crashes after the step-2 checkpoint, mid-epoch 0
         launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(2, str(tmp_path / "failed_once"))])
@@ -120,11 +101,11 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, shapes
     assert sorted({m.step for m in client.get_metric_history(longer.mlflow_run_id, "loss")}) == [7, 8, 9]
 
 
-def test_two_worker_ddp_sync_disjoint_data_and_failure_recovery(ray_cluster, shapes, tmp_path, monkeypatch):
+def test_two_worker_ddp_sync_disjoint_data_and_failure_recovery(ray_cluster, tiny_bert, shapes, tmp_path, monkeypatch):
     from qformer.jobs.train_job import launch_training
 
     debug = tmp_path / "debug"
-    cfg = _cfg(shapes, tmp_path, "ddp", {
+    cfg = _cfg(tiny_bert, shapes, tmp_path, "ddp", {
         "batch_size_train": 2, "max_epoch": 1, "max_steps_per_epoch": 4, "save_freq_steps": 2, "log_freq": 2,
         "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 1, "use_gpu": False},
     })
@@ -156,12 +137,12 @@ def test_two_worker_ddp_sync_disjoint_data_and_failure_recovery(ray_cluster, sha
     assert torch.isfinite(torch.tensor([m.value for m in client.get_metric_history(run.info.run_id, "loss")])).all()
 
 
-def test_iteration_based_runner_cycles_data_and_counts_inner_epochs(ray_cluster, shapes, tmp_path):
+def test_iteration_based_runner_cycles_data_and_counts_inner_epochs(ray_cluster, tiny_bert, shapes, tmp_path):
     """runner_iter: max_iters / iters_per_inner_epoch inner epochs; the stream continues past a data pass."""
     from qformer.jobs.train_job import launch_training
 
     # 32 captions / batch 8 = 4 batches per pass; 2 inner epochs x 3 iterations cross the pass boundary
-    cfg = _cfg(shapes, tmp_path, "iters", {"batch_size_train": 8, "max_iters": 6, "iters_per_inner_epoch": 3,
+    cfg = _cfg(tiny_bert, shapes, tmp_path, "iters", {"batch_size_train": 8, "max_iters": 6, "iters_per_inner_epoch": 3,
                                            "runner": "runner_iter", "log_freq": 1})
     result = launch_training(cfg, local_mode=True)
     assert result.metrics["step"] == 6 and result.metrics["epoch"] == 1

@@ -67,10 +67,15 @@ def test_scheduler_steps_before_forward_every_micro_batch():
 
 
 def test_grad_norm_only_on_log_steps():
+    import copy
+
     state = _state(ToyRegressor(), accum=1)
     assert train_step(state, toy_batch(4, 0), 0, 0).grad_norm is None
+    twin = copy.deepcopy(state.model)  # the weights the logged step's gradients are taken at
     out = train_step(state, toy_batch(4, 1), 0, 1, log=True)
-    assert out.grad_norm is not None and out.grad_norm > 0
+    twin(toy_batch(4, 1)).loss.backward()
+    expected = torch.cat([p.grad.flatten() for p in twin.parameters() if p.grad is not None]).norm()
+    assert out.grad_norm == pytest.approx(float(expected), rel=1e-5)  # the norm of the step's gradients, before clipping
     assert out.lr == pytest.approx(1e-2)
 
 

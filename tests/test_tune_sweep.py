@@ -1,9 +1,9 @@
-"""End to end: a 4-trial ASHA sweep of the tiny config on synthetic data, on the session's local Ray.
+"""End to end: a 3-trial ASHA sweep of the tiny config on synthetic data, on the session's local Ray.
 
 Trials train through `qformer train`'s launcher (1 Train worker at half a CPU + a quarter-CPU trial
 driver, 2 trials at a time). The learning rates are a grid so the outcome does not hang on luck:
-the two trials that start first learn (1e-3), the two that start later barely move (1e-8), so when
-they reach ASHA's first rung (after epoch 0) both earlier results are already recorded and better.
+the two trials that start first learn (3e-3), the one that starts later barely moves (1e-8), so when
+it reaches ASHA's first rung (after epoch 0) both earlier results are already recorded and better.
 The metric is the epoch's mean training loss (min): continuous, so no ties at the rung.
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,17 @@ TINY_BASE = REPO / "experiments" / "demo" / "tiny_shapes.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def sweep_options(root: Path) -> list[str]:
+def sweep_options(root: Path, bert: Path) -> list[str]:
     return [
+        f"model.bert_model={bert}",  # the test BERT (the sweep itself varies num_query_token)
         f"run.data_root={root / 'data'}",
         f"run.mlflow.tracking_uri=sqlite:///{root / 'mlflow' / 'mlflow.db'}",
         "run.mlflow.experiment_name=tune-test",
         f"tune.storage_path={root / 'sweeps'}",
         f"run.ray.storage_path={root / 'train'}",
         "tune.metric=train_epoch/loss", "tune.mode=min",
-        "tune.search_space.run.init_lr={grid: [1.0e-3, 1.0e-3, 1.0e-8, 1.0e-8]}",
+        "tune.search_space.run.init_lr={grid: [3.0e-3, 3.0e-3, 1.0e-8]}",
+        "run.max_steps_per_epoch=5",  # 5 steps at 3e-3 lower the epoch's mean loss well past what the query count moves
         "run.min_lr=0.0",  # 1e-8 is below the base's min_lr, which the sweep would refuse
         "tune.num_samples=1",
         "run.max_epoch=2", "tune.scheduler.max_t=2",
@@ -45,12 +46,10 @@ def sweep_options(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_cluster):
+def sweep(ray_cluster, tiny_bert, tmp_path_factory):
     from qformer.data.synth import write_synthetic
 
-    # Not a pytest tmp dir: on a machine shared by several pytest sessions, their basetemp rotation
-    # (keep the 3 newest) can delete it under a sweep that runs for minutes.
-    root = Path(tempfile.mkdtemp(prefix="qformer_tune_e2e_"))
+    root = tmp_path_factory.mktemp("tune_e2e")
     write_synthetic(root / "data" / "synth_shapes", n_train=16, n_val=8, n_test=4, seed=0, image_size=64)
     # Run as a `ray job` runs it: from a copy of the repo (its working directory), which is deleted after.
     workdir = root / "job_working_dir"
@@ -58,30 +57,28 @@ def sweep(ray_cluster):
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
-        spec = load_sweep("experiments/sweeps/tiny_lr_queries.yaml", sweep_options(root))
+        spec = load_sweep("experiments/sweeps/tiny_lr_queries.yaml", sweep_options(root, tiny_bert))
         printed: list[str] = []
         outcome = run_sweep(spec, print_fn=printed.append)
     finally:
         os.chdir(cwd)
     shutil.rmtree(workdir)
-    yield spec, outcome, "\n".join(printed), root
-    shutil.rmtree(root, ignore_errors=True)
+    return spec, outcome, "\n".join(printed), root
 
 
 def test_asha_stops_a_late_weak_trial_early(sweep):
     spec, outcome, _, _ = sweep
-    assert len(outcome.rows) == 4
+    assert len(outcome.rows) == 3
     assert all(r.status == "ok" for r in outcome.rows), [(r.trial_id, r.status) for r in outcome.rows]
     early = [r for r in outcome.rows if r.stopped_early]
     assert early, "ASHA stopped no trial"
-    assert all(r.iterations <= 2 for r in early)  # a 1e-3 trial may also be cut at the top rung (2)
-    late = [r for r in outcome.rows if int(r.trial_id.rsplit("_", 1)[1]) >= 2]  # grid order: the 1e-8 trials
-    assert all(r.sampled["run.init_lr"] == pytest.approx(1e-8) and r.stopped_early and r.iterations == 1
-               for r in late)
+    assert all(r.iterations <= 2 for r in early)  # a 3e-3 trial may also be cut at the top rung (2)
+    [late] = [r for r in outcome.rows if int(r.trial_id.rsplit("_", 1)[1]) == 2]  # grid order: the 1e-8 trial
+    assert late.sampled["run.init_lr"] == pytest.approx(1e-8) and late.stopped_early and late.iterations == 1
     full = [r for r in outcome.rows if not r.stopped_early]
     assert full and all(r.iterations == 2 for r in full)
     assert not outcome.interrupted
-    assert outcome.best is not None and outcome.best.sampled["run.init_lr"] == pytest.approx(1e-3)
+    assert outcome.best is not None and outcome.best.sampled["run.init_lr"] == pytest.approx(3e-3)
     assert outcome.best.metric == min(r.metric for r in outcome.rows)
 
 
@@ -95,7 +92,7 @@ def test_mlflow_parent_and_one_child_per_trial(sweep):
         "sweep/results.csv", "sweep/metric_vs_lr.png", "sweep/best_config.yaml"}
     children = client.search_runs([outcome.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
-    assert len(children) == 4
+    assert len(children) == 3
     by_id = {c.info.run_id: c for c in children}
     for row in outcome.rows:
         child = by_id[row.mlflow_run_id]
@@ -112,7 +109,7 @@ def test_mlflow_parent_and_one_child_per_trial(sweep):
 def test_results_on_disk_and_printed(sweep):
     spec, outcome, printed, _ = sweep
     results_dir = outcome.sweep_dir / "results"
-    assert (results_dir / "results.csv").read_text().count("\n") == 5
+    assert (results_dir / "results.csv").read_text().count("\n") == 4
     assert (results_dir / "metric_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
     assert "stopped early" in printed and "init_lr" in printed and "num_query_token" in printed
     assert f"qformer train --cfg-path {results_dir / 'best_config.yaml'}" in printed
@@ -154,7 +151,7 @@ def test_best_config_loads_and_trains_a_new_run(sweep):
     cfg = load_config(str(path))
     assert cfg.run.init_lr == pytest.approx(outcome.best.sampled["run.init_lr"])
     assert cfg.model.num_query_token == outcome.best.sampled["model.num_query_token"]
-    short = ["run.max_epoch=1", "run.max_steps_per_epoch=1", "run.valid_splits=[]"]
+    short = ["run.max_epoch=1", "run.max_steps_per_epoch=1", "run.valid_splits=[]", "run.ray.num_workers=0"]
     earlier = launch_training(load_config(str(TINY_BASE), [*spec.base_options, *short]))  # e.g. the demo's run
     assert earlier.error is None and earlier.mlflow_run_id
     result = launch_training(load_config(str(path), short))
@@ -167,46 +164,47 @@ def test_best_config_loads_and_trains_a_new_run(sweep):
     assert run.info.status == "FINISHED" and run.info.run_name == f"{spec.name}_best_{outcome.best.trial_id}"
 
 
-def test_existing_sweep_needs_resume_and_resume_restores(sweep):
+def test_existing_sweep_needs_resume_and_resume_restores(sweep, tiny_bert):
     spec, outcome, _, root = sweep
     with pytest.raises(ConfigError, match="--resume"):
-        run_sweep(load_sweep(TINY_SWEEP, sweep_options(root)))
-    again = run_sweep(load_sweep(TINY_SWEEP, sweep_options(root)), resume=True, print_fn=lambda *_: None)
+        run_sweep(load_sweep(TINY_SWEEP, sweep_options(root, tiny_bert)))
+    again = run_sweep(load_sweep(TINY_SWEEP, sweep_options(root, tiny_bert)), resume=True, print_fn=lambda *_: None)
     assert again.parent_run_id == outcome.parent_run_id  # the same parent run, reopened and finished again
     assert sorted(r.trial_id for r in again.rows) == sorted(r.trial_id for r in outcome.rows)
     assert [r.iterations for r in again.rows] == [r.iterations for r in outcome.rows]  # nothing re-ran
 
 
-def test_interrupted_sweep_is_killed_and_its_resume_continues_the_iteration_count(ray_cluster):
-    """SIGINT to the driver (Ctrl+C): Tune stops the trial and fit() returns. The sweep says so, names no
-    best trial, tells how to resume and leaves its parent run KILLED. `--resume` restores the trial, whose
-    Train run resumes from its last epoch checkpoint, and its Tune iteration count goes on from there."""
+def test_interrupted_sweep_is_killed_and_its_resume_continues_the_iteration_count(ray_cluster, tiny_bert, tmp_path,
+                                                                                    monkeypatch):
+    """SIGINT to the driver (Ctrl+C) as Tune takes the trial's first result: Tune stops the trial and fit()
+    returns. The sweep says so, names no best trial, tells how to resume and leaves its parent run KILLED.
+    `--resume` restores the trial, whose Train run resumes from its last epoch checkpoint, and its Tune
+    iteration count goes on from there."""
     import signal
-    import threading
-    import time
 
     from qformer.data.synth import write_synthetic
+    from qformer.jobs.sweep import driver
 
-    root = Path(tempfile.mkdtemp(prefix="qformer_tune_int_"))
-    write_synthetic(root / "data" / "synth_shapes", n_train=16, n_val=8, n_test=4, seed=0, image_size=64)
-    options = [*sweep_options(root), "tune.name=interrupted", "tune.search_space.run.init_lr={grid: [1.0e-3]}",
-               "tune.search_space.model.num_query_token={choice: [4]}", "run.max_epoch=4", "tune.scheduler.max_t=4"]
-    sweep_dir = root / "sweeps" / "interrupted"
+    write_synthetic(tmp_path / "data" / "synth_shapes", n_train=16, n_val=8, n_test=4, seed=0, image_size=64)
+    options = [*sweep_options(tmp_path, tiny_bert), "tune.name=interrupted", "tune.search_space.run.init_lr={grid: [1.0e-3]}",
+               "tune.search_space.model.num_query_token={choice: [4]}", "run.max_epoch=4", "tune.scheduler.max_t=4",
+               "run.max_steps_per_epoch=2"]
+    on_result = driver.EarlyStopMarker.on_trial_result
+    interrupted: list[int] = []
 
-    def interrupt_after_the_first_result() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if any(f.stat().st_size for f in sweep_dir.glob("trial_*/result.json")):
-                os.kill(os.getpid(), signal.SIGINT)  # Tune's handler (set while fit() runs) takes it
-                return
-            time.sleep(0.2)
+    def interrupt_at_the_first_result(self, iteration, trials, trial, result, **info):
+        on_result(self, iteration, trials, trial, result, **info)
+        if not interrupted:  # the driver's main thread, inside fit(): Tune's own SIGINT handler takes it
+            interrupted.append(result["training_iteration"])
+            signal.raise_signal(signal.SIGINT)
 
     handler = signal.getsignal(signal.SIGINT)
     printed: list[str] = []
     spec = load_sweep(TINY_SWEEP, options)
     try:
-        threading.Thread(target=interrupt_after_the_first_result, daemon=True).start()
-        first = run_sweep(spec, print_fn=printed.append)
+        with monkeypatch.context() as patch:
+            patch.setattr(driver.EarlyStopMarker, "on_trial_result", interrupt_at_the_first_result)
+            first = run_sweep(spec, print_fn=printed.append)
         client = MlflowClient(tracking_uri=first.tracking_uri)
         parent_status = client.get_run(first.parent_run_id).info.status
         signal.signal(signal.SIGINT, handler)
@@ -214,11 +212,11 @@ def test_interrupted_sweep_is_killed_and_its_resume_continues_the_iteration_coun
         resumed_status = client.get_run(resumed.parent_run_id).info.status
     finally:
         signal.signal(signal.SIGINT, handler)
-        shutil.rmtree(root, ignore_errors=True)
 
     text = "\n".join(printed)
     [row] = first.rows
-    assert first.interrupted and first.best is None and not row.finished and 1 <= row.iterations < 4, text
+    assert interrupted == [1] and first.interrupted and first.best is None and not row.finished, text
+    assert row.iterations == 1, text  # stopped at the result that raised the signal
     assert "INTERRUPTED" in text and "retrain" not in text and "best_config" not in first.files
     assert spec.command("--resume") in text and "--options" in spec.command()  # the same options again
     assert parent_status == "KILLED"
@@ -230,8 +228,8 @@ def test_interrupted_sweep_is_killed_and_its_resume_continues_the_iteration_coun
     assert resumed_status == "FINISHED"
 
 
-def test_invalid_search_space_key_fails_before_any_trial(tmp_path):
-    options = [*sweep_options(tmp_path), "tune.search_space.run.init_lrr={loguniform: [1e-5, 1e-3]}"]
+def test_invalid_search_space_key_fails_before_any_trial(tmp_path, tiny_bert):
+    options = [*sweep_options(tmp_path, tiny_bert), "tune.search_space.run.init_lrr={loguniform: [1e-5, 1e-3]}"]
     with pytest.raises(ConfigError, match=r"tune\.search_space\.run\.init_lrr.*did you mean run\.init_lr"):
         run_sweep(load_sweep(TINY_SWEEP, options))
     assert not (tmp_path / "sweeps").exists()  # no Tune experiment

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from qformer.evaluate.drawing import CORRECT, WRONG
@@ -34,6 +35,14 @@ def _known_scores(n_img: int = 6, per_image: int = 2):
         order = others[:1] + [img2txt[i][0]] + others[1:6] + [img2txt[i][1]] + others[6:]
         i2t[i, order[:8]] = np.linspace(2.0, 1.3, 8)  # past 8: not re-ranked (-100), as with k_test = 8
     return ScoreMatrices(i2t, t2i, img2txt, txt2img, kept_images=list(range(n_img)), kept_texts=list(range(n_txt)))
+
+
+def _lavis_recalls(scores: np.ndarray, targets) -> list[float]:
+    """R@1/5/10 (percent) of each row's best-placed target in np.argsort's descending order (LAVIS); stable,
+    so tied scores (the -100 past k_test) put the higher index first, the rule qformer.evaluate.metrics states."""
+    ranks = np.array([min(int(np.flatnonzero(np.argsort(row, kind="stable")[::-1] == t)[0]) for t in targets[r])
+                      for r, row in enumerate(scores)])
+    return [100.0 * float(np.mean(ranks < k)) for k in (1, 5, 10)]
 
 
 def _image_files(root: Path, n: int) -> list[str]:
@@ -91,7 +100,7 @@ def test_attention_grid_has_one_tile_per_query_and_image():
     assert (y * 8 // TILE, x * 8 // TILE) == (2, 5)
 
 
-def test_visuals_of_a_real_tiny_model_on_the_synthetic_split(synth_data, tmp_path, progress_log):
+def test_visuals_of_a_real_tiny_model_on_the_synthetic_split(synth_data, tiny_bert, tmp_path, progress_log):
     import torch
 
     from qformer.config import load_config_dict
@@ -101,13 +110,20 @@ def test_visuals_of_a_real_tiny_model_on_the_synthetic_split(synth_data, tmp_pat
     from qformer.evaluate.visuals import ATTENTION_PNG, GALLERY_JSON, GALLERY_PNG, write_visuals
     from qformer.models import build_model
 
-    cfg = load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 8, "max_txt_len": 16},
+    cfg = load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 8, "max_txt_len": 16,
+                                      "bert_model": tiny_bert},
                             "datasets": coco_caption_section(synth_data), "run": {"k_test": 4, "batch_size_eval": 8}})
     torch.manual_seed(0)
     model = build_model(cfg.model)
     split = build_eval_split(cfg, "test")
     metrics, scores = evaluate_retrieval_scores(model, split, k_test=4, batch_size=8, device="cpu", label="eval test")
-    assert metrics["skipped_images"] == 0 and 0 <= metrics["r_mean"] <= 100
+    assert metrics["skipped_images"] == 0
+    # the metrics are those of these scores, recomputed the way LAVIS's _report_metrics ranks
+    recalls = {"txt": _lavis_recalls(scores.i2t, scores.img2txt),
+               "img": _lavis_recalls(scores.t2i, [[i] for i in scores.txt2img])}
+    expected = {f"{side}_r{k}": r for side, rs in recalls.items() for k, r in zip((1, 5, 10), rs)}
+    expected["r_mean"] = (sum(recalls["txt"]) + sum(recalls["img"])) / 6
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
     # not a terminal here: each stage of the evaluation ends with a plain progress line
     done = [line for line in progress_log() if "done in" in line]
     assert [line.split(":")[1].strip() for line in done] == ["encode texts", "encode images", "ITM re-rank"]

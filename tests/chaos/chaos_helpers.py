@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qformer.config import load_config_dict
+from helpers import merged, tiny_config, tiny_run
 
 
 @dataclass
@@ -18,19 +18,13 @@ class ChaosRow:
     recover_s: float | None
 
 
-def chaos_cfg(shapes: Path, tmp_path: Path, name: str, run: dict, options: list[str] | None = None):
-    """The tiny model on the shapes set, 16 images x 2 captions, batch 4: 8 steps per epoch."""
+def chaos_cfg(bert: Path, shapes: Path, tmp_path: Path, name: str, run: dict, options: list[str] | None = None):
+    """The tiny model on the shapes set, 16 images x 2 captions, batch 4: 8 steps per epoch, a checkpoint
+    every 2 steps."""
     from qformer.data.synth import coco_caption_section
 
-    base = {"batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-4, "min_lr": 1e-5, "warmup_lr": 0.0,
-            "warmup_steps": 2, "max_epoch": 1, "log_freq": 1, "k_test": 2, "output_dir": str(tmp_path / name),
-            "valid_splits": [], "test_splits": [], "amp": False, "save_freq_steps": 2, "keep_checkpoints": 5,
-            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "chaos"},
-            "data": {"batch_size": 4}}
-    for key, value in run.items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    return load_config_dict({"model": {"arch": "blip2", "model_type": "tiny", "num_query_token": 4, "max_txt_len": 16},
-                             "datasets": coco_caption_section(shapes), "run": base}, options)
+    base = tiny_run(tmp_path, name, save_freq_steps=2, keep_checkpoints=5, mlflow={"experiment_name": "chaos"})
+    return tiny_config(bert, coco_caption_section(shapes), merged(base, run), options=options)
 
 
 def client_for(uri: str):

@@ -32,12 +32,3 @@ def chaos_report():
                  None if r.recover_s is None else f"{r.recover_s:.1f}"]
         lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
     print("\nchaos suite:\n" + "\n".join(lines))
-
-
-@pytest.fixture(scope="session")
-def shapes(tmp_path_factory) -> Path:
-    from qformer.data.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("chaos_shapes")
-    write_synthetic(root, n_train=16, n_val=4, n_test=4, image_size=64, captions_per_image=2)
-    return root

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,10 +29,10 @@ def _train_workers() -> list[psutil.Process]:
     return train_worker_processes()
 
 
-def test_sigkill_of_a_train_worker_restarts_from_the_last_checkpoint(ray_cluster, shapes, tmp_path, chaos_report):
+def test_sigkill_of_a_train_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_bert, shapes, tmp_path, chaos_report):
     from qformer.jobs.train_job import launch_training
 
-    cfg = chaos_cfg(shapes, tmp_path, "worker_kill", {
+    cfg = chaos_cfg(tiny_bert, shapes, tmp_path, "worker_kill", {
         "max_steps_per_epoch": 6, "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 1,
                                           "use_gpu": False}})
     uri = cfg.run.mlflow.tracking_uri
@@ -79,8 +78,9 @@ def _ray_processes(temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-def test_interrupted_or_killed_driver_resumes_with_the_same_command(shapes, tmp_path, chaos_report):
-    cfg = chaos_cfg(shapes, tmp_path, "driver_kill", {"max_steps_per_epoch": 8, "ray": {"num_workers": 0}})
+def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, shapes, tmp_path, tmp_path_factory,
+                                                                    chaos_report):
+    cfg = chaos_cfg(tiny_bert, shapes, tmp_path, "driver_kill", {"max_steps_per_epoch": 8, "ray": {"num_workers": 0}})
     exp = tmp_path / "exp.yaml"
     exp.write_text(yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True)))
     uri = cfg.run.mlflow.tracking_uri
@@ -89,7 +89,7 @@ def test_interrupted_or_killed_driver_resumes_with_the_same_command(shapes, tmp_
     temp_dirs: list[str] = []
 
     def launch() -> tuple[subprocess.Popen, str]:
-        temp_dir = tempfile.mkdtemp(prefix="qfc", dir="/tmp")  # short: Ray's socket paths are length-limited
+        temp_dir = str(tmp_path_factory.mktemp("qfc"))  # a short name: Ray's socket paths are length-limited
         temp_dirs.append(temp_dir)
         env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""}
         proc = subprocess.Popen([str(QFORMER), "train", "--cfg-path", str(exp)], env=env,

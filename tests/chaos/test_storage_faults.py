@@ -1,79 +1,106 @@
 """Checkpoint storage that fills up, and a newest checkpoint truncated before a re-run (Train local mode)."""
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import subprocess
-import threading
 import time
+from pathlib import Path
 
 import pytest
-from chaos_helpers import ChaosRow, chaos_cfg, client_for, latest_run_id, loss_steps, wait_for
+from chaos_helpers import ChaosRow, chaos_cfg, client_for, latest_run_id, loss_steps
 from step_hooks import FailOnceAtStep
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A real tmpfs (root only), resized during the test to make the disk fill up."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
+class FillAtStep3:
+    """A step hook: after step 3 (the step-2 checkpoint is written, the step-4 one is next) the checkpoint
+    storage has room for half a checkpoint more. `tmpfs`: the real tmpfs is shrunk to that size.
+    `enospc`: torch.save writes half of the file under `root`, then fails as a full disk fails a write."""
+
+    def __init__(self, kind: str, root: Path):
+        self.kind, self.root = kind, root
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != 3:
+            return
+        [first] = self.root.glob("*/local_checkpoints/epoch=0000-step=00000002/checkpoint.pth")
+        size = first.stat().st_size
+        if self.kind == "tmpfs":
+            used = shutil.disk_usage(self.root).used
+            subprocess.run(["mount", "-o", f"remount,size={used + size // 2}", str(self.root)], check=True)
+            return
+        import torch
+
+        save, root = torch.save, str(self.root)
+
+        def save_until_full(obj, f, *args, **kwargs):
+            if not str(f).startswith(root):
+                return save(obj, f, *args, **kwargs)
+            Path(f).write_bytes(b"\0" * (size // 2))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+        torch.save = save_until_full  # restored by the test
+
+
+@pytest.fixture(params=["tmpfs", "enospc"])
+def full_storage(request, tmp_path, monkeypatch):
+    """(kind, checkpoint storage dir) for a storage that fills up: a real tmpfs where this machine lets the
+    test mount one (root), and everywhere an injected ENOSPC at the checkpoint writer."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    if request.param == "enospc":
+        import torch
+
+        monkeypatch.setattr(torch, "save", torch.save)  # FillAtStep3 replaces it; this puts it back
+        yield request.param, storage
+        return
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the enospc case injects the same fault")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(storage)], check=True, capture_output=True)
     try:
-        yield mount
+        yield request.param, storage
     finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        subprocess.run(["umount", "-l", str(storage)], capture_output=True)
 
 
-def test_full_checkpoint_storage_fails_clearly_and_keeps_the_previous_checkpoint(ray_cluster, shapes, tmp_path,
-                                                                                   small_tmpfs, chaos_report):
+def test_full_checkpoint_storage_fails_clearly_and_keeps_the_previous_checkpoint(ray_cluster, tiny_bert, shapes, tmp_path,
+                                                                                   full_storage, chaos_report):
     from qformer.jobs.eval_job import evaluate_checkpoint
-    from qformer.train.checkpoint import CheckpointWriteError
+    from qformer.train.checkpoint import CheckpointWriteError, incomplete
     from qformer.jobs.train_job import launch_training
 
-    cfg = chaos_cfg(shapes, tmp_path, "disk_full", {"max_steps_per_epoch": 6, "test_splits": ["test"],
-                                                    "ray": {"storage_path": str(small_tmpfs)}})
-    outcome: dict = {}
-
-    def train() -> None:
-        try:
-            launch_training(cfg, local_mode=True)
-        except BaseException as err:  # noqa: BLE001 - the test inspects it
-            outcome["error"] = err
-
-    thread = threading.Thread(target=train, daemon=True)
-    thread.start()
-    first = wait_for(lambda: next(iter(small_tmpfs.glob("*/local_checkpoints/epoch=0000-step=00000002/meta.json")),
-                                  None), 300, "the step-2 checkpoint")
-    size = (first.parent / "checkpoint.pth").stat().st_size
-    used = shutil.disk_usage(small_tmpfs).used
-    # room for half a checkpoint more: the step-4 save runs out of space mid-write
-    subprocess.run(["mount", "-o", f"remount,size={used + size // 2}", str(small_tmpfs)], check=True)
-    thread.join(600)
-    err = outcome.get("error")
-    assert err is not None, "training should fail on the full disk"
-    chain, cause = [], err
+    kind, storage = full_storage
+    cfg = chaos_cfg(tiny_bert, shapes, tmp_path, "disk_full", {"max_steps_per_epoch": 6, "test_splits": ["test"],
+                                                               "ray": {"storage_path": str(storage)}})
+    with pytest.raises(BaseException) as info:
+        launch_training(cfg, local_mode=True, step_hooks=[FillAtStep3(kind, storage)])
+    chain, cause = [], info.value
     while cause is not None:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
-    write_errors = [e for e in chain if isinstance(e, CheckpointWriteError)] or [err]
+    write_errors = [e for e in chain if isinstance(e, CheckpointWriteError)] or [info.value]
     message = str(write_errors[0])
     assert "epoch=0000-step=00000004" in message and "no space left on the device" in message, message
-    local = first.parent.parent
-    assert sorted(p.name for p in local.iterdir()) == ["epoch=0000-step=00000002"]  # nothing partial kept
-    # the previous checkpoint still loads and evaluates
-    metrics = evaluate_checkpoint(cfg, first.parent, ["test"], track=False, local=True).metrics
-    assert 0.0 <= metrics["test/r_mean"] <= 100.0
-    chaos_report(ChaosRow("checkpoint storage full (tmpfs)", "the error names path and cause, no partial "
+    [first] = storage.glob("*/local_checkpoints/epoch=0000-step=00000002")
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # nothing partial kept
+    # the previous checkpoint is whole, loads and evaluates
+    assert incomplete(first) is None
+    metrics = evaluate_checkpoint(cfg, first, ["test"], track=False, local=True).metrics
+    recalls = {side: [metrics[f"test/{side}_r{k}"] for k in (1, 5, 10)] for side in ("txt", "img")}
+    assert metrics["test/skipped_images"] == 0
+    assert metrics["test/r_mean"] == pytest.approx((sum(recalls["txt"]) + sum(recalls["img"])) / 6)
+    chaos_report(ChaosRow(f"checkpoint storage full ({kind})", "the error names path and cause, no partial "
                           "checkpoint, the previous one loads and evaluates", 2, None, 1, None))
 
 
-def test_truncated_newest_checkpoint_is_passed_over_for_the_previous_one(ray_cluster, shapes, tmp_path,
+def test_truncated_newest_checkpoint_is_passed_over_for_the_previous_one(ray_cluster, tiny_bert, shapes, tmp_path,
                                                                         monkeypatch, chaos_report, caplog):
     from qformer.jobs.train_job import launch_training
 
-    cfg = chaos_cfg(shapes, tmp_path, "truncated", {"max_steps_per_epoch": 6})
+    cfg = chaos_cfg(tiny_bert, shapes, tmp_path, "truncated", {"max_steps_per_epoch": 6})
     uri = cfg.run.mlflow.tracking_uri
     with pytest.raises(Exception, match="injected failure"):  # checkpoints at steps 2 and 4, then a crash
         launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(5, str(tmp_path / "failed_once"))])

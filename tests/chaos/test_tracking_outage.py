@@ -63,10 +63,10 @@ def server(tmp_path):
         srv.kill()
 
 
-def test_a_run_started_while_the_server_is_down_fails_fast(shapes, tmp_path, server):
+def test_a_run_started_while_the_server_is_down_fails_fast(tiny_bert, shapes, tmp_path, server):
     from qformer.jobs.train_job import launch_training
 
-    cfg = chaos_cfg(shapes, tmp_path, "down", {"mlflow": {"tracking_uri": server.uri}})
+    cfg = chaos_cfg(tiny_bert, shapes, tmp_path, "down", {"mlflow": {"tracking_uri": server.uri}})
     with pytest.raises(ConfigError) as info:
         launch_training(cfg, local_mode=True)
     message = str(info.value)
@@ -76,11 +76,11 @@ def test_a_run_started_while_the_server_is_down_fails_fast(shapes, tmp_path, ser
     assert not (tmp_path / "down" / "ray_results").exists()
 
 
-def test_server_killed_mid_run_costs_no_metric(ray_cluster, shapes, tmp_path, server, chaos_report):
+def test_server_killed_mid_run_costs_no_metric(ray_cluster, tiny_bert, shapes, tmp_path, server, chaos_report):
     from qformer.jobs.train_job import launch_training
 
     server.start()
-    cfg = chaos_cfg(shapes, tmp_path, "outage", {"max_steps_per_epoch": 8, "save_freq_steps": 1,
+    cfg = chaos_cfg(tiny_bert, shapes, tmp_path, "outage", {"max_steps_per_epoch": 8, "save_freq_steps": 1,
                                                  "mlflow": {"tracking_uri": server.uri}})
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=launch_training(cfg, local_mode=True)), daemon=True)

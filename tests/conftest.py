@@ -71,7 +71,7 @@ def minilm_path() -> str:
 def tiny_bert(tmp_path_factory) -> str:
     """A random 4-layer (so 2 with cross-attention), 64-wide BERT whose vocabulary holds the synthetic
     captions' words (and every ASCII character): the tiny model's text tower in tests, so that a
-    checkpoint with AdamW state is a few MB."""
+    checkpoint with AdamW state is ~12 MB (not ~376 MB)."""
     from qformer.data.synth import caption_words
     from qformer.models.bert_init import write_random_bert
 

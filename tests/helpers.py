@@ -2,7 +2,8 @@
 
 The model is `model_type: tiny` (a small frozen timm ViT) with the session's random test BERT (the
 `tiny_bert` fixture: 4 layers, 64 wide, the synthetic captions' vocabulary), so that a checkpoint with
-its AdamW state is ~12 MB (7 of them the random ViT, which travels with it); tests about the shipped MiniLM itself use `minilm_path` instead.
+its AdamW state is ~12 MB (7 of them the random ViT, which travels with it); tests about the shipped
+MiniLM itself use `minilm_path` instead.
 """
 from __future__ import annotations
 

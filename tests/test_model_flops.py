@@ -6,22 +6,15 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from qformer.models import build_model
+from helpers import small_model
 from qformer.models.flops import QFormerDims, qformer_forward_flops, train_flops_per_sample, vit_forward_flops
 
 
 def _model(tiny_bert):
-    torch.manual_seed(0)
-    cfg = OmegaConf.create({
-        "arch": "blip2", "load_pretrained": False, "vit_model": "timm:vit_tiny_patch16_224",
-        "vit_kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}, "image_size": 32, "vit_precision": "fp32",
-        "num_query_token": 4, "bert_model": tiny_bert, "max_txt_len": 10, "embed_dim": 16,
-    })
-    return build_model(cfg).eval()
+    return small_model(tiny_bert, vit_kwargs={"depth": 2}, max_txt_len=10)  # seeded, eval mode
 
 
 def test_analytic_flops_match_counted_matmuls(tiny_bert):

@@ -10,7 +10,6 @@ import torch
 
 from qformer.data.pipeline import build_eval_split
 from qformer.evaluate.retrieval import evaluate_retrieval_scores
-from qformer.evaluate.visuals import log_eval_visuals
 
 
 def evaluate_split(model: torch.nn.Module, cfg: Any, split: str, *, device: torch.device, rank: int, world: int,
@@ -20,5 +19,9 @@ def evaluate_split(model: torch.nn.Module, cfg: Any, split: str, *, device: torc
         model, data, k_test=int(cfg.run.k_test), batch_size=int(cfg.run.batch_size_eval), device=device, rank=rank,
         world_size=world, autocast_dtype=autocast_dtype, label=f"eval {split}")
     if rank == 0 and tracker is not None:  # gallery + attention maps, rank 0 only (no collective)
+        # lazy: matplotlib and the model package (~0.7 s) are not needed where this function is only
+        # unpickled (Ray Train's controller, before every run and restart)
+        from qformer.evaluate.visuals import log_eval_visuals
+
         log_eval_visuals(tracker, model, data, scores, split, f"step_{step:08d}", device, autocast_dtype)
     return {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}

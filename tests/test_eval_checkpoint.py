@@ -49,7 +49,12 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, tiny_bert, sha
     def visual_artifacts(uri, run_id):
         return artifact_files(uri, run_id, ARTIFACT_ROOT, ".png")
 
-    cfg = _cfg(tiny_bert, shapes, tmp_path, valid_splits=["val"])
+    import shutil
+
+    data = tmp_path / "shapes"  # the session's set with one test image corrupt: every evaluation skips it
+    shutil.copytree(shapes, data)
+    sorted((data / "images" / "test").glob("*.jpg"))[0].write_bytes(b"not a jpeg")
+    cfg = _cfg(tiny_bert, data, tmp_path, valid_splits=["val"])
     trained = launch_training(cfg, local_mode=True)
     assert trained.error is None
     client = MlflowClient(tracking_uri=cfg.run.mlflow.tracking_uri)
@@ -82,6 +87,7 @@ def test_checkpoint_eval_equals_end_of_training_eval(ray_cluster, tiny_bert, sha
     assert run.data.tags["qformer.checkpoint"] == str(Path(checkpoint).resolve())
     assert {k: run.data.metrics[f"test/{k}"] for k in METRIC_KEYS} == pytest.approx(at_end, abs=1e-9)
     assert run.data.params["run.k_test"] == "3"
+    assert run.data.metrics["test/skipped_images"] == 1.0 == trained.metrics["test/skipped_images"]
     # the pictures came back from the Ray worker into the eval run, beside a readable gallery record
     assert set(visual_artifacts(cfg.run.mlflow.tracking_uri, run.info.run_id)) == {
         "visuals/test/retrieval_gallery.png", "visuals/test/query_attention.png"}

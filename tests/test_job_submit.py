@@ -267,13 +267,15 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
 
 
 def tiny_training_job(bert: Path, home: Path, tracking_uri: str, experiment: str, *extra: str) -> dict:
-    """Synthetic data under `home` and the tiny `qformer train` job over it: entrypoint and env_vars."""
-    synth = subprocess.run(
-        [str(VENV_BIN / "qformer"), "data", "synth", "--out", str(home / "data" / "synth_shapes"), "--n-train", "16",
-         "--n-val", "4", "--n-test", "4", "--image-size", "64"],
-        env={**os.environ, "QFORMER_HOME": str(home)}, capture_output=True, text=True, timeout=300)
-    assert synth.returncode == 0, synth.stderr[-3000:]
-    options = ["run.max_epoch=1", "run.max_steps_per_epoch=2", "run.batch_size_train=4", "run.batch_size_eval=4",
+    """Synthetic data under `home` (16 training images, one caption each, one image corrupt: the job skips
+    and counts it) and the tiny `qformer train` job over it (one epoch: 15 samples, 3 steps of 4):
+    entrypoint and env_vars."""
+    from qformer.data.synth import write_synthetic
+
+    data = home / "data" / "synth_shapes"
+    write_synthetic(data, n_train=16, n_val=4, n_test=4, image_size=64, captions_per_image=1)
+    sorted((data / "images" / "train").glob("*.jpg"))[0].write_bytes(b"not a jpeg")
+    options = ["run.max_epoch=1", "run.batch_size_train=4", "run.batch_size_eval=4",
                "run.log_freq=1", "run.warmup_steps=1", "run.valid_splits=[]", "run.test_splits=[]",
                "run.ray.use_gpu=false", "run.ray.num_workers=1", "run.data.shuffle_buffer=0",
                "run.data.batch_size=4", f"run.mlflow.experiment_name={experiment}", *tiny_options(bert), *extra]
@@ -282,6 +284,23 @@ def tiny_training_job(bert: Path, home: Path, tracking_uri: str, experiment: str
             "env_vars": {"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home),
                          "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                          "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
+
+
+def alive_actor_names(head: LoopbackRayHead) -> list[str]:
+    proc = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", "--address", head.address, "--format", "json",
+                           "--filter", "state=ALIVE", "--limit", "10000"],
+                          env=head.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [a.get("name") or "" for a in json.loads(proc.stdout)]
+
+
+def assert_no_skipped_image_counter(head: LoopbackRayHead) -> None:
+    """The job's skipped-image counter (a named actor its driver owns) ended with the job: none is left on
+    the long-lived head to carry counts into the next job."""
+    deadline = time.monotonic() + 60  # the owner's death reaches the GCS within moments
+    while "qformer_skipped_images" in (names := alive_actor_names(head)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert "qformer_skipped_images" not in names, names
 
 
 def test_tiny_training_job_records_an_mlflow_run(ray_head, tiny_bert, tmp_path):
@@ -303,14 +322,16 @@ def test_tiny_training_job_records_an_mlflow_run(ray_head, tiny_bert, tmp_path):
     assert run.info.status == "FINISHED"
     # params: the flattened resolved config, with the job's --options in it
     assert run.data.params["model.model_type"] == "tiny"
-    assert run.data.params["run.max_steps_per_epoch"] == "2"
+    assert run.data.params["run.batch_size_train"] == "4"
     assert run.data.params["run.mlflow.experiment_name"] == experiment
-    # metrics: a loss logged at every step (log_freq=1) of the 2 steps
+    # metrics: a loss logged at every step (log_freq=1) of the epoch's 3 steps (15 good samples, batch 4)
     loss_keys = [k for k in run.data.metrics if k.split("/")[-1] == "loss"]
     assert loss_keys, sorted(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, loss_keys[0])
-    assert len({m.step for m in history}) == 2, history
+    assert sorted({m.step for m in history}) == [1, 2, 3], history
     assert all(m.value == m.value and m.value > 0 for m in history), "finite positive losses"
+    assert run.data.metrics["skipped_images"] == 1.0  # the corrupt image, decoded once in the epoch
+    assert_no_skipped_image_counter(ray_head)
     # checkpoint: LAVIS layout in an artifact, or its URI as a tag when storage is remote
     artifacts = artifact_paths(client, run.info.run_id)
     checkpoints = [a for a in artifacts if "checkpoint" in a.lower() and a.endswith(".pth")]
@@ -321,62 +342,6 @@ def test_tiny_training_job_records_an_mlflow_run(ray_head, tiny_bert, tmp_path):
     state = torch.load(local, map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(state), sorted(state)  # LAVIS layout
     assert state["model"] and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-
-
-def alive_actor_names(head: LoopbackRayHead) -> list[str]:
-    proc = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", "--address", head.address, "--format", "json",
-                           "--filter", "state=ALIVE", "--limit", "10000"],
-                          env=head.env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return [a.get("name") or "" for a in json.loads(proc.stdout)]
-
-
-def test_no_skipped_image_counter_outlives_its_job(ray_head, tiny_bert, tmp_path):
-    """An eval job and a failed training job, each skipping a corrupt image, leave no counter actor behind
-    on the long-lived head; the eval's MLflow run records the skipped image."""
-    import mlflow
-
-    from qformer.config import load_config
-    from qformer.data.synth import write_synthetic
-    from qformer.models import build_model
-
-    home = tmp_path / "qformer_home"
-    data = home / "data" / "synth_shapes"
-    write_synthetic(data, n_train=16, n_val=4, n_test=4, seed=0, image_size=64)
-    for split in ("train", "test"):
-        next((data / "images" / split).glob("*.jpg")).write_bytes(b"not a jpeg")
-    cfg = load_config(REPO / "experiments" / "demo" / "tiny_shapes.yaml", tiny_options(tiny_bert))
-    torch_file = tmp_path / "weights.pth"
-    import torch
-
-    torch.save({"model": build_model(cfg.model).checkpoint_state_dict()}, torch_file)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "QFORMER_HOME": str(home), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    common = ["run.ray.use_gpu=false", "run.ray.num_workers=1", "run.batch_size_eval=4", "run.k_test=2",
-              "run.mlflow.experiment_name=counter-jobs", *tiny_options(tiny_bert)]
-    evaluated = ray_head.submit(["qformer", "eval", "--cfg-path", "experiments/demo/tiny_shapes.yaml",
-                                 "--checkpoint", str(torch_file), "--split", "test", "--options", *common],
-                                env_vars=env)
-    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-6000:]
-    failed = ray_head.submit(
-        ["qformer", "train", "--cfg-path", "experiments/demo/tiny_shapes.yaml", "--options", *common,
-         "run.max_epoch=1", "run.max_steps_per_epoch=3", "run.batch_size_train=4", "run.data.batch_size=4",
-         "run.valid_splits=[]", "run.test_splits=[]", f"run.output_dir={tmp_path / 'failed'}"],
-        env_vars={**env, "QFORMER_STEP_HOOKS": "tests.step_hooks:fail_once_from_env", "QFORMER_FAIL_ONCE_AT_STEP": "2",
-                  "QFORMER_FAIL_MARKER": str(tmp_path / "failed_once")})
-    assert failed.returncode != 0 and "injected failure" in failed.stdout + failed.stderr, failed.stdout[-4000:]
-
-    deadline = time.monotonic() + 60  # the owner's death reaches the GCS within moments
-    while "qformer_skipped_images" in (names := alive_actor_names(ray_head)) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert "qformer_skipped_images" not in names, names
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("counter-jobs").experiment_id],
-                              filter_string="tags.`qformer.kind` = 'eval'")
-    assert len(runs) == 1 and runs[0].data.metrics["skipped_images"] == 1.0, [r.data.metrics for r in runs]
-    assert runs[0].data.metrics["test/skipped_images"] == 1.0
 
 
 def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tiny_bert, tmp_path):
@@ -412,3 +377,4 @@ def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tiny_bert, t
     assert ray_head.job_status(sid) == "STOPPED"
     assert submit.returncode == 0, output[-3000:]  # Ray's CLI: only FAILED exits 1
     assert client.get_run(run.info.run_id).info.status == "KILLED", output[-3000:]
+    assert_no_skipped_image_counter(ray_head)  # a stopped driver's counter ends with it too

@@ -51,12 +51,19 @@ class TrainingLoop:
         self.metrics.resume()
         inner = int(self.run_cfg.iters_per_inner_epoch) if self.iter_based else 0
         first_epoch = start.step // inner if self.iter_based else start.epoch  # runner_iter: from the step
-        for epoch in range(first_epoch, self.max_epoch):
-            if self.iter_based:
-                begin = start.step - epoch * inner if epoch == first_epoch else 0
-            else:
-                begin = start.iter_in_epoch if epoch == start.epoch else 0
-            self.train_epoch(epoch, begin)
+        try:
+            for epoch in range(first_epoch, self.max_epoch):
+                if self.iter_based:
+                    begin = start.step - epoch * inner if epoch == first_epoch else 0
+                else:
+                    begin = start.iter_in_epoch if epoch == start.epoch else 0
+                self.train_epoch(epoch, begin)
+        except BaseException:
+            # Ray Data's iterators end now, while Ray is up: left to the interpreter's exit (after Ray's atexit
+            # shutdown), their clean-up calls Ray again, which starts a new Ray there and hangs (Ctrl+C, Train
+            # local mode)
+            self.streams.close()
+            raise
         self.finish()
 
     def train_epoch(self, epoch: int, begin: int) -> None:
@@ -67,23 +74,25 @@ class TrainingLoop:
                        enabled=self.rank == 0, log_every_s=None)  # in a job log, log_step's lines are the progress
         epoch_meter, steps, i = LossMeter(), self.streams.steps(epoch, begin), begin
         self.metrics.start_window()
-        while length is None or i < length:
-            t0 = time.perf_counter()
-            group = next(steps, None)
-            self.metrics.waited(time.perf_counter() - t0)
-            if group is None:
-                break
-            log_now = (self.state.global_step + 1) % self.log_freq == 0
-            out = self.train_step(group, epoch, i, log_now, epoch_meter)
-            i += 1
-            bar.update(1)
-            if log_now:
-                check_finite(self.state)  # collective in error mode; also keeps the next checkpoint a good one
-                self.metrics.log_step(self.state, self.model, epoch, i, length, out, bar)
-            if self.after_step(epoch, i, at_epoch_end=length is not None and i >= length):
-                break
-        bar.close()
-        steps.close()
+        try:
+            while length is None or i < length:
+                t0 = time.perf_counter()
+                group = next(steps, None)
+                self.metrics.waited(time.perf_counter() - t0)
+                if group is None:
+                    break
+                log_now = (self.state.global_step + 1) % self.log_freq == 0
+                out = self.train_step(group, epoch, i, log_now, epoch_meter)
+                i += 1
+                bar.update(1)
+                if log_now:
+                    check_finite(self.state)  # collective in error mode; also keeps the next checkpoint a good one
+                    self.metrics.log_step(self.state, self.model, epoch, i, length, out, bar)
+                if self.after_step(epoch, i, at_epoch_end=length is not None and i >= length):
+                    break
+        finally:  # on an exception too: see run()
+            bar.close()
+            steps.close()
         if i == begin == 0:  # (a resume at the very end of an epoch whose length was unknown has nothing left)
             raise RuntimeError(f"epoch {epoch} had no batches on rank {self.rank}: the training shard is empty or "
                                f"smaller than one batch of {self.plan.worker_batch}")

@@ -112,34 +112,51 @@ def progress_log(caplog, monkeypatch):
         yield lambda: [r.getMessage() for r in caplog.records if r.name == "qformer.core.progress"]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
+def _moto_server(**env: str):
     """A real S3-compatible server (moto) on a loopback port, started and stopped by its process id."""
     import socket
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             urllib.request.urlopen(endpoint, timeout=2)
             break
+        except urllib.error.HTTPError:  # up, and refusing an anonymous request
+            break
         except Exception:  # noqa: BLE001 - not up yet
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
                 pytest.fail("moto server did not start")
             time.sleep(0.3)
+    try:
+        yield endpoint
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible server that takes any credentials, with a bucket `shards`."""
     import pyarrow.fs as pafs
 
-    pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir("shards")
-    yield endpoint
-    proc.kill()
-    proc.wait(timeout=30)
+    for endpoint in _moto_server():
+        pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", allow_bucket_creation=True).create_dir("shards")
+        yield endpoint
+
+
+@pytest.fixture
+def s3_denied_endpoint():
+    """An S3-compatible server that checks credentials (moto's IAM mode): the tests' keys are refused."""
+    yield from _moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0")

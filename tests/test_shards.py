@@ -128,6 +128,39 @@ def test_config_errors_name_the_shard_keys(tmp_path: Path) -> None:
         train_sources(_cfg({"mine": _shards({"storage": str(tmp_path / "*.tar")})}))
 
 
+def test_storage_errors_are_told_apart_before_ray(s3_endpoint: str, s3_denied_endpoint: str, tmp_path: Path) -> None:
+    """Not found, access denied, no such bucket and an unreachable endpoint: each its own one-line error."""
+    import socket
+
+    from qformer.data.pipeline import train_sources
+    from qformer.data.preflight import check_images
+
+    write_shards(tmp_path, "wds", shards=1, per_shard=2, seed=1, image_size=16)
+    assert upload_tree(tmp_path / "shards", "s3://shards/told", s3_endpoint) == 2
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    def error(storage: str, endpoint: str) -> str:
+        cfg = _cfg({"mine": _shards({"storage": storage})}, data={"s3_endpoint": endpoint})
+        with pytest.raises(ConfigError) as caught:
+            check_images(cfg, ["train"], {name: builder for name, builder, _ in train_sources(cfg)})
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    named = "s3://shards/told/{00000..00001}.tar"
+    assert error(named, s3_endpoint) == (
+        "datasets.mine.build_info.storage: 1 of 2 shards do not exist: s3://shards/told/00001.tar")
+    for storage in (named, "s3://shards/told/*.tar"):  # a listed pattern fails the same way
+        denied = error(storage, s3_denied_endpoint)
+        assert denied.startswith(f"run.data.s3_endpoint: access denied to bucket shards at endpoint {s3_denied_endpoint}")
+        assert "AWS_ACCESS_KEY_ID" in denied
+        unreachable = error(storage, closed)
+        assert unreachable.startswith(f"run.data.s3_endpoint: cannot reach endpoint {closed} for bucket shards")
+    assert error("s3://no-such-bucket/{0..1}.tar", s3_endpoint).startswith(
+        f"run.data.s3_endpoint: bucket no-such-bucket does not exist at endpoint {s3_endpoint}")
+
+
 # ---- Ray Data ------------------------------------------------------------------------------------------
 @pytest.mark.ray
 @pytest.mark.parametrize("fmt", ["wds", "parquet", "jsonl", "csv"])
@@ -205,7 +238,7 @@ def test_damaged_shards_and_bad_captions_are_skipped_and_counted(ray_cluster, tm
     import pyarrow.parquet as pq
 
     from qformer.data.pipeline import build_train_datasets
-    from qformer.data.stats import skipped_count
+    from qformer.data.stats import skipped_count, training_losses
 
     info = write_shards(tmp_path / "w", "wds", shards=2, per_shard=10, seed=1, image_size=64)
     folder = Path(info["folder"])
@@ -223,7 +256,9 @@ def test_damaged_shards_and_bad_captions_are_skipped_and_counted(ray_cluster, tm
     web = sum(len(b["text_ids"]) for b in data.datasets["web"].iter_batches(batch_size=4, batch_format="numpy"))
     mine = sum(len(b["text_ids"]) for b in data.datasets["mine"].iter_batches(batch_size=4, batch_format="numpy"))
     assert 10 <= web < 20 and mine == 7  # the truncated tar keeps what came before the damage
-    assert skipped_count() == 1 + 3  # one for the truncated shard, three records
+    # what the cut cost (its _stats.json says 10), two captions and one image: each sample once, by reason
+    assert training_losses() == {"damaged_shard": 20 - web, "no_caption": 2, "undecodable": 1}
+    assert skipped_count() == 20 - web + 3
 
 
 @pytest.mark.ray
@@ -249,14 +284,14 @@ def test_shards_and_image_roots_in_object_storage(ray_cluster, s3_endpoint: str,
         check_images(gone, ["train"])
 
 
-def test_data_check_counts_shards_and_lists_the_missing(tmp_path: Path) -> None:
+def test_data_check_reads_shards_and_lists_the_missing(tmp_path: Path) -> None:
     import subprocess
     import sys
 
     import yaml
 
     wds = write_shards(tmp_path / "w", "wds", shards=3, per_shard=5, seed=1, image_size=32)
-    (Path(wds["folder"]) / "00001_stats.json").unlink()  # counted by reading that tar instead
+    (Path(wds["folder"]) / "00001_stats.json").unlink()  # read all the same
     jsonl = write_shards(tmp_path / "j", "jsonl", shards=2, per_shard=4, seed=1, image_size=32)
     section = lambda storage: {"builder": "image_text_shards", "build_info": {"storage": storage},  # noqa: E731
                                "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}}
@@ -269,9 +304,10 @@ def test_data_check_counts_shards_and_lists_the_missing(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "qformer.cli", "data", "check", "--cfg-path", str(tmp_path / "exp.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-1500:]
-    assert "wds shards 4  samples 15 (counted)  missing 1" in proc.stdout
+    assert "wds shards 4  missing 1  verified 3 of 3 (all)" in proc.stdout
+    assert "samples 15 readable, 0 lost; metadata says 10 for the 2 of them that have it" in proc.stdout
     assert f"ERROR 1 shards do not exist (datasets.web.build_info.storage): {wds['folder']}/00003.tar" in proc.stdout
-    assert "jsonl shards 2  samples 8 (counted)  missing 0" in proc.stdout
+    assert "jsonl shards 2  missing 0  verified 2 of 2 (all)\n  samples 8 readable, 0 lost; no metadata" in proc.stdout
     assert "Ray" not in proc.stderr  # counted on the driver, no cluster started
 
 
@@ -289,3 +325,20 @@ def test_read_tasks_carry_their_own_shard_only() -> None:
         return max(len(cloudpickle.dumps(t)) for t in tasks)
 
     assert task_bytes(2000) < task_bytes(10) + 200
+
+
+@pytest.mark.ray
+def test_full_check_on_ray_tasks_reads_every_shard(ray_cluster, tmp_path: Path) -> None:
+    """`data check --full` on a cluster: the shards are read by Ray tasks, with the same report."""
+    from qformer.data.shard_check import shard_report
+    from qformer.data.shard_set import ShardSet
+
+    info = write_shards(tmp_path, "wds", shards=3, per_shard=6, seed=1, image_size=16)
+    whole = (Path(info["folder"]) / "00002.tar").read_bytes()
+    (Path(info["folder"]) / "00002.tar").write_bytes(whole[: len(whole) // 3 + 100])
+    shards = ShardSet("web", "wds", tuple(expand(info["storage"])), "txt", None)
+    on_ray = shard_report("web", shards, info["storage"], sample=None, use_ray=True)
+    here = shard_report("web", shards, info["storage"], sample=None)
+    assert on_ray.verified == 3 and on_ray.readable == here.readable and 12 <= on_ray.readable < 18
+    assert on_ray.damaged == here.damaged and len(on_ray.damaged) == 1 and "00002.tar" in on_ray.damaged[0]
+    assert dict(on_ray.lost) == {"damaged_shard": 18 - on_ray.readable} and on_ray.metadata == 18

@@ -2,14 +2,17 @@
 
   qformer data synth --out DIR [--n-train 2000 --n-val 200 --n-test 200 --seed 0 --image-size 96]
   qformer data synth --out DIR --format wds|parquet|jsonl|csv [--shards 4 --per-shard 64] [--upload s3://b/p]
-  qformer data check --cfg-path F [--options k=v ...] [--no-images] [--report-only]
+  qformer data check --cfg-path F [--options k=v ...] [--no-images] [--report-only] [--full]
 
-`check` exits 1 when an annotation file is bad, an image folder is missing or an image does not decode
-(--report-only: only a bad annotation file fails it; undecodable images are then just listed).
+`check` exits 1 when an annotation file is bad, an image folder is missing, an image does not decode, or a
+shard is missing or damaged (--report-only: undecodable images are then just listed). Shard datasets are
+verified by reading a seeded sample of 8 shards (--full: every shard, on Ray tasks when RAY_ADDRESS names
+a cluster) and compared with what their metadata says.
 """
 from __future__ import annotations
 
 import argparse
+import os
 
 from qformer.core.logs import setup_logging
 
@@ -36,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--no-images", action="store_true", help="check annotations only, do not decode images")
     c.add_argument("--report-only", action="store_true",
                    help="list missing or undecodable images without failing (exit 0 unless an annotation file is bad)")
-    c.add_argument("--workers", type=int, default=None, help="processes decoding images (default: CPUs, max 8)")
+    c.add_argument("--workers", type=int, default=None,
+                   help="processes decoding images (default: CPUs, max 8); threads reading shards (default 4)")
+    c.add_argument("--full", action="store_true",
+                   help="read every shard, not a seeded sample of 8 (on Ray tasks when RAY_ADDRESS names a cluster)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()  # progress lines when stdout is not a terminal
 
-    reports = check_config(load_config(args.cfg_path, args.options), images=not args.no_images, workers=args.workers)
+    use_ray = bool(args.full and os.environ.get("RAY_ADDRESS"))
+    if use_ray:
+        import ray  # lazy: only a full shard check on a cluster starts Ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    reports = check_config(load_config(args.cfg_path, args.options), images=not args.no_images, workers=args.workers,
+                           full=args.full, use_ray=use_ray)
     print(format_report(reports))
     return 1 if failed(reports, images_fail=not args.report_only) else 0

@@ -207,10 +207,14 @@ SCHEMA: dict[str, Key] = {
     "run.data.concurrency":         Key("int|list", None, null=True, check=checks.concurrency, doc="int or [min, max]"),
     "run.data.batch_size":          Int(32, ge=1, doc="the unit of run.data.task_rows; cached-feature reads take "
                                                       "blocks of at least this many rows"),
-    "run.data.task_rows":           Int(512, ge=1, doc="rows one decode task reads and decodes in one UDF call, rounded up "
+    "run.data.task_rows":           Int(512, ge=1, doc="rows one decode task reads and decodes in one UDF call (annotation "
+                                                       "rows; a shard is one task, decoded 4 batches at a time), rounded up "
                                                        "to a multiple of batch_size: amortises Ray's per-task cost"),
     "run.data.shuffle_buffer":      Int(0, ge=0, doc="local shuffle buffer rows in each training worker (rows are "
                                                      "already fully re-shuffled every epoch; a buffer copies each image)"),
+    "run.data.shard_shuffle_buffer": Int(1000, ge=1, doc="samples a shard read task holds to shuffle (as "
+                                                         "webdataset/OpenCLIP): bounds its memory whatever the shard "
+                                                         "size; 1 reads each shard in file order"),
     "run.data.prefetch_batches":    Int(2, ge=0),
     "run.data.num_cpus_per_task":   Float(1.0, gt=0),
     "run.data.s3_endpoint":         Str(None, doc="S3-compatible endpoint URL for s3:// data (else AWS_ENDPOINT_URL)"),

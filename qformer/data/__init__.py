@@ -5,12 +5,13 @@ Public API (see each module):
       rows {"image": uint8 [3,S,S] augmented, "text_ids"/"text_atts": int64 [max_txt_len],
       "unit"/"unit_rows": the stream position (position.PositionTracker pops them)}
   shard_source.ShardStream: image-text shards (wds/parquet/jsonl/csv, local or s3://), per pass
+  shard_records.read_samples(shards, path, reading): one shard streamed, losses by reason (no Ray)
   position.StreamPosition / PositionTracker / create_plan: where a stream is, kept in checkpoints
   storage.expand(spec) / missing(paths) / filesystem(uri): shard patterns and object storage
   pipeline.build_eval_split(cfg, split) -> RetrievalSplit (image_paths, texts, img2txt, txt2img,
       image_ids, .images(batch_size) iterator, .ray_dataset() of {"index","image"})
   normalize.normalize_uint8(images, mean, std) -> float CLIP-normalised, on the images' device
-  stats.skipped_count() -> undecodable images skipped so far in this Ray job
+  stats.training_losses() -> the run's lost training samples by reason (kept in checkpoints)
   images.load_rgb(path) -> RGB PIL image or ImageDecodeError; annotations.read_caption_file(path)
   synth.write_synthetic(out, ...), synth_shards.write_shards(out, fmt, ...), check.check_config(cfg)
 Importing this package registers the builders (`coco_caption`, `vg_caption`, and the image-text

@@ -16,7 +16,7 @@ from qformer.core.progress import Progress
 from qformer.data.builders import build_builder
 from qformer.data.preflight import image_error, missing_image_root
 from qformer.data.processors.text import pre_caption
-from qformer.data.shard_check import ShardReport, format_shard_report, shard_report
+from qformer.data.shard_check import SAMPLE_SHARDS, ShardReport, format_shard_report, shard_report
 
 
 @dataclass
@@ -37,12 +37,16 @@ class SplitReport:
     missing_image_root: str | None = None  # the image folder, when it does not exist
 
 
-def check_config(cfg, images: bool = True, workers: int | None = None) -> list[SplitReport]:
+def check_config(cfg, images: bool = True, workers: int | None = None, full: bool = False,
+                 use_ray: bool = False) -> list[SplitReport]:
+    """Reports per annotation split and per shard dataset. Shards: a seeded sample is read (`full`: all, on
+    Ray tasks with `use_ray`) and compared with their metadata (qformer.data.shard_check)."""
     reports = []
     for name in cfg.datasets:
         builder = build_builder(cfg, name)
-        if builder.is_sharded():  # counted from metadata or a sample of shards, not read whole
-            reports.append(shard_report(name, builder.shard_set(), builder.ds_cfg.build_info.storage))
+        if builder.is_sharded():
+            reports.append(shard_report(name, builder.shard_set(), builder.ds_cfg.build_info.storage,
+                                        sample=None if full else SAMPLE_SHARDS, workers=workers or 4, use_ray=use_ray))
             continue
         for split in builder.splits():
             path = builder.annotation_path(split)
@@ -89,9 +93,9 @@ def _check_images(paths: list[str], workers: int | None, label: str = "data chec
 
 
 def failed(reports: list, images_fail: bool = True) -> bool:
-    """True when a file is bad or a named shard missing, or (images_fail) when an image folder is missing or
-    an image undecodable."""
-    return any(bool(r.missing) if isinstance(r, ShardReport) else
+    """True when a file is bad, a named shard missing or damaged, or (images_fail) when an image folder is
+    missing or an image undecodable."""
+    return any(bool(r.missing or r.damaged) if isinstance(r, ShardReport) else
                (r.error or (images_fail and (r.bad_images or r.missing_image_root))) for r in reports)
 
 
@@ -119,7 +123,8 @@ def format_report(reports: list, show: int = 20) -> str:
     bad_files = sum(1 for r in reports if r.error)
     bad_images = sum(len(r.bad_images) for r in reports)
     missing = len({r.missing_image_root for r in reports if r.missing_image_root})
-    shards = f", {sum(len(r.missing) for r in shard_reports)} missing shards" if shard_reports else ""
+    shards = (f", {sum(len(r.missing) for r in shard_reports)} missing shards, "
+              f"{sum(len(r.damaged) for r in shard_reports)} damaged shards") if shard_reports else ""
     lines.append(f"summary: {len(reports) + len(shard_reports)} splits, {bad_files} bad annotation files, "
                  f"{bad_images} undecodable images, {missing} missing image folders{shards}")
     return "\n".join(lines)

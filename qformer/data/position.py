@@ -33,6 +33,12 @@ def encode_unit(task: int, chunk: int, last: bool) -> int:
     return (int(task) << _TASK_SHIFT) | (int(chunk) << 1) | int(bool(last))
 
 
+def unit_key(aug_seed: int, unit: int) -> str:
+    """A read unit's name in the lost-sample ledger (qformer.data.stats): its augmentation seed (drawn from
+    run.seed, stream, pass and task, and chunk for shards) with its unit id is unique within a run."""
+    return f"{int(aug_seed)}:{int(unit)}"
+
+
 def decode_unit(unit: int) -> tuple[int, int, bool]:
     unit = int(unit)
     return unit >> _TASK_SHIFT, (unit & ((1 << _TASK_SHIFT) - 1)) >> 1, bool(unit & 1)

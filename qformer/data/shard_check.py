@@ -1,23 +1,21 @@
-"""What can be known about a shard dataset without reading it all: which named shards are missing, and
-how many samples it holds.
+"""`data check` for shard datasets: which named shards are missing, and what the shards hold, by reading them.
 
-Samples are counted from metadata where the format has it (Parquet footers, img2dataset's
-`<shard>_stats.json` beside each tar), else by reading shards (a CSV row with a newline inside a quoted
-caption counts twice: an estimate). With more shards than `sample`, a
-seeded sample of them is counted and the total estimated from it, so a 100k-shard set is checked in
-seconds; the report says which.
+Metadata (img2dataset's `<shard>_stats.json`, Parquet footers) says what a shard should hold; only reading
+it says what training gets. So a seeded sample of `sample` shards (all of them with `--full`) is read
+with the training reader (qformer.data.shard_records) and the report gives both: "verified N of M
+shards: R readable, L lost; metadata says X". Each damaged shard is named with what was lost, and fails
+the check. With `--full` on a Ray cluster the shards are read by Ray tasks, else by a thread pool here.
 """
 from __future__ import annotations
 
-import json
 import random
-import tarfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
 from qformer.core.errors import ConfigError
-from qformer.data.shard_set import WDS_IMAGE_EXTS, ShardSet
+from qformer.data.shard_records import ShardReading, metadata_count, read_samples
+from qformer.data.shard_set import ShardSet
 from qformer.data.storage import filesystem, missing
 
 SAMPLE_SHARDS = 8
@@ -31,10 +29,23 @@ class ShardReport:
     format: str
     shards: int
     missing: list[str] = field(default_factory=list)
-    samples: int = 0
-    exact: bool = True  # False: estimated from `counted` shards
-    counted: int = 0
-    problems: list[str] = field(default_factory=list)  # unreadable shards, bad records, in the counted ones
+    verified: int = 0  # shards read whole
+    readable: int = 0  # samples training gets from the verified shards
+    lost: Counter = field(default_factory=Counter)  # samples lost in them, by reason
+    metadata: int = 0  # what the verified shards' metadata says they hold
+    metadata_shards: int = 0  # how many of them have metadata
+    damaged: list[str] = field(default_factory=list)  # one line per damaged shard: what was lost
+    lossy: list[str] = field(default_factory=list)  # shards that lost records (no caption, ...) without damage
+    problems: list[str] = field(default_factory=list)  # the first lost records, "shard#record: why"
+
+    @property
+    def present(self) -> int:
+        return self.shards - len(self.missing)
+
+    @property
+    def estimate(self) -> int:
+        """Readable samples in all present shards, scaled from the verified ones."""
+        return self.readable if not self.verified else round(self.readable * self.present / self.verified)
 
 
 def missing_shards_error(shards: ShardSet, absent: list[str]) -> ConfigError:
@@ -50,74 +61,75 @@ def check_present(shards: ShardSet) -> None:
         raise missing_shards_error(shards, absent)
 
 
-def _metadata_count(shards: ShardSet, path: str) -> int | None:
-    fs, inner = filesystem(path, shards.endpoint)
-    try:
-        if shards.format == "parquet":
-            with fs.open_input_file(inner) as f:
-                return int(pq.ParquetFile(f).metadata.num_rows)
-        if shards.format == "wds":
-            stats = inner[: -len(".tar")] + "_stats.json"
-            with fs.open_input_file(stats) as f:
-                return int(json.loads(f.read())["successes"])
-    except (OSError, KeyError, ValueError):
-        return None
-    return None
+def verify_shard(shards: ShardSet, path: str) -> ShardReading:
+    """Read one shard whole as training would (images are not decoded); metadata's count beside it."""
+    reading = ShardReading(path)
+    for _ in read_samples(shards, path, reading):
+        pass
+    if reading.expected is None:
+        fs, inner = filesystem(path, shards.endpoint)
+        reading.expected = metadata_count(shards, fs, inner)
+    return reading
 
 
-def _read_count(shards: ShardSet, path: str, problems: list[str]) -> int:
-    """Samples in one shard without Ray (Ray Data's readers need a running Ray: they put their paths in the
-    object store): WebDataset keys with an image member, or manifest rows."""
-    fs, inner = filesystem(path, shards.endpoint)
-    keys: set[str] = set()
-    try:
-        with fs.open_input_stream(inner) as f:
-            if shards.format == "wds":
-                with tarfile.open(fileobj=f, mode="r|*") as tar:
-                    for member in tar:
-                        key, _, ext = member.name.rpartition("/")[2].partition(".")
-                        if ext.lower() in ((shards.image_key,) if shards.image_key else WDS_IMAGE_EXTS):
-                            keys.add(key)
-                return len(keys)
-            data = f.read()
-        if shards.format == "jsonl":
-            return sum(1 for line in data.splitlines() if line.strip())
-        return max(0, sum(1 for line in data.splitlines() if line.strip()) - 1)  # csv: minus the header
-    except (OSError, tarfile.TarError, EOFError) as err:
-        problems.append(f"{path}: shard unreadable after {len(keys)} samples ({type(err).__name__}: {err})")
-        return len(keys)
+def _read_all(shards: ShardSet, paths: list[str], workers: int, use_ray: bool) -> list[ShardReading]:
+    if use_ray:
+        import ray  # lazy: only a --full check on a cluster uses Ray
+
+        task = ray.remote(num_cpus=0.5)(verify_shard)
+        return ray.get([task.remote(shards, p) for p in paths])
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # reading is I/O: threads overlap it
+        return list(pool.map(lambda p: verify_shard(shards, p), paths))
 
 
-def count(shards: ShardSet, report: ShardReport, sample: int = SAMPLE_SHARDS) -> None:
-    present = [p for p in shards.shards if p not in set(report.missing)]
-    picked = present if len(present) <= sample else random.Random(0).sample(present, sample)
-    total = 0
-    for path in picked:
-        n = _metadata_count(shards, path)
-        if n is None:
-            n = _read_count(shards, path, report.problems)
-        total += n
-    report.counted = len(picked)
-    report.exact = len(picked) == len(present)
-    report.samples = total if report.exact or not picked else round(total * len(present) / len(picked))
-
-
-def shard_report(name: str, shards: ShardSet, spec, sample: int = SAMPLE_SHARDS) -> ShardReport:
+def shard_report(name: str, shards: ShardSet, spec, sample: int | None = SAMPLE_SHARDS, workers: int = 4,
+                 use_ray: bool = False) -> ShardReport:
+    """Missing shards, then `sample` present shards (None: all) read and compared with their metadata."""
     report = ShardReport(name, str(spec), shards.format, len(shards.shards))
     report.missing = missing(list(shards.shards), shards.endpoint)
-    count(shards, report, sample)
+    absent = set(report.missing)
+    present = [p for p in shards.shards if p not in absent]
+    picked = present if sample is None or len(present) <= sample else random.Random(0).sample(present, sample)
+    claims = []
+    for reading in _read_all(shards, picked, workers, use_ray):
+        report.verified += 1
+        report.readable += reading.kept
+        report.lost.update(reading.lost)
+        claims.append(reading.expected)
+        if reading.damage:
+            report.damaged.append(reading.summary())
+        elif reading.lost:
+            report.lossy.append(reading.summary())
+        report.problems += reading.messages[: SHOW - len(report.problems)] if len(report.problems) < SHOW else []
+    known = [c for c in claims if c is not None]
+    report.metadata, report.metadata_shards = sum(known), len(known)
     return report
 
 
 def format_shard_report(r: ShardReport, show: int = 20) -> list[str]:
-    how = "counted" if r.exact else f"estimated from {r.counted} of {r.shards - len(r.missing)} shards"
+    lost = sum(r.lost.values())
+    how = "all" if r.verified == r.present else "a seeded sample; --full reads all"
+    if not r.metadata_shards:
+        says = "; no metadata to compare"
+    elif r.metadata_shards == r.verified:
+        says = f"; metadata says {r.metadata}"
+    else:
+        says = f"; metadata says {r.metadata} for the {r.metadata_shards} of them that have it"
     lines = [f"{r.dataset}/train: {r.spec}",
-             f"  {r.format} shards {r.shards}  samples {r.samples} ({how})  missing {len(r.missing)}"]
+             f"  {r.format} shards {r.shards}  missing {len(r.missing)}  verified {r.verified} of {r.present} ({how})",
+             f"  samples {r.readable} readable, {lost} lost" + (
+                 " (" + ", ".join(f"{k} {n}" for k, n in sorted(r.lost.items())) + ")" if lost else "") + says]
+    if r.verified and r.verified < r.present:
+        lines.append(f"  about {r.estimate} readable samples in all {r.present} shards (from the {r.verified} read)")
     if r.missing:
         lines.append(f"  ERROR {len(r.missing)} shards do not exist (datasets.{r.dataset}.build_info.storage): "
                      + ", ".join(r.missing[:SHOW]) + (" ..." if len(r.missing) > SHOW else ""))
+    for line in r.damaged[:show]:
+        lines.append(f"  ERROR damaged shard {line}")
+    if len(r.damaged) > show:
+        lines.append(f"  ... and {len(r.damaged) - show} more damaged shards")
+    for line in r.lossy[:show]:
+        lines.append(f"  lost records in {line}")
     for problem in r.problems[:show]:
         lines.append(f"  skipped {problem}")
-    if len(r.problems) > show:
-        lines.append(f"  ... and {len(r.problems) - show} more")
     return lines

@@ -6,45 +6,44 @@ Each pass (epoch, or inner epoch of an iteration-based run) reads:
 - in an order permuted by (run.seed, stream, pass),
 - one read task per shard, skipping the tasks, chunks and rows the training state says are done
   (qformer.data.position); the pass comes from the training loop's `StreamPlan`, not from Ray.
-A task reads its shard with Ray Data's own reader for the format (WebDataset, JSON, CSV; Parquet with
-pyarrow's, which Ray's calls after sampling each file), inside the task, so the planning process never
-fetches per-shard metadata; shuffles the shard's rows (a bounded local shuffle: one
-shard), and hands them on in chunks of run.data.task_rows rows with their `unit` columns. Records
-with an empty or non-text caption, or without an image, are dropped and counted as skipped images,
-as are undecodable images later; a truncated or unreadable shard keeps the samples read before the
-damage and counts one skipped image for the rest, and the run goes on.
+A task streams its shard (qformer.data.shard_records: every readable sample kept, every lost one counted
+by reason) through a seeded shuffle buffer of run.data.shard_shuffle_buffer samples, as webdataset and
+OpenCLIP do, so its memory is bounded by the buffer, not by the shard; and hands the samples on in chunks
+of a few batches (qformer.data.pipeline.shard_chunk_rows) with their `unit` columns. The buffer's order is a function of the shard's
+bytes and the seed, so a resumed read reproduces it and the chunk and row positions stay exact. The
+trade-off: samples mix within a window of the buffer, not across the whole shard (shards are themselves
+re-ordered every pass).
 """
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import replace
 from functools import partial
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray.data
-from ray.data._internal.datasource.csv_datasource import CSVDatasource
-from ray.data._internal.datasource.json_datasource import ArrowJSONDatasource
-from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
-from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from qformer.data.position import ROW, UNIT, UNIT_ROWS, decode_unit, encode_unit, read_plan
-from qformer.data.shard_set import WDS_IMAGE_EXTS, ShardSet
-from qformer.data.stats import record_skipped
-from qformer.data.storage import filesystem, join
+from qformer.data.position import ROW, UNIT, UNIT_ROWS, decode_unit, encode_unit, read_plan, unit_key
+from qformer.data.shard_records import ShardReading, read_samples
+from qformer.data.shard_set import ShardSet
+from qformer.data.stats import record_losses
+from qformer.data.transform import AUG_SEED
 
+log = logging.getLogger("qformer.data")
 ROW_SCHEMA = pa.schema([("path", pa.string()), ("data", pa.binary()), ("caption", pa.string()),
                         ("source", pa.int64()), (UNIT, pa.int64()), (ROW, pa.int64()), (UNIT_ROWS, pa.int64()),
-                        ("aug_seed", pa.int64())])
+                        (AUG_SEED, pa.int64())])
 
 
 class ShardStream(Datasource):
     def __init__(self, shards: ShardSet, source: int, rows_per_chunk: int, seed: tuple[int, ...], plan=None,
-                 stream: str | None = None) -> None:
+                 stream: str | None = None, shuffle_buffer: int = 1000) -> None:
         self._set, self._source, self._rows = shards, int(source), max(1, int(rows_per_chunk))
+        self._buffer = max(1, int(shuffle_buffer))
         self._seed, self._plan = tuple(int(s) for s in seed), plan
         self._stream = stream or shards.name  # the key in `plan`
 
@@ -71,135 +70,96 @@ class ShardStream(Datasource):
             # name, and the tasks Ray Data puts in the object store each pass would grow with shards squared
             trained = {u: frozenset(r) for u, r in position.partial.items() if decode_unit(u)[0] == task}
             read = partial(_read_task, replace(self._set, shards=(path,)), path, self._source, task, self._rows,
-                           (*self._seed, position.pass_, task), frozenset(position.done_chunks.get(task, ())), trained)
+                           (*self._seed, position.pass_, task), frozenset(position.done_chunks.get(task, ())), trained,
+                           self._buffer)
             meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=[path])
             tasks.append(ReadTask(read, meta, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
 def shard_dataset(shards: ShardSet, source: int, rows_per_chunk: int, seed: tuple[int, ...], *, plan=None,
-                  stream: str | None = None, num_cpus: float | None = None):
+                  stream: str | None = None, num_cpus: float | None = None, shuffle_buffer: int = 1000):
     """The shards as a Ray Dataset of (path, data, caption, source, unit, unit_rows, aug_seed) rows."""
     kwargs = {"num_cpus": float(num_cpus)} if num_cpus is not None else {}
-    return ray.data.read_datasource(ShardStream(shards, source, rows_per_chunk, seed, plan, stream),
+    return ray.data.read_datasource(ShardStream(shards, source, rows_per_chunk, seed, plan, stream, shuffle_buffer),
                                     override_num_blocks=1, **kwargs)  # see epoch_rows: no block splits
 
 
 # ---- inside a read task ------------------------------------------------------------------------------
+def shuffled(samples: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A streaming shuffle: hold `size` samples, hand on a random one as each new one arrives, then the rest
+    in random order. Deterministic for the same samples and generator."""
+    buffer = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    for j in rng.permutation(len(buffer)):
+        yield buffer[int(j)]
+
+
+def chunks(samples: Iterator, size: int) -> Iterator[tuple[int, list, bool]]:
+    """(index, samples, last) per `size` samples; the last chunk is known by looking one sample ahead."""
+    index, current, ready = 0, [], None
+    for sample in samples:
+        if ready is not None:
+            yield index, ready, False
+            index, ready = index + 1, None
+        current.append(sample)
+        if len(current) == size:
+            ready, current = current, []
+    if ready is not None:
+        yield index, ready, not current
+        index += 1
+    if current:
+        yield index, current, True
+
+
 def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chunk: int, seed: tuple[int, ...],
-               done_chunks: frozenset, trained: dict[int, frozenset] | None = None) -> Iterator[pa.Table]:
-    skipped: list[str] = []
-    records = list(read_records(shards, path, skipped))
-    record_skipped(skipped)
-    if not records:
-        return
-    table = pa.concat_tables(records)
-    rng = np.random.default_rng(seed)
-    table = table.take(pa.array(rng.permutation(table.num_rows)))  # local shuffle: within the shard
-    chunks = range(0, table.num_rows, rows_per_chunk)
-    for chunk, start in enumerate(chunks):
+               done_chunks: frozenset, trained: dict[int, frozenset] | None = None,
+               shuffle_buffer: int = 1000) -> Iterator[pa.Table]:
+    reading = ShardReading(path)
+    losses = _ChunkLosses(reading)
+    stream = shuffled(read_samples(shards, path, reading), shuffle_buffer, np.random.default_rng(seed))
+    chunk = -1
+    for chunk, part, last in chunks(stream, rows_per_chunk):
+        unit, aug = encode_unit(task, chunk, last), int(np.random.default_rng((*seed, chunk)).integers(2**62))
+        losses.send(unit_key(aug, unit))  # also for chunks trained already: the same losses, under the same key
         if chunk in done_chunks:
             continue
-        part = table.slice(start, rows_per_chunk)
-        unit = encode_unit(task, chunk, chunk == len(chunks) - 1)
-        offsets = np.arange(part.num_rows)
+        offsets = np.arange(len(part))
         if trained and unit in trained:  # a resumed pass: leave out the rows already trained on
             offsets = offsets[~np.isin(offsets, list(trained[unit]))]
-            part = part.take(pa.array(offsets))
-        n = part.num_rows
+        n = len(offsets)
         if not n:
             continue
-        aug = int(np.random.default_rng((*seed, chunk)).integers(2**62))
+        names, datas, captions = zip(*(part[int(i)] for i in offsets))
         yield pa.table({
-            "path": part["path"], "data": part["data"], "caption": part["caption"],
+            "path": pa.array(names, pa.string()), "data": pa.array(datas, pa.binary()),
+            "caption": pa.array(captions, pa.string()),
             "source": pa.array(np.full(n, source, np.int64)), UNIT: pa.array(np.full(n, unit, np.int64)),
             ROW: pa.array(offsets.astype(np.int64)), UNIT_ROWS: pa.array(np.full(n, n, np.int64)),
-            "aug_seed": pa.array(np.full(n, aug, np.int64)),
+            AUG_SEED: pa.array(np.full(n, aug, np.int64)),
         }, schema=ROW_SCHEMA)
+    if chunk < 0:  # nothing readable: the losses go under the unit the first chunk would have been
+        losses.send(unit_key(int(np.random.default_rng((*seed, 0)).integers(2**62)), encode_unit(task, 0, True)))
+    if reading.lost or reading.damage:
+        log.warning("shard %s", reading.summary())
 
 
-def _ray_source(shards: ShardSet, path: str):
-    """Ray Data's own reader for one shard."""
-    fs, inner = filesystem(path, shards.endpoint)
-    if shards.format == "wds":
-        return WebDatasetDatasource([inner], decoder=None, filesystem=fs)
-    if shards.format == "jsonl":
-        return ArrowJSONDatasource([inner], filesystem=fs, partitioning=None)
-    return CSVDatasource([inner], filesystem=fs, partitioning=None)
+class _ChunkLosses:
+    """Each chunk's share of the shard's losses: what was lost while reading up to it (the last chunk is
+    handed on only once the shard has been read to its end, so it takes what came after)."""
 
+    def __init__(self, reading: ShardReading) -> None:
+        self.reading, self.sent, self.messages = reading, {}, 0
 
-def _parquet_batches(shards: ShardSet, path: str) -> Iterator[pa.RecordBatch]:
-    """pyarrow's reader, which Ray's uses too (Ray's also samples every file to estimate its size in memory)."""
-    fs, inner = filesystem(path, shards.endpoint)
-    with fs.open_input_file(inner) as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=1024)
-
-
-def _blocks(shards: ShardSet, path: str) -> Iterator:
-    if shards.format == "parquet":
-        yield from _parquet_batches(shards, path)
-        return
-    for task in _ray_source(shards, path).get_read_tasks(1):
-        yield from task()
-
-
-def read_records(shards: ShardSet, path: str, skipped: list[str]) -> Iterator[pa.Table]:
-    """One shard's usable (path, data, caption) records; what is unusable goes to `skipped` with why."""
-    got = 0
-    try:
-        for block in _blocks(shards, path):
-            frame = block.to_pandas() if isinstance(block, pa.RecordBatch) else BlockAccessor.for_block(block).to_pandas()
-            records = _normalise(frame, shards, path, skipped)
-            got += records.num_rows
-            yield records
-    except Exception as err:  # noqa: BLE001 - a damaged shard costs its remaining samples, not the run
-        skipped.append(f"{path}: shard unreadable after {got} samples ({type(err).__name__}: {err})")
-
-
-def _text(value) -> str | None:
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def _normalise(df, shards: ShardSet, path: str, skipped: list[str]) -> pa.Table:
-    paths, datas, captions = [], [], []
-    fmt, text_key, image_key = shards.format, shards.text_key, shards.image_key
-    root = shards.image_root
-    for i, row in enumerate(df.to_dict("records")):
-        name = f"{path}#{row.get('__key__', i)}"
-        caption = _text(row.get(text_key))
-        if caption is None and fmt == "wds" and row.get("json") is not None:
-            try:
-                meta = json.loads(row["json"]) if isinstance(row["json"], (bytes, str)) else row["json"]
-                caption = _text(meta.get("caption")) if isinstance(meta, dict) else None
-            except ValueError:
-                caption = None
-        if caption is None:
-            skipped.append(f"{name}: empty or non-text caption ({text_key})")
-            continue
-        if fmt == "wds":
-            keys = [image_key] if image_key else WDS_IMAGE_EXTS
-            data = next((row[k] for k in keys if isinstance(row.get(k), bytes)), None)
-            if data is None:
-                skipped.append(f"{name}: no image member ({', '.join(keys)})")
-                continue
-            paths.append(name)
-            datas.append(data)
-        else:
-            value = row.get(image_key)
-            if isinstance(value, (bytes, bytearray)):
-                paths.append(name)
-                datas.append(bytes(value))
-            elif isinstance(value, str) and value:
-                paths.append(join(root, value) if root else value)
-                datas.append(None)
-            else:
-                skipped.append(f"{name}: no image in column '{image_key}'")
-                continue
-        captions.append(caption)
-    return pa.table({"path": pa.array(paths, pa.string()), "data": pa.array(datas, pa.binary()),
-                     "caption": pa.array(captions, pa.string())})
+    def send(self, unit: str) -> None:
+        lost = self.reading.lost
+        new = {r: n - self.sent.get(r, 0) for r, n in lost.items() if n > self.sent.get(r, 0)}
+        if new:
+            record_losses(new, self.reading.messages[self.messages:], unit)
+            self.sent, self.messages = dict(lost), len(self.reading.messages)

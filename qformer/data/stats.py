@@ -1,11 +1,19 @@
-"""The skipped-image counter: a named Ray actor that the decode UDFs increment.
+"""The lost-sample ledger: a named Ray actor that the read tasks and decode UDFs report to.
 
-Decoding runs in Ray Data worker processes, training in Ray Train workers, so the count lives in
-one small actor (0 CPUs) that both can find by name in the job's namespace. The training loop
-calls `skipped_count()` at log steps (cheap: one actor call) and logs it as `skipped_images`.
-Without Ray, or before any image was skipped, there is no actor and the count is 0.
-One counter per Ray job: concurrent runs in the same job (Tune trials) share it. The job's driver owns
-it, so it ends with the job (a detached counter outlived every eval and failed job on a long-lived head).
+Reading runs in Ray Data worker processes, training in Ray Train workers, so the ledger lives in one
+small actor (0 CPUs) that both find by name in the job's namespace. The training loop reads it at log
+steps (one actor call) and logs `skipped_images` (and `skipped_images/<reason>`, qformer.data.shard_records
+names the reasons).
+
+Training losses are kept per read unit (the chunk's augmentation seed and unit id, unique in a run):
+a unit read again (a restart re-reads what the last checkpoint had not trained, a resumed run re-reads
+the pass) reports the same losses under the same key, so nothing is counted twice. The checkpoint keeps
+the ledger (`state()`, in its data position) and a resumed run restores it (`restore`), so the count is
+the run's, across restarts and resumes, and ends equal to what the epochs lost. Losses without a unit
+(evaluation reads) are added up apart and never checkpointed.
+Without Ray there is no actor and this process keeps the ledger. One ledger per Ray job: concurrent runs in
+the same job (Tune trials) share it. The job's driver owns it, so it ends with the job (a detached counter
+outlived every eval and failed job on a long-lived head).
 Ray is imported inside the functions: the decode transform imports this module, and `qformer config`
 imports the transform (builders -> retrieval) without Ray.
 """
@@ -14,36 +22,59 @@ from __future__ import annotations
 import logging
 
 COUNTER_NAME = "qformer_skipped_images"
+LEDGER_KEY = "lost_samples"  # where a checkpoint's data position keeps the ledger (no stream has this name)
 log = logging.getLogger("qformer.data")
 
-_local_count = 0  # used when Ray is not running (single-process iteration)
-_owned = None  # the handle that keeps the counter this process created alive
+
+class LossLedger:
+    """unit key -> {reason: samples lost}; losses without a unit by reason; the last messages."""
+
+    def __init__(self) -> None:
+        self.units: dict[str, dict[str, int]] = {}
+        self.loose: dict[str, int] = {}
+        self.examples: list[str] = []
+
+    def add(self, by_reason: dict[str, int], examples: list[str], unit: str | None = None) -> None:
+        if unit is None:
+            for reason, n in by_reason.items():
+                self.loose[reason] = self.loose.get(reason, 0) + int(n)
+        else:  # a unit read again reports the same losses: set, not add
+            self.units.setdefault(unit, {}).update({r: int(n) for r, n in by_reason.items()})
+        self.examples = (self.examples + list(examples))[-20:]
+
+    def training(self) -> dict[str, int]:
+        """Losses of the training reads, by reason."""
+        out: dict[str, int] = {}
+        for losses in self.units.values():
+            for reason, n in losses.items():
+                out[reason] = out.get(reason, 0) + n
+        return out
+
+    def total(self) -> int:
+        return sum(self.training().values()) + sum(self.loose.values())
+
+    def state(self) -> dict[str, dict[str, int]]:
+        return {unit: dict(losses) for unit, losses in self.units.items()}
+
+    def restore(self, state: dict | None) -> None:
+        for unit, losses in (state or {}).items():
+            self.units.setdefault(str(unit), {}).update({r: int(n) for r, n in losses.items()})
+
+    def recent(self) -> list[str]:
+        return list(self.examples)
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+_local = LossLedger()  # used when Ray is not running (single-process iteration)
+_owned = None  # the handle that keeps the ledger this process created alive
 
 
 def _actor_class():
     import ray  # lazy: see the module docstring
 
-    @ray.remote(num_cpus=0)
-    class SkippedCounter:
-        def __init__(self) -> None:
-            self.count = 0
-            self.examples: list[str] = []
-
-        def add(self, n: int, examples: list[str]) -> int:
-            self.count += n
-            self.examples = (self.examples + examples)[-20:]
-            return self.count
-
-        def get(self) -> int:
-            return self.count
-
-        def recent(self) -> list[str]:
-            return list(self.examples)
-
-        def reset(self) -> None:
-            self.count, self.examples = 0, []
-
-    return SkippedCounter
+    return ray.remote(num_cpus=0)(LossLedger)
 
 
 def _get_actor(create: bool):
@@ -70,10 +101,9 @@ def _get_actor(create: bool):
 
 
 def start_counter():
-    """On the driver, before training, evaluating or a sweep: create the counter (owned by this process,
-    so it ends with the job, and Tune trials of the job share it) and zero it. Returns the handle."""
-    global _local_count
-    _local_count = 0
+    """On the driver, before training, evaluating or a sweep: create the ledger (owned by this process, so it
+    ends with the job, and Tune trials of the job share it) and empty it. Returns the handle."""
+    _local.reset()
     actor = _get_actor(create=True)
     if actor is not None:
         import ray  # lazy: see the module docstring
@@ -82,46 +112,64 @@ def start_counter():
     return actor
 
 
-def record_skipped(reasons: list[str]) -> None:
-    """Called by the decode UDFs with one message (path: reason) per skipped image."""
-    global _local_count
-    if not reasons:
-        return
-    for reason in reasons:
-        log.warning("skipping image %s", reason)
-    _local_count += len(reasons)
-    actor = _get_actor(create=True)
-    if actor is not None:
-        import ray  # lazy: see the module docstring
+def _call(method: str, *args):
+    """`method` on the job's ledger (created when missing), else on this process's."""
+    actor = _get_actor(create=method == "add")
+    if actor is None:
+        return getattr(_local, method)(*args)
+    import ray  # lazy: see the module docstring
 
-        # wait for it (skips are rare): the count is exact by the time the batch is consumed
-        ray.get(actor.add.remote(len(reasons), reasons))
+    # waited for (losses are rare): the count is exact by the time the batch is consumed
+    return ray.get(getattr(actor, method).remote(*args))
+
+
+def record_skipped(reasons: list[str], reason: str = "undecodable", unit: str | None = None) -> None:
+    """Called by the decode UDFs with one message (path: why) per image that did not decode."""
+    if reasons:
+        for message in reasons:
+            log.warning("skipping image %s", message)
+        record_losses({reason: len(reasons)}, reasons, unit)
+
+
+def record_losses(by_reason: dict[str, int], examples: list[str], unit: str | None = None) -> None:
+    """Count lost samples by reason (qformer.data.shard_records names them); `unit`: the read unit's key
+    (qformer.data.position.unit_key), so that reading it again does not count them again."""
+    if by_reason:
+        _call("add", {r: int(n) for r, n in by_reason.items()}, list(examples), unit)
 
 
 def skipped_count() -> int:
-    """Images skipped so far in this Ray job (0 when none, or without Ray: this process's count)."""
-    import ray  # lazy: see the module docstring
+    """Samples lost so far in this Ray job, training and evaluation (0 when none)."""
+    return int(_call("total"))
 
-    actor = _get_actor(create=False)
-    if actor is None:
-        return _local_count
-    return int(ray.get(actor.get.remote()))
+
+def training_losses() -> dict[str, int]:
+    """The training reads' lost samples by reason, for the run (restored across resumes)."""
+    return dict(_call("training"))
 
 
 def recent_skipped() -> list[str]:
     """The last (up to 20) 'path: reason' messages, for logs and the data check."""
-    import ray  # lazy: see the module docstring
+    return list(_call("recent"))
 
-    actor = _get_actor(create=False)
-    return [] if actor is None else list(ray.get(actor.recent.remote()))
+
+def ledger_state() -> dict:
+    """What a checkpoint keeps of the training losses."""
+    return _call("state")
+
+
+def restore_ledger(state: dict | None) -> None:
+    """A resumed or restarted run's losses so far (from its checkpoint), merged into the job's ledger."""
+    if state:
+        actor = _get_actor(create=True)
+        if actor is None:
+            _local.restore(state)
+        else:
+            import ray  # lazy: see the module docstring
+
+            ray.get(actor.restore.remote(state))
 
 
 def reset_skipped() -> None:
-    """Zero the counter (build_train_datasets calls it so a run starts at 0)."""
-    global _local_count
-    _local_count = 0
-    actor = _get_actor(create=False)
-    if actor is not None:
-        import ray  # lazy: see the module docstring
-
-        ray.get(actor.reset.remote())
+    """Empty the ledger."""
+    _call("reset")

@@ -24,6 +24,8 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from qformer.core.errors import ConfigError
+
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _GLOB_CHARS = set("*?[")
@@ -76,6 +78,39 @@ def read_bytes(target: str, endpoint: str | None = None) -> bytes:
         return f.read()
 
 
+class StorageError(ConfigError):
+    """Object storage said no for a reason other than "no such key": denied, unreachable, no such bucket."""
+
+
+_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN", "InvalidToken",
+           "Forbidden", "HTTP response code: 403")
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Could not resolve", "timed out", "Timeout", "REQUEST_TIMEOUT",
+                "SERVICE_UNAVAILABLE")
+
+
+def storage_error(err: Exception, target: str, endpoint: str | None = None) -> StorageError | None:
+    """A one-line StorageError naming the endpoint, the bucket and what to fix, or None when `err` is a plain
+    "not found" (which callers report as missing shards) or not from object storage."""
+    if not is_uri(target):
+        return None
+    text = str(err)
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+    where = f"endpoint {endpoint}" if endpoint else "AWS S3 (no endpoint set)"
+    bucket = target.split("://", 1)[1].split("/", 1)[0]
+    detail = text.split(" operation: ", 1)[-1].split(" (Request ID", 1)[0][:160]
+    if any(s in text for s in _DENIED):
+        return StorageError(f"access denied to bucket {bucket} at {where}: check the credentials (AWS_ACCESS_KEY_ID / "
+                            f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the node's role) and the bucket policy ({detail})",
+                            "run.data.s3_endpoint")
+    if any(s in text for s in _UNREACHABLE):
+        return StorageError(f"cannot reach {where} for bucket {bucket}: check run.data.s3_endpoint (or "
+                            f"AWS_ENDPOINT_URL) and the network from this machine ({detail})", "run.data.s3_endpoint")
+    if "NO_SUCH_BUCKET" in text:
+        return StorageError(f"bucket {bucket} does not exist at {where} (is run.data.s3_endpoint the right server?)",
+                            "run.data.s3_endpoint")
+    return None
+
+
 def _expand_braces(pattern: str) -> list[str]:
     match = _BRACE.search(pattern)
     if match is None:
@@ -112,7 +147,10 @@ def _glob(pattern: str, endpoint: str | None) -> list[str]:
     recursive = len(parts) - fixed > 1 or "**" in path
     try:
         infos = fs.get_file_info(pafs.FileSelector(base_in_fs, recursive=recursive))
-    except (FileNotFoundError, OSError):
+    except OSError as err:  # as in `missing`: no folder, no shards; a denied or unreachable store says so
+        error = None if isinstance(err, FileNotFoundError) else storage_error(err, pattern, endpoint)
+        if error is not None:
+            raise error from None
         return []
     root_in_fs = base_in_fs.rstrip("/")
     out = []
@@ -149,7 +187,10 @@ def missing(paths: list[str], endpoint: str | None = None) -> list[str]:
         try:
             infos = fs.get_file_info(pafs.FileSelector(folder_in_fs, recursive=False))
             present = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
-        except (FileNotFoundError, OSError):
+        except OSError as err:  # a folder that is not there holds no shards; anything else is not "missing"
+            error = None if isinstance(err, FileNotFoundError) else storage_error(err, folder, endpoint)
+            if error is not None:
+                raise error from None
             present = set()
         absent.extend(n for n in names if posixpath.basename(n) not in present)
     return absent

@@ -94,6 +94,11 @@ def _write_csv(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
 _WRITERS = {"wds": _write_wds, "parquet": _write_parquet, "jsonl": _write_jsonl, "csv": _write_csv}
 
 
+def write_shard(path: str | Path, fmt: str, samples: list[tuple[str, bytes, str]]) -> None:
+    """One shard of (key, encoded image, caption) samples in `fmt`, laid out as `write_shards` lays them."""
+    _WRITERS[fmt](Path(path), samples)
+
+
 def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> int:
     """Copy every file under `local` to `uri` (s3://bucket/prefix); returns the number of files."""
     fs, base = filesystem(uri, endpoint)

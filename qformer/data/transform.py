@@ -13,7 +13,7 @@ import numpy as np
 
 from qformer.core.errors import ImageDecodeError
 from qformer.data.images import DEFAULT_MAX_PIXELS, load_rgb
-from qformer.data.position import ROW, UNIT, UNIT_ROWS
+from qformer.data.position import ROW, UNIT, UNIT_ROWS, unit_key
 from qformer.data.stats import record_skipped
 from qformer.data.tokenizer import tokenize
 
@@ -41,6 +41,13 @@ def _rng(batch: dict[str, np.ndarray]) -> np.random.Generator:
     return np.random.default_rng(int(seeds[0]) if seeds is not None and len(seeds) else None)
 
 
+def _unit_of(batch: dict[str, np.ndarray], i: int) -> str | None:
+    """Row i's read unit key for the lost-sample ledger (None for rows read without positions)."""
+    if UNIT not in batch or AUG_SEED not in batch:
+        return None
+    return unit_key(batch[AUG_SEED][i], batch[UNIT][i])
+
+
 def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str, np.ndarray]:
     """{"path", "caption", "source"[, "data", "aug_seed", "unit", "unit_row", "unit_rows"]} ->
     {"image" uint8 [n,3,S,S], "text_ids", "text_atts" int64 [n,L][, "unit", "unit_row", "unit_rows"]}.
@@ -48,18 +55,19 @@ def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str,
     means: open `path`. A read chunk reaches this in one call, so `unit_rows` becomes the number of its
     rows that survive decoding."""
     rng = _rng(batch)
-    images, texts, kept, skipped = [], [], [], []
+    images, texts, kept, skipped = [], [], [], {}
     data = batch.get("data")
     for i, (path, caption, source) in enumerate(zip(batch["path"], batch["caption"], batch["source"])):
         try:
             img = load_rgb(path, spec.max_pixels, data=data[i] if data is not None else None, endpoint=spec.s3_endpoint)
         except ImageDecodeError as err:
-            skipped.append(str(err))
+            skipped.setdefault(_unit_of(batch, i), []).append(str(err))
             continue
         images.append(spec.vis_processors[int(source)](img, rng))
         texts.append(spec.text_processors[int(source)](str(caption)))
         kept.append(i)
-    record_skipped(skipped)
+    for unit, messages in skipped.items():  # by read unit: a unit read again reports the same, not more
+        record_skipped(messages, unit=unit)
     ids, atts = tokenize(spec.bert_model, texts, spec.max_txt_len)
     s = spec.image_size
     image = np.stack(images) if images else np.zeros((0, 3, s, s), np.uint8)

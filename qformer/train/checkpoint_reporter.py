@@ -13,6 +13,7 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
+from qformer.data.stats import LEDGER_KEY, ledger_state
 from qformer.train import checkpoint as ckpt_io
 from qformer.train.step import TrainState
 
@@ -36,6 +37,7 @@ class CheckpointReporter:
         if self.rank != 0:
             ray.train.report(report, checkpoint=None)
             return None
+        settled[LEDGER_KEY] = _ledger()  # the run's lost samples so far, so a resume counts on from them
         saved = ckpt_io.build_state(self.model, state.optimizer, state.scheduler, state.scaler, self.cfg, epoch=epoch,
                                     step=state.global_step, iters_in_epoch=iters, epoch_complete=epoch_complete,
                                     mlflow_run_id=self.mlflow_run_id, data_position=settled, metrics=report)
@@ -53,6 +55,13 @@ class CheckpointReporter:
     def report(metrics: dict[str, Any]) -> None:
         """Metrics without a checkpoint (every rank)."""
         ray.train.report(metrics)
+
+
+def _ledger() -> dict:
+    try:
+        return ledger_state()
+    except Exception:  # noqa: BLE001 - a count must not cost the checkpoint
+        return {}
 
 
 def _persisted_path(name: str) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from qformer.config.batch_plan import BatchPlan
 from qformer.core.logs import get_logger
-from qformer.data.stats import skipped_count
+from qformer.data.stats import training_losses
 from qformer.tracking.run_tracker import RunTracker
 from qformer.tracking.uri import fail_fast_http
 from qformer.train.loop_config import TrackingTarget
@@ -69,7 +69,7 @@ class MetricLogger:
         })
         metrics = {k: v for k, v in metrics.items() if v is not None}
         if self.rank == 0:
-            metrics["skipped_images"] = float(_skipped_images())
+            metrics.update(_skipped_images())
             metrics.update(memory_metrics(state.device))
             if self.tracker is not None and state.global_step > self.logged_through:
                 self.tracker.log_metrics_buffered(metrics, step=state.global_step)  # an outage buffers
@@ -126,8 +126,12 @@ def safe(fn: Any, *args: Any, **kwargs: Any) -> None:
         log.warning("MLflow %s failed: %s", getattr(fn, "__name__", "call"), err)
 
 
-def _skipped_images() -> int:
+def _skipped_images() -> dict[str, float]:
+    """`skipped_images`: training samples lost so far in the run (across restarts and resumes), and one
+    `skipped_images/<reason>` per reason that occurred (qformer.data.stats)."""
     try:
-        return int(skipped_count())
-    except Exception:  # the counter is informational
-        return 0
+        by_reason = training_losses()
+    except Exception:  # noqa: BLE001 - the count is informational
+        return {}
+    return {"skipped_images": float(sum(by_reason.values())),
+            **{f"skipped_images/{reason}": float(n) for reason, n in sorted(by_reason.items()) if n}}

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from qformer.config import batch_plan
 from qformer.core.logs import get_logger, setup_logging
 from qformer.core.seeding import setup_seeds
+from qformer.data.stats import LEDGER_KEY, restore_ledger
 from qformer.features import check_model
 from qformer.models import build_model
 from qformer.train import checkpoint as ckpt_io
@@ -71,6 +72,8 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
         start = ckpt_io.ResumePoint.from_state(saved)
         state.global_step = state._last_checked_step = start.step
         positions = saved.get("data_position") or {}
+        if rank == 0:  # the run's lost samples so far: its skipped_images counts on from them
+            restore_ledger(positions.get(LEDGER_KEY))
         del saved
     scheduler.lr_scale = plan.lr_scale  # the current world's, whatever the checkpoint's world was
     log.info("rank %d/%d on %s, AMP %s, start at epoch %d iter %d (global step %d); per worker %d x %d micro-batches "

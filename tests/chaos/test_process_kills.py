@@ -78,9 +78,24 @@ def _ray_processes(temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, shapes, tmp_path, tmp_path_factory,
+def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, tmp_path, tmp_path_factory,
                                                                     chaos_report):
-    cfg = chaos_cfg(tiny_bert, shapes, tmp_path, "driver_kill", {"max_steps_per_epoch": 8, "ray": {"num_workers": 0}})
+    """Also: the lost-sample count is the run's, not the launch's. One of 17 training images does not decode
+    (2 captions lost), so the epoch is the 32 good rows in 8 steps; skipped_images ends at 2 however often
+    the driver was stopped (each launch used to count from 0, so a resumed run ended below what it lost)."""
+    import pyarrow as pa
+
+    from qformer.data.epoch_rows import EpochShuffledRows
+    from qformer.data.synth import write_synthetic
+
+    data = tmp_path / "shapes"
+    write_synthetic(data, n_train=17, n_val=4, n_test=4, image_size=64, captions_per_image=2)
+    cfg = chaos_cfg(tiny_bert, data, tmp_path, "driver_kill", {"max_steps_per_epoch": 8, "ray": {"num_workers": 0},
+                                                              "data": {"task_rows": 4}})
+    # the image of the epoch's first row (rows: image i's captions are rows 2i, 2i+1): its read unit is trained
+    # and done before the first checkpoint, so only a count kept in the checkpoint remembers its loss
+    first = int(EpochShuffledRows(pa.table({"row": list(range(34))}), 4, (int(cfg.run.seed), 0)).order(0)[0])
+    (data / "images" / "train" / f"train_{first // 2:06d}.jpg").write_bytes(b"not a jpeg")
     exp = tmp_path / "exp.yaml"
     exp.write_text(yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True)))
     uri = cfg.run.mlflow.tracking_uri
@@ -123,6 +138,9 @@ def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, s
     assert loss_steps(uri, run_id) == list(range(1, 9))
     lr = {m.step: m.value for m in client.get_metric_history(run_id, "lr")}
     assert lr == pytest.approx(uninterrupted_lrs(cfg, 8))
+    skipped = [m.value for m in sorted(client.get_metric_history(run_id, "skipped_images"), key=lambda m: m.step)]
+    assert skipped[-1] == max(skipped) == 2, skipped  # as an uninterrupted epoch loses (each launch began at 0)
+    assert client.get_run(run_id).data.metrics["skipped_images/undecodable"] == 2
     for sig, at, recover_s in rows:  # checkpoints every 2 steps: the steps past the last one are re-run
         chaos_report(ChaosRow(f"{sig.name} of the qformer train driver, same command again",
                               "resumes: same MLflow run, step count continues, no Ray process left", 0, at % 2, 1,

@@ -60,6 +60,7 @@ def test_bench_data_shards_quick(ray_cluster, tmp_path: Path) -> None:
     args = parser.parse_args(["--source", "shards", "--quick", "--workload", "config",
                               "--options", f"run.data_root={tmp_path / 'nodata'}",
                               "--rows", "3000", "1000", "--shard-rows", "1000", "--read-rows", "64", "--pool", "40",
+                              "--worker-shard-rows", "300", "50",
                               "--n-images", "40", "--workers", "1", "--epochs", "2", "--synth-size", "64",
                               "--out-dir", str(tmp_path / "results")])
     payload = bench_data.run(args)
@@ -89,5 +90,12 @@ def test_bench_data_shards_quick(ray_cluster, tmp_path: Path) -> None:
         assert s["images_per_epoch"] == 40 and len(s["epoch_seconds"]) == len(s["first_batch_seconds"]) == 2
         assert sum(s["cpu_ms_per_image_by_process"].values()) == pytest.approx(s["cpu_ms_per_image"])
     assert payload["ratio_shards_vs_table"] == {"config": speed["ratio_shards_vs_table"]}
+    worker = payload["decode_worker_memory"]  # tars of 50 and 300 rows, the first 64+ rows read by one worker
+    assert [c["rows_per_shard"] for c in worker["cases"]] == [50, 300]
+    for case in worker["cases"]:
+        assert 64 <= case["rows_read"] < 64 + speed["batch_size"] and case["first_batch_s"] > 0
+        assert case["peak_worker_rss_mb"] > 50  # a worker was seen (torch and the tokenizer alone are more)
+    assert worker["ratio_peak_largest_vs_smallest"] == pytest.approx(
+        worker["cases"][1]["peak_worker_rss_mb"] / worker["cases"][0]["peak_worker_rss_mb"])
     written = json.loads((tmp_path / "results" / "data-shards-latest.json").read_text())
     assert written["benchmark"] == "data-shards" and written["memory"]["sizes"] == [1000, 3000]

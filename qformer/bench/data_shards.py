@@ -17,12 +17,15 @@ else synthetic) referenced over and over, so a million rows cost megabytes of di
    use (raylet's store stats, sampled every 0.1 s; peak minus the value before the build), which holds
    two things: the read tasks, which Ray Data ray.puts all at once when an execution starts (the
    table path's each hold their slice of the table; `read_tasks_bytes` is their pickled size), and
-   the decoded images in flight (Ray Data merges a task's output into blocks of up to
-   target_max_block_size, 128 MiB, so a shard task's output can reach the store as one block of
-   the whole shard's images: at 64 px a 10k-row shard is ~120 MiB, which also delays its first batch).
+   the decoded images in flight (the training datasets use blocks of one decoded chunk, so a shard
+   task's output leaves it chunk by chunk; before, up to 128 MiB, a whole 10k-row shard at 64 px).
    Also the pickled size of the dataset (`plan_bytes`, cloudpickle of the Dataset: what Ray Train
    ships to its split coordinator) and of its datasource alone. The `*_mb` fields are MiB.
-2. Images/s per core of the two paths over the same rows, through the real train transform, read
+2. The decode worker's memory per shard size (`decode_worker_memory`, qformer.bench.data_shard_worker):
+   tars of real JPEG bytes (`--worker-shard-rows`, default 100 and 10k rows), one worker reading and
+   decoding the first `--read-rows` rows in one task; its peak RSS (the kernel's high-water mark) and
+   the time to the first batch. A streamed shard should cost the same whatever its size.
+3. Images/s per core of the two paths over the same rows, through the real train transform, read
    as the training loop reads them (`iter_torch_batches`), epochs alternating table, shards, table,
    ... (the first of each is warm-up; rates are medians of the rest, as `qformer bench data`). Each
    shard holds `rows_per_task` rows, so both paths run the same number of equally sized read tasks
@@ -47,6 +50,7 @@ import numpy as np
 
 import qformer
 from qformer.bench.common import write_result
+from qformer.bench.data_shard_worker import QUICK_WORKER_SHARD_ROWS, WORKER_SHARD_ROWS, worker_memory_cases
 from qformer.bench.data_common import (DEFAULT_IMAGES, QUICK_IMAGES, STAGE1_CFG, STAGE1_OPTIONS, STAGE1_SYNTH, CpuMeter,
                                        bench_config, start_ray, summarise, timed_epoch)
 
@@ -68,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-rows", type=int, default=None,
                         help=f"rows each memory case reads through the decode map (default {READ_ROWS}; quick {QUICK_READ_ROWS})")
     parser.add_argument("--pool", type=int, default=POOL, help="distinct JPEGs the manifests reference (memory cases)")
+    parser.add_argument("--worker-shard-rows", type=int, nargs="+", default=None,
+                        help="rows per tar in the decode-worker memory cases (default "
+                             f"{' '.join(map(str, WORKER_SHARD_ROWS))}; quick {' '.join(map(str, QUICK_WORKER_SHARD_ROWS))})")
 
 
 # ---- manifests -------------------------------------------------------------------------------------
@@ -338,13 +345,16 @@ def run(args: argparse.Namespace) -> dict:
             print(f"[memory] {args.cfg_path}: manifests over {len(pool)} distinct images ({data_info['origin']})")
             memory = memory_cases(args, cfg, train_transform(cfg, sources[:1]), pool, workers, tmp)
             memory["data"] = data_info
+            print(f"[decode worker] tars of real JPEGs, {cfg.run.data.shard_shuffle_buffer}-sample shuffle buffer")
+            worker = worker_memory_cases(args, cfg, train_transform(cfg, sources[:1]), pool, tmp,
+                                         args.read_rows or (QUICK_READ_ROWS if args.quick else READ_ROWS))
             meter = CpuMeter()
             speed = {name: throughput(name, args, workers, epochs, meter, tmp) for name in names}
     finally:
         if started_ray:
             ray.shutdown()
     payload = {"quick": bool(args.quick), "source": "shards", "workers": workers, "memory": memory,
-               "throughput": speed,
+               "decode_worker_memory": worker, "throughput": speed,
                "ratio_shards_vs_table": {k: w["ratio_shards_vs_table"] for k, w in speed.items()}}
     path = write_result("data-shards", payload, args.out_dir)
     print(f"  -> {path}")

@@ -8,11 +8,11 @@ Each pass (epoch, or inner epoch of an iteration-based run) reads:
   (qformer.data.position); the pass comes from the training loop's `StreamPlan`, not from Ray.
 A task streams its shard (qformer.data.shard_records: every readable sample kept, every lost one counted
 by reason) through a seeded shuffle buffer of run.data.shard_shuffle_buffer samples, as webdataset and
-OpenCLIP do, so its memory is bounded by the buffer, not by the shard; and hands the samples on in chunks
-of a few batches (qformer.data.pipeline.shard_chunk_rows) with their `unit` columns. The buffer's order is a function of the shard's
-bytes and the seed, so a resumed read reproduces it and the chunk and row positions stay exact. The
-trade-off: samples mix within a window of the buffer, not across the whole shard (shards are themselves
-re-ordered every pass).
+OpenCLIP do, so its memory is bounded by the buffer, not by the shard; and hands the samples on in
+chunks of a few batches (qformer.data.pipeline.shard_chunk_rows) with their `unit` columns. The buffer's
+order is a function of the shard's bytes and the seed, so a resumed read reproduces it and the chunk and
+row positions stay exact. The trade-off: samples mix within a window of the buffer, not across the whole
+shard (shards are themselves re-ordered every pass).
 """
 from __future__ import annotations
 

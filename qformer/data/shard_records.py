@@ -45,6 +45,10 @@ class ShardReading:
 
     def lose(self, reason: str, message: str, n: int = 1) -> None:
         self.lost[reason] += n
+        self.note(message)
+
+    def note(self, message: str) -> None:
+        """Keep one of the first MAX_MESSAGES messages (a shard of duplicates must not grow a list per member)."""
         if len(self.messages) < MAX_MESSAGES:
             self.messages.append(f"{self.path}#{message}" if not message.startswith(self.path) else message)
 
@@ -147,11 +151,11 @@ class _Samples:
         if not ext or key.rpartition("/")[2].startswith("__"):
             return  # not part of a sample (a folder note, a `__key__` of other tools)
         if key in self.done:
-            self.reading.messages.append(f"{self.path}#{name}: member after its sample was read (ignored)")
+            self.reading.note(f"{name}: member after its sample was read (ignored)")
             return
         members = self.open.setdefault(key, {})
         if ext in members:
-            self.reading.messages.append(f"{self.path}#{name}: duplicated member (the first is kept)")
+            self.reading.note(f"{name}: duplicated member (the first is kept)")
             return
         members[ext] = data
         if key != self.last:  # another key began: finished samples go on

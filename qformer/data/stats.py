@@ -113,8 +113,8 @@ def start_counter():
 
 
 def _call(method: str, *args):
-    """`method` on the job's ledger (created when missing), else on this process's."""
-    actor = _get_actor(create=method == "add")
+    """`method` on the job's ledger (created by the writers when missing), else on this process's."""
+    actor = _get_actor(create=method in ("add", "restore"))
     if actor is None:
         return getattr(_local, method)(*args)
     import ray  # lazy: see the module docstring
@@ -161,13 +161,7 @@ def ledger_state() -> dict:
 def restore_ledger(state: dict | None) -> None:
     """A resumed or restarted run's losses so far (from its checkpoint), merged into the job's ledger."""
     if state:
-        actor = _get_actor(create=True)
-        if actor is None:
-            _local.restore(state)
-        else:
-            import ray  # lazy: see the module docstring
-
-            ray.get(actor.restore.remote(state))
+        _call("restore", state)
 
 
 def reset_skipped() -> None:

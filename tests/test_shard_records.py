@@ -190,13 +190,13 @@ def test_the_ledger_counts_a_unit_read_again_once_and_keeps_eval_losses_apart() 
     from qformer.data.stats import LossLedger
 
     ledger = LossLedger()
-    ledger.add({"undecodable": 2}, ["a.jpg: not an image"], unit="7:16")
-    ledger.add({"damaged_shard": 5}, ["x.tar: cut"], unit="9:3")
-    ledger.add({"undecodable": 2}, ["a.jpg: not an image"], unit="7:16")  # the unit read again after a restart
-    ledger.add({"undecodable": 1}, ["val.jpg: empty file"])  # an evaluation read: no unit
+    ledger.add({"undecodable": 2}, unit="7:16")
+    ledger.add({"damaged_shard": 5}, unit="9:3")
+    ledger.add({"undecodable": 2}, unit="7:16")  # the unit read again after a restart
+    ledger.add({"undecodable": 1})  # an evaluation read: no unit
     assert ledger.training() == {"undecodable": 2, "damaged_shard": 5} and ledger.total() == 8
     resumed = LossLedger()  # a new job, from the checkpoint's copy, reading the unfinished unit again
     resumed.restore(ledger.state())
-    resumed.add({"damaged_shard": 5}, [], unit="9:3")
-    resumed.add({"no_caption": 1}, [], unit="11:0")
+    resumed.add({"damaged_shard": 5}, unit="9:3")
+    resumed.add({"no_caption": 1}, unit="11:0")
     assert resumed.training() == {"undecodable": 2, "damaged_shard": 5, "no_caption": 1}

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from qformer.data.shard_set import WDS_IMAGE_EXTS, ShardSet
+from qformer.data.stats import DAMAGED, MALFORMED, NO_CAPTION, NO_IMAGE
 from qformer.data.storage import filesystem, join
 from qformer.data.tar_stream import TarDamage, tar_members
 
-# why a sample is lost; training logs `skipped_images/<reason>` by these names
-NO_CAPTION, NO_IMAGE, MALFORMED, DAMAGED, UNDECODABLE = "no_caption", "no_image", "malformed", "damaged_shard", "undecodable"
 MAX_INCOMPLETE = 1024  # tar samples waiting for their other members; past this the oldest is settled
 MAX_MESSAGES = 20
 

@@ -147,7 +147,7 @@ def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chu
     if chunk < 0:  # nothing readable: the losses go under the unit the first chunk would have been
         losses.send(unit_key(int(np.random.default_rng((*seed, 0)).integers(2**62)), encode_unit(task, 0, True)))
     if reading.lost or reading.damage:
-        log.warning("shard %s", reading.summary())
+        log.warning("shard %s%s", reading.summary(), f"; first: {reading.messages[0]}" if reading.messages else "")
 
 
 class _ChunkLosses:
@@ -155,11 +155,11 @@ class _ChunkLosses:
     handed on only once the shard has been read to its end, so it takes what came after)."""
 
     def __init__(self, reading: ShardReading) -> None:
-        self.reading, self.sent, self.messages = reading, {}, 0
+        self.reading, self.sent = reading, {}
 
     def send(self, unit: str) -> None:
         lost = self.reading.lost
         new = {r: n - self.sent.get(r, 0) for r, n in lost.items() if n > self.sent.get(r, 0)}
         if new:
-            record_losses(new, self.reading.messages[self.messages:], unit)
-            self.sent, self.messages = dict(lost), len(self.reading.messages)
+            record_losses(new, unit)
+            self.sent = dict(lost)

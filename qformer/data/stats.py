@@ -22,25 +22,25 @@ from __future__ import annotations
 import logging
 
 COUNTER_NAME = "qformer_skipped_images"
+# why a sample is lost (qformer.data.shard_records finds all but the last); logged as skipped_images/<reason>
+NO_CAPTION, NO_IMAGE, MALFORMED, DAMAGED, UNDECODABLE = "no_caption", "no_image", "malformed", "damaged_shard", "undecodable"
 LEDGER_KEY = "lost_samples"  # where a checkpoint's data position keeps the ledger (no stream has this name)
 log = logging.getLogger("qformer.data")
 
 
 class LossLedger:
-    """unit key -> {reason: samples lost}; losses without a unit by reason; the last messages."""
+    """unit key -> {reason: samples lost}; losses without a unit by reason. (The messages are in the logs.)"""
 
     def __init__(self) -> None:
         self.units: dict[str, dict[str, int]] = {}
         self.loose: dict[str, int] = {}
-        self.examples: list[str] = []
 
-    def add(self, by_reason: dict[str, int], examples: list[str], unit: str | None = None) -> None:
+    def add(self, by_reason: dict[str, int], unit: str | None = None) -> None:
         if unit is None:
             for reason, n in by_reason.items():
                 self.loose[reason] = self.loose.get(reason, 0) + int(n)
         else:  # a unit read again reports the same losses: set, not add
             self.units.setdefault(unit, {}).update({r: int(n) for r, n in by_reason.items()})
-        self.examples = (self.examples + list(examples))[-20:]
 
     def training(self) -> dict[str, int]:
         """Losses of the training reads, by reason."""
@@ -59,9 +59,6 @@ class LossLedger:
     def restore(self, state: dict | None) -> None:
         for unit, losses in (state or {}).items():
             self.units.setdefault(str(unit), {}).update({r: int(n) for r, n in losses.items()})
-
-    def recent(self) -> list[str]:
-        return list(self.examples)
 
     def reset(self) -> None:
         self.__init__()
@@ -123,19 +120,19 @@ def _call(method: str, *args):
     return ray.get(getattr(actor, method).remote(*args))
 
 
-def record_skipped(reasons: list[str], reason: str = "undecodable", unit: str | None = None) -> None:
+def record_skipped(reasons: list[str], reason: str = UNDECODABLE, unit: str | None = None) -> None:
     """Called by the decode UDFs with one message (path: why) per image that did not decode."""
     if reasons:
         for message in reasons:
             log.warning("skipping image %s", message)
-        record_losses({reason: len(reasons)}, reasons, unit)
+        record_losses({reason: len(reasons)}, unit)
 
 
-def record_losses(by_reason: dict[str, int], examples: list[str], unit: str | None = None) -> None:
-    """Count lost samples by reason (qformer.data.shard_records names them); `unit`: the read unit's key
+def record_losses(by_reason: dict[str, int], unit: str | None = None) -> None:
+    """Count lost samples by reason (the names above); `unit`: the read unit's key
     (qformer.data.position.unit_key), so that reading it again does not count them again."""
     if by_reason:
-        _call("add", {r: int(n) for r, n in by_reason.items()}, list(examples), unit)
+        _call("add", {r: int(n) for r, n in by_reason.items()}, unit)
 
 
 def skipped_count() -> int:
@@ -148,11 +145,6 @@ def training_losses() -> dict[str, int]:
     return dict(_call("training"))
 
 
-def recent_skipped() -> list[str]:
-    """The last (up to 20) 'path: reason' messages, for logs and the data check."""
-    return list(_call("recent"))
-
-
 def ledger_state() -> dict:
     """What a checkpoint keeps of the training losses."""
     return _call("state")
@@ -162,8 +154,3 @@ def restore_ledger(state: dict | None) -> None:
     """A resumed or restarted run's losses so far (from its checkpoint), merged into the job's ledger."""
     if state:
         _call("restore", state)
-
-
-def reset_skipped() -> None:
-    """Empty the ledger."""
-    _call("reset")

@@ -134,10 +134,7 @@ def _main(argv: list[str]) -> int:
     name, work, options = argv[0], Path(argv[1]), json.loads(argv[2]) if len(argv) > 2 else {}
     for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
                        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false",
-                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       # after a node loss Ray's first restart may still count the lost node and wait for
-                       # it this long (default 60 s) before trying the smaller size
-                       "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}.items():
+                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("QFORMER_HOME", str(work / "home"))
     temp = tempfile.mkdtemp(prefix="qfe", dir="/tmp")  # short: Ray's socket paths are length-limited

@@ -32,6 +32,7 @@ from qformer.data.position import create_plan
 from qformer.data.preflight import check_images
 from qformer.evaluate.in_training import evaluate_split
 from qformer.features import dataset as cached_train_datasets
+from qformer.jobs.elastic_capacity import RefreshCapacityOnRetry
 from qformer.jobs.ray_cluster import connect_ray, use_gpu
 from qformer.tracking.run_tracker import end_status
 from qformer.tracking.training_run import best_checkpoint_path, finish_tracking, score_key, start_tracking
@@ -148,11 +149,12 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
     if workers[0] != workers[1] and int(cfg.run.ray.max_failures) == 0:
         log.warning("run.ray.num_workers is elastic but run.ray.max_failures is 0: a lost node (or a preemption "
                     "checkpoint) ends the run instead of continuing with fewer workers; set it to -1 or more")
+    elastic = [RefreshCapacityOnRetry()] if workers[0] != workers[1] else []  # shrink without a wait
     run_config = ray.train.RunConfig(
         name=name, storage_path=storage, checkpoint_config=checkpoint_config,
         failure_config=ray.train.FailureConfig(max_failures=int(cfg.run.ray.max_failures),
                                                max_preemption_failures=int(cfg.run.ray.max_preemption_failures)),
-        callbacks=list(callbacks or []),
+        callbacks=[*(callbacks or []), *elastic],
     )
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=dict(data.datasets))

@@ -303,19 +303,61 @@ def assert_no_skipped_image_counter(head: LoopbackRayHead) -> None:
     assert "qformer_skipped_images" not in names, names
 
 
-def test_tiny_training_job_records_an_mlflow_run(ray_head, tiny_bert, tmp_path):
+def _first_logged_run(client, experiment: str, db: Path, submit: subprocess.Popen):
+    """The job's MLflow run once it has logged a training step (the loop runs inside trainer.fit())."""
+    for _ in range(600):
+        exp = client.get_experiment_by_name(experiment) if db.exists() else None
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if runs and runs[0].data.metrics:
+            return runs[0]
+        assert submit.poll() is None, submit.communicate()[0][-4000:]
+        time.sleep(1)
+    raise AssertionError(f"no training step logged to {db} in 600 s")
+
+
+def test_two_jobs_at_once_one_records_its_run_the_stopped_one_ends_killed(ray_head, tiny_bert, tmp_path):
+    """Two training jobs share the cluster (half a CPU per Train worker). The first trains its epoch: one
+    FINISHED MLflow run with its params, a loss per step, its own skipped-image count and a LAVIS checkpoint.
+    The second runs until `ray job stop` SIGTERMs its driver (SIGKILL 3 s later): its run ends KILLED, not
+    FAILED, and `ray job submit` exits 0 for a STOPPED job (only FAILED gives 1), as docs/cluster.md says."""
     import mlflow
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    experiment = "job-submit-e2e"
-    proc = ray_head.submit(**tiny_training_job(tiny_bert, tmp_path / "qformer_home", tracking_uri, experiment))
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-6000:]
-    assert ray_head.job_status(submission_id(output)) == "SUCCEEDED"
+    share = ["run.ray.resources_per_worker.CPU=0.5"]
+    jobs, submits = {}, {}
+    for name, extra in (("done", share), ("stop", [*share, "run.max_epoch=50", "run.max_steps_per_epoch=1000"])):
+        uri = f"sqlite:///{tmp_path / name / 'mlflow' / 'mlflow.db'}"
+        jobs[name] = tiny_training_job(tiny_bert, tmp_path / name / "qformer_home", uri, f"job-{name}", *extra)
+        sid = f"{name}-{secrets.token_hex(4)}"
+        submits[name] = (sid, subprocess.Popen(ray_head.submit_command(**jobs[name], submission_id=sid),
+                                               env=ray_head.env, cwd=ray_head.temp_dir, text=True,
+                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        stop_client = mlflow.MlflowClient(tracking_uri=jobs["stop"]["env_vars"]["MLFLOW_TRACKING_URI"])
+        running = _first_logged_run(stop_client, "job-stop", tmp_path / "stop" / "mlflow" / "mlflow.db",
+                                    submits["stop"][1])
+        assert running.info.status == "RUNNING"
+        stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.address, submits["stop"][0]],
+                              env=ray_head.env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        outputs = {name: proc.communicate(timeout=600)[0] for name, (_, proc) in submits.items()}
+    finally:
+        for _, proc in submits.values():
+            if proc.poll() is None:
+                proc.kill()
 
+    # the stopped job
+    assert ray_head.job_status(submits["stop"][0]) == "STOPPED"
+    assert submits["stop"][1].returncode == 0, outputs["stop"][-3000:]  # Ray's CLI: only FAILED exits 1
+    assert stop_client.get_run(running.info.run_id).info.status == "KILLED", outputs["stop"][-3000:]
+
+    # the finished job
+    output = outputs["done"]
+    assert submits["done"][1].returncode == 0, output[-6000:]
+    assert ray_head.job_status(submits["done"][0]) == "SUCCEEDED"
+    tracking_uri = jobs["done"]["env_vars"]["MLFLOW_TRACKING_URI"]
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r} in {tracking_uri}"
+    exp = client.get_experiment_by_name("job-done")
+    assert exp is not None, f"no MLflow experiment job-done in {tracking_uri}"
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1, [r.info.run_id for r in runs]
     run = runs[0]
@@ -323,15 +365,16 @@ def test_tiny_training_job_records_an_mlflow_run(ray_head, tiny_bert, tmp_path):
     # params: the flattened resolved config, with the job's --options in it
     assert run.data.params["model.model_type"] == "tiny"
     assert run.data.params["run.batch_size_train"] == "4"
-    assert run.data.params["run.mlflow.experiment_name"] == experiment
+    assert run.data.params["run.mlflow.experiment_name"] == "job-done"
     # metrics: a loss logged at every step (log_freq=1) of the epoch's 3 steps (15 good samples, batch 4)
     loss_keys = [k for k in run.data.metrics if k.split("/")[-1] == "loss"]
     assert loss_keys, sorted(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, loss_keys[0])
     assert sorted({m.step for m in history}) == [1, 2, 3], history
     assert all(m.value == m.value and m.value > 0 for m in history), "finite positive losses"
-    assert run.data.metrics["skipped_images"] == 1.0  # the corrupt image, decoded once in the epoch
-    assert_no_skipped_image_counter(ray_head)
+    # the corrupt image, decoded once in the epoch: this job's count, not the other job's (each has its own)
+    assert run.data.metrics["skipped_images"] == 1.0
+    assert_no_skipped_image_counter(ray_head)  # both counters ended with their jobs (the stopped one's too)
     # checkpoint: LAVIS layout in an artifact, or its URI as a tag when storage is remote
     artifacts = artifact_paths(client, run.info.run_id)
     checkpoints = [a for a in artifacts if "checkpoint" in a.lower() and a.endswith(".pth")]
@@ -342,39 +385,3 @@ def test_tiny_training_job_records_an_mlflow_run(ray_head, tiny_bert, tmp_path):
     state = torch.load(local, map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(state), sorted(state)  # LAVIS layout
     assert state["model"] and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-
-
-def test_stopped_training_job_marks_its_mlflow_run_killed(ray_head, tiny_bert, tmp_path):
-    """`ray job stop` SIGTERMs the driver (SIGKILL 3 s later): its MLflow run ends KILLED, not FAILED.
-    `ray job submit` itself exits 0 for a STOPPED job (only FAILED gives 1), as docs/cluster.md says."""
-    import mlflow
-
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    job = tiny_training_job(tiny_bert, tmp_path / "qformer_home", tracking_uri, "job-stop-e2e",
-                            "run.max_epoch=50", "run.max_steps_per_epoch=1000")  # runs until stopped
-    sid = f"stop-{secrets.token_hex(4)}"
-    submit = subprocess.Popen(ray_head.submit_command(**job, submission_id=sid), env=ray_head.env, cwd=ray_head.temp_dir,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-        run = None
-        for _ in range(600):  # until the run has logged a training step (the loop is inside trainer.fit())
-            exp = client.get_experiment_by_name("job-stop-e2e") if (tmp_path / "mlflow" / "mlflow.db").exists() else None
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if runs and runs[0].data.metrics:
-                run = runs[0]
-                break
-            assert submit.poll() is None, submit.communicate()[0][-4000:]
-            time.sleep(1)
-        assert run is not None and run.info.status == "RUNNING"
-        stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.address, sid],
-                              env=ray_head.env, capture_output=True, text=True, timeout=120)
-        assert stop.returncode == 0, stop.stdout + stop.stderr
-        output = submit.communicate(timeout=120)[0]
-    finally:
-        if submit.poll() is None:
-            submit.kill()
-    assert ray_head.job_status(sid) == "STOPPED"
-    assert submit.returncode == 0, output[-3000:]  # Ray's CLI: only FAILED exits 1
-    assert client.get_run(run.info.run_id).info.status == "KILLED", output[-3000:]
-    assert_no_skipped_image_counter(ray_head)  # a stopped driver's counter ends with it too

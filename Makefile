@@ -23,11 +23,9 @@ venv:
 demo: venv
 	$(VENV)/bin/qformer demo
 
-# Two pytest workers: the end-to-end tests in one (one group, one Ray at a time: see tests/conftest.py), the
-# unit layer in the other.
 test: venv
 	@VENV=$(VENV) bash platform/ci/ensure_compose.sh
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit layer alone (no Ray, no end-to-end runs): what to run while changing code.
 test-fast: venv

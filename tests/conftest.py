@@ -22,14 +22,10 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def pytest_collection_modifyitems(items):
-    """`e2e` on everything that starts Ray or runs end to end, so `pytest -m "not e2e"` is the unit layer.
-    Under `make test` (pytest-xdist, `--dist loadgroup`) the e2e tests form one group, so they run one after
-    another in one worker beside one Ray, while the other worker takes the unit layer in the time the e2e
-    tests leave a core idle (starting processes, waiting on Ray)."""
+    """`e2e` on everything that starts Ray or runs end to end, so `pytest -m "not e2e"` is the unit layer."""
     for item in items:
         if any(item.get_closest_marker(name) for name in ("ray", "slow", "chaos")) or "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
-            item.add_marker(pytest.mark.xdist_group("e2e"))
 
 
 @pytest.fixture(scope="session", autouse=True)

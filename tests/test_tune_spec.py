@@ -185,3 +185,12 @@ def test_cli_reports_a_bad_search_space_key_without_starting_anything(tmp_path, 
     assert "qformer tune:" in err and "tune.search_space.model.num_query_tokens" in err
     assert "did you mean model.num_query_token" in err
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_train_local_mode_is_refused_before_any_trial(tmp_path):
+    """Every trial of a sweep with run.ray.num_workers=0 errored (Tune trials report through Train's controller)."""
+    spec = load_sweep(write_sweep(tmp_path, "run.init_lr: {choice: [1e-4, 1e-3]}"), ["run.ray.num_workers=0"])
+    with pytest.raises(ConfigError, match=r"run\.ray\.num_workers is 0 .*at least 1 Train worker") as err:
+        validate_sweep(spec)
+    assert str(spec.sweep_path) in str(err.value)
+    validate_sweep(load_sweep(write_sweep(tmp_path, "run.init_lr: {choice: [1e-4, 1e-3]}"), ["run.ray.num_workers=1"]))

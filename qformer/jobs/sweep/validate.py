@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from qformer.config import load_config
+from qformer.config.batch_plan import worker_range
 from qformer.core.errors import ConfigError
 from qformer.jobs.sweep.overrides import format_value
 from qformer.jobs.sweep.search_space import SearchDim
@@ -29,6 +30,10 @@ def validate_sweep(spec: SweepSpec) -> DictConfig:
         base = load_config(str(spec.base_path), list(spec.base_options))
     except ConfigError as err:
         raise ConfigError(f"{where}: base {spec.base_path}: {err}") from err
+    if worker_range(base.run.ray.num_workers)[1] == 0:  # measured: every trial errors in Train local mode
+        raise ConfigError(f"{where}: run.ray.num_workers is 0 (Train local mode): a trial reports its results to "
+                          f"Tune through the Train controller, so each needs at least 1 Train worker; set "
+                          f"run.ray.num_workers=1 (or more) in the sweep's options")
     for dim in spec.search_space.values():
         _check_dim(dim, base, spec, where)
     _check_bounds(spec, base, where)

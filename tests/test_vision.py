@@ -1,4 +1,4 @@
-"""Vision encoders: LAVIS parameter names and shapes, weight files, pos-embed resize, fp16, freezing."""
+"""Vision encoders: LAVIS parameter names and shapes, weight files, pos-embed resize, freezing (fp16: test_vision_fp16)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from torch import nn
 
 from qformer.models.vision import build_vision_encoder, load_vision_weights
 from qformer.models.vision.clip_vit import QuickGELU
-from qformer.models.vision.weights import convert_weights_to_fp16, interpolate_pos_embed
+from qformer.models.vision.weights import interpolate_pos_embed
 
 TINY_EVA = {"embed_dim": 24, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0, "patch_size": 8}
 TINY_CLIP = {"width": 16, "layers": 2, "heads": 2, "patch_size": 8}
@@ -72,8 +72,8 @@ def test_eva_weights_at_another_resolution_are_interpolated(tmp_path):
 
 def test_interpolate_pos_embed_keeps_same_size_and_resizes_2d_tables():
     table = torch.randn(1, 17, 4)
-    assert interpolate_pos_embed(table, 16, False) is table
-    out = interpolate_pos_embed(torch.randn(17, 4), 9, True)
+    assert interpolate_pos_embed(table, 16, False, in_fp32=True) is table
+    out = interpolate_pos_embed(torch.randn(17, 4), 9, True, in_fp32=False)
     assert out.shape == (10, 4)
 
 
@@ -87,15 +87,6 @@ def test_weight_file_errors_name_the_key(tmp_path):
         load_vision_weights(vit, str(tmp_path / "w.pth"))
     with pytest.raises(ValueError, match="model.vit_model"):
         build_vision_encoder("resnet50")
-
-
-def test_fp16_conversion_touches_only_linear_and_conv():
-    vit = build_vision_encoder("eva_clip_g", 32, vit_kwargs=TINY_EVA)
-    convert_weights_to_fp16(vit)
-    assert vit.patch_embed.proj.weight.dtype == torch.float16 and vit.blocks[0].attn.qkv.weight.dtype == torch.float16
-    assert vit.blocks[0].mlp.fc1.bias.dtype == torch.float16
-    for p in (vit.cls_token, vit.pos_embed, vit.blocks[0].attn.q_bias, vit.blocks[0].attn.v_bias, vit.blocks[0].norm1.weight):
-        assert p.dtype == torch.float32
 
 
 def test_timm_encoder_returns_all_tokens():

@@ -8,12 +8,13 @@ from qformer.core.registry import get_model_class
 from qformer.models.blip2_qformer import Blip2Output, Blip2Qformer
 
 
-def build_model(model_cfg: Mapping[str, Any]):
-    """`model.arch` -> registered class -> `from_config(model_cfg)`."""
+def build_model(model_cfg: Mapping[str, Any], **build_options: Any):
+    """`model.arch` -> registered class -> `from_config(model_cfg, **build_options)` (options the run, not the
+    model section, decides: e.g. `vit_fp16_on_cpu`)."""
     arch = model_cfg.get("arch") if hasattr(model_cfg, "get") else None
     if not arch:
         raise ConfigError("model.arch is required")
-    return get_model_class(str(arch)).from_config(model_cfg)
+    return get_model_class(str(arch)).from_config(model_cfg, **build_options)
 
 
 __all__ = ["Blip2Output", "Blip2Qformer", "build_model"]

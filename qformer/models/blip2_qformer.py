@@ -29,7 +29,7 @@ from qformer.models.qformer_bert import BertLMHeadModel
 from qformer.models.qformer_config import QFormerConfig
 from qformer.models.qformer_layers import CrossKV
 from qformer.models.vision import build_vision_encoder, load_vision_weights
-from qformer.models.vision.build import maybe_fp16
+from qformer.models.vision.build import fp16_vit_autocast, maybe_fp16
 from qformer.models.vision.clip_vit import LayerNorm as FP32LayerNorm
 from qformer.core.registry import register_model
 
@@ -74,6 +74,7 @@ class Blip2Qformer(nn.Module):
         vit_weights: str | None = None,
         itc_gather_with_grad: bool = False,
         itm_negatives: str = "head",
+        vit_fp16_on_cpu: bool = False,
     ):
         super().__init__()
         bert_dir = resolve_bert_dir(bert_model)
@@ -83,7 +84,7 @@ class Blip2Qformer(nn.Module):
         if vit_weights:
             load_vision_weights(self.visual_encoder, str(vit_weights))
         self.vit_from_file = bool(vit_weights)
-        self.vit_fp16 = maybe_fp16(self.visual_encoder, vit_precision)
+        self.vit_fp16 = maybe_fp16(self.visual_encoder, vit_precision, on_cpu=vit_fp16_on_cpu)
         self.freeze_vit = freeze_vit
         if freeze_vit:
             for p in self.visual_encoder.parameters():
@@ -118,7 +119,8 @@ class Blip2Qformer(nn.Module):
         self.reuse_itm_kv = True
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "Blip2Qformer":
+    def from_config(cls, cfg: Mapping[str, Any], vit_fp16_on_cpu: bool = False) -> "Blip2Qformer":
+        """`vit_fp16_on_cpu`: convert an fp16 ViT on a CPU-only machine too (the run's autocast is fp16)."""
         _checkpoint_source(cfg)  # fail on an empty pretrained/finetuned before building anything
         vit_kwargs = _cfg(cfg, "vit_kwargs", {})
         if vit_kwargs is not None and not isinstance(vit_kwargs, dict):
@@ -141,6 +143,7 @@ class Blip2Qformer(nn.Module):
             vit_weights=_cfg(cfg, "vit_weights", None),
             itc_gather_with_grad=bool(_cfg(cfg, "itc_gather_with_grad", False)),
             itm_negatives=str(_cfg(cfg, "itm_negatives", "head")),
+            vit_fp16_on_cpu=vit_fp16_on_cpu,
         )
         model.load_checkpoint_from_config(cfg)
         return model
@@ -211,15 +214,9 @@ class Blip2Qformer(nn.Module):
         return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
 
     def vit_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Frozen ViT output [B,N,D] before ln_vision (no grad when frozen)."""
+        """Frozen ViT output [B,N,D] before ln_vision (no grad when frozen); an fp16 ViT under fp16 autocast."""
         grad = torch.no_grad() if self.freeze_vit else nullcontext()
-        # fp16 ViT weights need autocast (LAVIS runs the whole step under it); enable it when absent.
-        cast = (
-            torch.autocast("cuda", dtype=torch.float16)
-            if self.vit_fp16 and image.is_cuda and not torch.is_autocast_enabled("cuda")
-            else nullcontext()
-        )
-        with grad, cast:
+        with grad, fp16_vit_autocast(self.vit_fp16, image.device.type):
             return self.visual_encoder(image)
 
     def _image_embeds_ln(self, image: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
@@ -227,6 +224,10 @@ class Blip2Qformer(nn.Module):
             if image is None:
                 raise ValueError("need samples['image'] or samples['image_embeds']")
             image_embeds = self.vit_features(image)
+            if image_embeds.dtype != self.ln_vision.weight.dtype and not torch.is_autocast_enabled(image.device.type):
+                # an fp16 ViT's tokens without the step's autocast (run.amp: false): the fp32 Q-Former takes
+                # them as fp32, as LAVIS's `.float()` (else its first Linear fails on mixed dtypes)
+                image_embeds = image_embeds.float()
         else:  # cached features (often fp16 on disk): ln_vision computes in its own dtype
             image_embeds = image_embeds.to(self.device, self.ln_vision.weight.dtype)
         return self.ln_vision(image_embeds)

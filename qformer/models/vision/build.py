@@ -1,6 +1,7 @@
 """Build the image encoder named by `model.vit_model` and load `model.vit_weights` into it."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -43,9 +44,9 @@ def load_vision_weights(encoder: nn.Module, source: str) -> dict[str, list[str]]
     """Load a ViT state dict (LAVIS names) non-strictly; position tables are resized to the image size."""
     state = read_weights(source)
     if isinstance(encoder, EvaVisionTransformer) and "pos_embed" in state:
-        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.patch_embed.num_patches, False)
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], encoder.patch_embed.num_patches, False, in_fp32=True)
     if isinstance(encoder, ClipVisionTransformer) and "positional_embedding" in state:
-        state["positional_embedding"] = interpolate_pos_embed(state["positional_embedding"], encoder.num_patches, True)
+        state["positional_embedding"] = interpolate_pos_embed(state["positional_embedding"], encoder.num_patches, True, in_fp32=False)
     if isinstance(encoder, TimmEncoder) and not any(k.startswith("model.") for k in state):
         state = {f"model.{k}": v for k, v in state.items()}
     ours = encoder.state_dict()
@@ -60,11 +61,22 @@ def load_vision_weights(encoder: nn.Module, source: str) -> dict[str, list[str]]
     return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
 
 
-def maybe_fp16(encoder: nn.Module, vit_precision: str) -> bool:
-    """LAVIS converts Linear/Conv weights to fp16; we do it only where CUDA exists to run them."""
+def maybe_fp16(encoder: nn.Module, vit_precision: str, on_cpu: bool = False) -> bool:
+    """LAVIS converts Linear/Conv weights to fp16 for `vit_precision: fp16`. We do it where CUDA exists to
+    run them, and on a CPU-only machine only when asked (`on_cpu`: a run with fp16 autocast, which then
+    tests the GPU's parameter dtypes); otherwise the ViT stays fp32 on the CPU (faster and exact there)."""
     if vit_precision not in ("fp16", "fp32"):
         raise ValueError(f"model.vit_precision must be fp16 or fp32, got {vit_precision!r}")
-    if vit_precision == "fp16" and torch.cuda.is_available():
+    if vit_precision == "fp16" and (torch.cuda.is_available() or on_cpu):
         convert_weights_to_fp16(encoder)
         return True
     return False
+
+
+def fp16_vit_autocast(vit_fp16: bool, device_type: str) -> contextlib.AbstractContextManager:
+    """Where an fp16 ViT runs: under fp16 autocast, as in LAVIS (which runs the whole step under it). Turned on
+    when the caller has none, and also inside a bf16 step, which would otherwise re-cast every fp16 weight to
+    bf16 on each call (a round trip that costs time and precision)."""
+    if vit_fp16 and not (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16):
+        return torch.autocast(device_type, dtype=torch.float16)
+    return contextlib.nullcontext()

@@ -107,8 +107,12 @@ class EvaVisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        # As LAVIS: the class token and position table stay fp32 (convert_weights_to_fp16 leaves them), so
+        # under fp16 autocast the concatenation promotes and the residual stream is fp32; each block's
+        # matmuls run in fp16 and their fp16 outputs are added to it. Casting them down would keep the
+        # whole stream in fp16 (3x the error against fp32, measured: docs/performance.md).
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed
         for block in self.blocks:
             if self.use_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)

@@ -33,8 +33,12 @@ def read_weights(source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def interpolate_pos_embed(pos: torch.Tensor, num_patches: int, align_corners: bool) -> torch.Tensor:
-    """Resize a [1?, 1+G*G, C] absolute position table to 1+num_patches rows (CLS row kept, bicubic)."""
+def interpolate_pos_embed(pos: torch.Tensor, num_patches: int, align_corners: bool, in_fp32: bool) -> torch.Tensor:
+    """Resize a [1?, 1+G*G, C] absolute position table to 1+num_patches rows (CLS row kept, bicubic).
+
+    As LAVIS, per encoder: EVA (`in_fp32`) resizes the table as fp32 and keeps the fp32 result, so an fp16
+    file's table is not rounded again; CLIP resizes in the file's own dtype.
+    """
     squeeze = pos.dim() == 2
     table = pos[None] if squeeze else pos
     extra = table.shape[1] - int(math.isqrt(table.shape[1] - 1)) ** 2
@@ -43,24 +47,26 @@ def interpolate_pos_embed(pos: torch.Tensor, num_patches: int, align_corners: bo
     if old == new:
         return pos
     log.info("interpolating ViT position embedding %dx%d -> %dx%d", old, old, new, new)
+    if in_fp32:
+        table = table.float()
     cls, grid = table[:, :extra], table[:, extra:]
     c = grid.shape[-1]
-    grid = grid.reshape(1, old, old, c).permute(0, 3, 1, 2).float()
+    grid = grid.reshape(1, old, old, c).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=align_corners)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, c).to(table.dtype)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, c)
     out = torch.cat([cls, grid], dim=1)
     return out[0] if squeeze else out
 
 
 def convert_weights_to_fp16(model: nn.Module) -> None:
-    """LAVIS: only Conv/Linear weights+biases (and MHA projections) become half; norms, tokens, q/v bias stay fp32."""
+    """LAVIS `convert_weights_to_fp16`: the weights and biases of Conv1d/Conv2d/Linear layers become half.
+
+    Everything else stays fp32, as in LAVIS: norms, EVA's class token, position table and q/v biases, CLIP's
+    class/position embeddings and `nn.MultiheadAttention`'s packed input projection (LAVIS's block that would
+    halve it is commented out; under autocast the projection runs in fp16 either way).
+    """
     for module in model.modules():
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             module.weight.data = module.weight.data.half()
             if module.bias is not None:
                 module.bias.data = module.bias.data.half()
-        if isinstance(module, nn.MultiheadAttention):
-            for name in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-                tensor = getattr(module, name, None)
-                if tensor is not None:
-                    tensor.data = tensor.data.half()

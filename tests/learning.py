@@ -52,7 +52,7 @@ def train_and_compare(cfg: Any, steps: int, seed: int, split: str = "test", devi
     from qformer.evaluate.retrieval import evaluate_retrieval
     from qformer.models import build_model
     from qformer.core.seeding import setup_seeds
-    from qformer.train.amp import resolve_amp
+    from qformer.train.amp import amp_for_run
     from qformer.train.lr_schedule import build_lr_scheduler
     from qformer.train.optim import build_optimizer
     from qformer.train.step import TrainState, train_step
@@ -70,7 +70,7 @@ def train_and_compare(cfg: Any, steps: int, seed: int, split: str = "test", devi
         model=model,
         optimizer=optimizer,
         scheduler=build_lr_scheduler(optimizer, run),
-        amp=resolve_amp(bool(run.amp), run.get("amp_dtype"), dev),
+        amp=amp_for_run(run, dev),
         device=dev,
         accum_grad_iters=int(run.accum_grad_iters),
     )

@@ -148,19 +148,28 @@ def test_loss_with_cached_features_equals_online_vit_on_the_same_view(cache, tin
 
 def test_training_streams_cached_features_end_to_end(cache, tiny_bert, tmp_path):
     """`run.vision_cache` through the same launcher as `qformer train`: the workers get image_embeds
-    rows (no image decoding), the ViT guard passes, and the run logs finite losses to MLflow."""
+    rows (no image decoding), the ViT guard passes, and the run logs finite losses to MLflow. In fp16 with a
+    GradScaler, as on a GPU (the cached features are fp16), and resumed after a crash: the loss scale (from
+    2^12, doubling after each good step) continues from the checkpoint."""
     from mlflow.tracking import MlflowClient
 
     from qformer.jobs.train_job import launch_training
+    from step_hooks import FailOnceAtStep
 
     root, out, _, _ = cache
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = load_config_dict(_cfg_dict(
-        root, tiny_bert, vision_cache=str(out), batch_size_train=4, max_epoch=1, log_freq=1, amp=False,
+        root, tiny_bert, vision_cache=str(out), batch_size_train=4, max_epoch=1, log_freq=1, save_freq_steps=1,
+        amp=True, amp_dtype="fp16", amp_init_scale=2.0**12, amp_growth_interval=1,
         output_dir=str(tmp_path / "run"), valid_splits=[], test_splits=[],
         ray={"num_workers": 0}, mlflow={"tracking_uri": uri, "experiment_name": "cache-train"}))
+    with pytest.raises(Exception, match="injected failure"):  # after the step-1 checkpoint
+        launch_training(cfg, step_hooks=[FailOnceAtStep(1, str(tmp_path / "failed_once"))])
     result = launch_training(cfg)
     assert result.error is None
-    history = MlflowClient(uri).get_metric_history(result.mlflow_run_id, "loss")
+    client = MlflowClient(uri)
+    history = client.get_metric_history(result.mlflow_run_id, "loss")
     assert [m.step for m in history] == [1, 2]                   # 10 cached captions // batch 4, drop_last
     assert all(math.isfinite(m.value) and m.value > 0 for m in history)
+    scale = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "grad_scale")}
+    assert scale == {1: 2.0**13, 2: 2.0**14}  # a fresh scaler after the restart would give 2^13 at step 2

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from omegaconf import OmegaConf
 
@@ -21,18 +22,30 @@ from step_hooks import FailOnceAtStep
 pytestmark = pytest.mark.ray
 
 
-def _cfg(bert: Path, shapes: Path, tmp_path: Path, name: str, run_over: dict):
+def _cfg(bert: Path, shapes: Path, tmp_path: Path, name: str, run_over: dict, model: dict | None = None):
     from qformer.data.synth import coco_caption_section
 
     run = tiny_run(tmp_path, name, **{"max_epoch": 2, "warmup_steps": 4, "data": {"batch_size": 8},
                                       "mlflow": {"experiment_name": "test-train"}})
-    return tiny_config(bert, coco_caption_section(shapes), merged(run, run_over))
+    return tiny_config(bert, coco_caption_section(shapes), merged(run, run_over), model)
+
+
+# fp16 as on a GPU: an EVA ViT converted to fp16, fp16 autocast and a GradScaler, on the CPU. The loss scale
+# starts at 2^12 and doubles after every good step (growth interval 1), so it is known exactly until the first
+# overflow (none is possible below 2^15 at batch 4) and certain to overflow within the 9 steps trained below.
+FP16_MODEL = {"vit_model": "eva_clip_g", "vit_precision": "fp16",
+              "vit_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
+FP16_RUN = {"amp": True, "amp_dtype": "fp16", "amp_init_scale": 2.0**12, "amp_growth_interval": 1}
 
 
 def _client(cfg):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=cfg.run.mlflow.tracking_uri)
+
+
+def _metric(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
 def _cos(epoch: int, max_epoch: int, init: float = 1e-4, low: float = 1e-5) -> float:
@@ -43,7 +56,8 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_b
     from qformer.jobs.train_job import launch_training
 
     cfg = _cfg(tiny_bert, shapes, tmp_path, "local", {"max_steps_per_epoch": 3, "save_freq_steps": 2,
-                                           "valid_splits": ["val"], "keep_checkpoints": 5})
+                                                      "valid_splits": ["val"], "keep_checkpoints": 5, **FP16_RUN},
+               model=FP16_MODEL)
     with pytest.raises(Exception, match="injected failure"):  # crashes after the step-2 checkpoint, mid-epoch 0
         launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(2, str(tmp_path / "failed_once"))])
     result = launch_training(cfg, local_mode=True)  # same name: picks up the step-2 checkpoint
@@ -79,6 +93,12 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_b
     # the tiny config's ViT is random (no weight file), so it travels with the checkpoint
     assert any(k.startswith("visual_encoder.") for k in state["model"])
     assert "query_tokens" in state["model"] and "ln_vision.weight" in state["model"]
+    assert state["model"]["visual_encoder.blocks.0.mlp.fc1.weight"].dtype == torch.float16  # fp16 ViT on the CPU
+    scale = _metric(client, run.info.run_id, "grad_scale")
+    # exact until an overflow is possible: the step-3 scale continues the step-2 checkpoint's (a fresh
+    # scaler would give 2^13 again)
+    assert [scale[1], scale[2], scale[3]] == [2.0**13, 2.0**14, 2.0**15]
+    assert state["scaler"]["scale"] == scale[6]
 
     # the same command again: reported finished and left alone (no step trained or logged, status kept)
     again = launch_training(cfg, local_mode=True)
@@ -97,6 +117,15 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_b
     assert client.get_run(longer.mlflow_run_id).data.tags["qformer.continues_run"] == result.mlflow_run_id
     assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
     assert sorted({m.step for m in client.get_metric_history(longer.mlflow_run_id, "loss")}) == [7, 8, 9]
+    # every later step doubles the scale or, on an overflow (counted, the step skipped), halves it; the
+    # continued run picks the scale up from the final checkpoint
+    scale.update(_metric(client, longer.mlflow_run_id, "grad_scale"))
+    skipped = {**_metric(client, run.info.run_id, "skipped_overflow"),
+               **_metric(client, longer.mlflow_run_id, "skipped_overflow")}
+    halved = [n for n in range(4, 10) if scale[n] == scale[n - 1] / 2]
+    assert all(scale[n] in (scale[n - 1] / 2, 2 * scale[n - 1]) for n in range(4, 10)), scale
+    assert halved, f"no overflow in 9 steps: {scale}"
+    assert all(skipped[n] == skipped[n - 1] + (n in halved) for n in (4, 5, 6, 8, 9)), skipped  # per worker process
 
 
 def test_iteration_based_runner_cycles_data_and_counts_inner_epochs(ray_cluster, tiny_bert, shapes, tmp_path):

@@ -58,9 +58,9 @@ def bench_config(vit: str, image_size: int = 224, queries: int = 32):
 
 def _state(cfg, model):
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
-    from qformer.train.amp import resolve_amp
+    from qformer.train.amp import amp_for_run
 
-    return train_state(model, cfg.run, resolve_amp(bool(cfg.run.amp), cfg.run.amp_dtype, "cpu"))
+    return train_state(model, cfg.run, amp_for_run(cfg.run, "cpu"))
 
 
 def _epoch(state, batches: list[dict]) -> float:

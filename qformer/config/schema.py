@@ -164,6 +164,10 @@ SCHEMA: dict[str, Key] = {
     # ---- run: qformer additions -------------------------------------------------------------------
     "run.data_root":                Str(None, doc="else QFORMER_DATA_ROOT, else QFORMER_HOME/data"),
     "run.amp_dtype":                Str("auto", choices=("auto", "fp16", "bf16"), doc="auto: fp16+GradScaler on CUDA, bf16 on CPU"),
+    "run.amp_init_scale":           Float(65536.0, gt=0, doc="fp16 GradScaler: the first loss scale (torch's and "
+                                                             "LAVIS's 2^16)"),
+    "run.amp_growth_interval":      Int(2000, ge=1, doc="fp16 GradScaler: overflow-free steps before the loss scale "
+                                                        "doubles (an overflow skips the step and halves it)"),
     "run.save_freq_steps":          Int(0, ge=0, doc="0: checkpoints only at epoch ends"),
     "run.keep_checkpoints":         Int(3, ge=0, doc="0: keep all"),
     "run.best_metric":              Str("r_mean", check=checks.non_empty),

@@ -23,7 +23,7 @@ from qformer.jobs.train_job import launch_training
 from qformer.models import build_model
 from qformer.tracking.run_tracker import artifact_files
 from qformer.tracking.uri import mlflow_client, ui_hint
-from qformer.train.amp import resolve_amp
+from qformer.train.amp import amp_for_run
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "demo" / "tiny_shapes.yaml"
 REPORTED = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
@@ -44,9 +44,9 @@ def ensure_shapes_data(cfg: Any) -> Path:
 def evaluate_untrained(cfg: Any, split: str) -> dict[str, float]:
     """Retrieval of the model exactly as the training worker initialises it (same seed), in this process."""
     setup_seeds(int(cfg.run.seed), 0)
-    model = build_model(cfg.model)
     device = torch.device("cpu")
-    amp = resolve_amp(bool(cfg.run.amp), str(cfg.run.amp_dtype), device)  # the precision the loop evaluates in
+    amp = amp_for_run(cfg.run, device)  # the precision the loop evaluates in
+    model = build_model(cfg.model, vit_fp16_on_cpu=amp.vit_fp16_on_cpu)
     return evaluate_retrieval(model, build_eval_split(cfg, split), k_test=int(cfg.run.k_test),
                               batch_size=int(cfg.run.batch_size_eval), device=device, autocast_dtype=amp.dtype)
 

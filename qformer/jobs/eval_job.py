@@ -42,7 +42,7 @@ from qformer.models import build_model
 from qformer.tracking.params import flatten_params, git_commit
 from qformer.tracking.run_tracker import RunTracker
 from qformer.tracking.uri import resolve_tracking_uri
-from qformer.train.amp import resolve_amp
+from qformer.train.amp import amp_for_run
 from qformer.train.checkpoint import check_readable, load_file
 
 log = logging.getLogger("qformer.evaluate")
@@ -83,7 +83,7 @@ def evaluate_model_on_split(model: torch.nn.Module, cfg: Any, split: str, device
     visuals_dir (give it on one rank only): the split's retrieval gallery and attention grid go to
     visuals_dir/<split>/ (qformer.evaluate.visuals); a rendering failure is a warning.
     """
-    amp = resolve_amp(bool(cfg.run.amp), cfg.run.get("amp_dtype"), device)
+    amp = amp_for_run(cfg.run, device)
     data = build_eval_split(cfg, split)
     metrics, scores = evaluate_retrieval_scores(model, data, k_test=int(cfg.run.k_test),
                                                 batch_size=int(cfg.run.batch_size_eval), device=device, rank=rank,
@@ -101,7 +101,7 @@ def _evaluate_here(cfg: Any, checkpoint: str, splits: list[str], device: torch.d
                    rank: int | None = None, world_size: int | None = None,
                    visuals_dir: Path | None = None) -> dict[str, float]:
     setup_seeds(int(cfg.run.seed), 0)  # same seed on every rank: identical fresh weights where none are loaded
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, vit_fp16_on_cpu=amp_for_run(cfg.run, device).vit_fp16_on_cpu)
     load_weights(model, checkpoint)
     model.to(device)
     metrics: dict[str, float] = {}

@@ -61,6 +61,10 @@ class MetricLogger:
             "grad_norm": out.grad_norm,
             "epoch": float(epoch),
             "skipped_nonfinite": float(state.skipped_nonfinite),
+            # fp16: the loss scale (halved at each overflow, doubled after run.amp_growth_interval good steps)
+            # and the optimiser steps skipped for an overflow since this worker started
+            "grad_scale": state.scaler.get_scale() if state.scaler is not None else None,
+            "skipped_overflow": float(state.skipped_overflow) if state.scaler is not None else None,
             # elastic training: the MLflow UI shows every resize and what it kept
             "world_size": float(self.world),
             "global_batch": float(self.plan.global_batch),

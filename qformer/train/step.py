@@ -41,6 +41,7 @@ class TrainState:
     global_step: int = 0  # micro-batches done over the whole run (LAVIS "iters")
     optimizer_steps: int = 0
     skipped_nonfinite: int = 0  # optimiser steps skipped for a non-finite loss (skip mode)
+    skipped_overflow: int = 0  # fp16: optimiser steps the GradScaler skipped for inf/NaN gradients (it halves its scale)
     # error mode: device-side "a non-finite loss was seen since the last check" flag, checked lazily
     image_mean: tuple[float, ...] | None = None  # the vis processor's normalisation (None: CLIP's)
     image_std: tuple[float, ...] | None = None
@@ -49,10 +50,18 @@ class TrainState:
     micro_per_step: int = 1
     _bad_flag: torch.Tensor | None = field(default=None, repr=False)
     _last_checked_step: int = 0
+    _optimizer_calls: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.accum_grad_iters < 1:
             raise ValueError(f"run.accum_grad_iters must be >= 1, got {self.accum_grad_iters}")
+
+        def count_call(*_: Any) -> None:
+            self._optimizer_calls += 1
+
+        # GradScaler.step skips optimizer.step() on an overflow without saying so; counting the calls that did
+        # happen tells the two apart with no read from the device (the scaler has already synced once for it)
+        self.optimizer.register_step_post_hook(count_call)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -186,9 +195,11 @@ def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_
         if skip:
             state.skipped_nonfinite += 1
         elif state.scaler is not None:
+            calls = state._optimizer_calls
             state.scaler.step(state.optimizer)
             state.scaler.update()
-            stepped = True
+            stepped = state._optimizer_calls > calls
+            state.skipped_overflow += int(not stepped)
         else:
             state.optimizer.step()
             stepped = True

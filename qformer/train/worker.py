@@ -22,7 +22,7 @@ from qformer.data.stats import LEDGER_KEY, restore_ledger
 from qformer.features import check_model
 from qformer.models import build_model
 from qformer.train import checkpoint as ckpt_io
-from qformer.train.amp import resolve_amp
+from qformer.train.amp import amp_for_run
 from qformer.train.loop import TrainingLoop
 from qformer.train.loop_config import LoopConfig
 from qformer.train.lr_schedule import build_lr_scheduler
@@ -43,8 +43,9 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
     if run.ray.get("torch_threads"):  # Ray pins a worker to its CPU share (1 thread); a CPU box may want more
         torch.set_num_threads(int(run.ray.torch_threads))
     device = ray.train.torch.get_device()
+    amp = amp_for_run(run, device)
 
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, vit_fp16_on_cpu=amp.vit_fp16_on_cpu)
     saved, source = restore_state(lc.resume_path)
     if saved is not None:
         model.load_checkpoint({"model": saved["model"]})
@@ -56,7 +57,6 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
 
     optimizer = build_optimizer(unwrapped, run)
     scheduler = build_lr_scheduler(optimizer, run)
-    amp = resolve_amp(bool(run.amp), str(run.amp_dtype), device)
     scaler = amp.make_scaler()
     plan = batch_plan.plan_for(run, world, lc.workers)
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, amp=amp, device=device, scaler=scaler,

@@ -37,3 +37,8 @@ def test_device_check_runs_small_on_cpu_without_ray_mlflow_or_omegaconf(tmp_path
     assert written["sync_free_step"] == {"ok": True, "syncs": []}
     ddp = written["ddp_world_1"]
     assert ddp["ok"] and ddp["backend"] == "gloo" and len(ddp["losses"]) == 2
+    # the fp16 ViT's error against fp32 (qformer.bench.vit_precision): LAVIS's fp32 residual stream, and the
+    # fp16 one measured beside it for comparison
+    vit = written["vit_fp16_error"]
+    assert vit["lavis_fp16_output_dtype"] == "torch.float32", vit
+    assert vit["error_vs_fp32"]["lavis_fp16"]["relative"] < vit["error_vs_fp32"]["fp16_stream"]["relative"]

@@ -7,7 +7,8 @@ and no internet. The model is built directly, with a random BERT written to a te
 fp16 features cross host->device each step, as from a cache shard), steps alternating, and reports
 their ratio (the cache's speed-up measured at this ViT), FLOP/s against the matmul peak in the same
 dtype, and peak memory. Then: the forward/backward under torch's sync debug mode (host-side text
-plan, pinned batch), and a DDP step (world size 1; NCCL on CUDA, gloo on CPU). On CPU it runs small
+plan, pinned batch), a DDP step (world size 1; NCCL on CUDA, gloo on CPU), and the fp16 ViT-g features
+error against fp32 (qformer.bench.vit_precision). On CPU it runs small
 (the test suite does). On a device machine: `python -m qformer.bench.device --device cuda`.
 """
 from __future__ import annotations
@@ -188,6 +189,18 @@ def _ddp(model, batch: dict, device: str, tmp: Path) -> dict[str, Any]:
         dist.destroy_process_group()
 
 
+def _vit_fp16_error(device: str, small: bool) -> dict[str, Any]:
+    """fp16 ViT features against fp32 (qformer.bench.vit_precision): full EVA ViT-g on a GPU, a small one here."""
+    from qformer.bench.vit_precision import QUICK, measure
+
+    try:
+        if small:
+            return measure("eva_clip_g", device, 2, 32, {**QUICK["eva_clip_g"], "patch_size": 8})
+        return measure("eva_clip_g", device, 8, 224)
+    except Exception as err:  # a figure, not a check: report why it is missing
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import torch
@@ -209,6 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload["amp"] = {p: _amp_policy(model, p, {"online": online, "cached": cached}, steps, device) for p in policies}
         payload["sync_free_step"] = _sync_free(model, online, device)
         payload["ddp_world_1"] = _ddp(model, online, device, tmp)
+    payload["vit_fp16_error"] = _vit_fp16_error(device, small)
     payload["ok"] = (all(r["losses_finite"] for r in payload["amp"].values())
                      and payload["sync_free_step"]["ok"] and payload["ddp_world_1"]["ok"])
     path = write_result("device", payload, args.out_dir)
@@ -221,6 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"cached {r['achieved_over_matmul_peak']['cached']:.0%}; losses finite {r['losses_finite']}")
     print(f"  no host sync in copy+forward+backward: {payload['sync_free_step']}")
     print(f"  DDP (world 1): {payload['ddp_world_1']}")
+    vit_error = payload["vit_fp16_error"].get("error_vs_fp32", payload["vit_fp16_error"])
+    print(f"  fp16 ViT features against fp32 (relative): {vit_error}")
     print(f"  all ok: {payload['ok']} -> {path}")
     return payload
 

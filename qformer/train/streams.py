@@ -113,7 +113,10 @@ class TrainingStreams:
                 batch_size=self.plan.worker_batch, drop_last=True, prefetch_batches=int(data.prefetch_batches),
                 local_shuffle_buffer_size=buffer or None,
                 local_shuffle_seed=(int(self.run.seed) * 1000 + pass_ * 31) if buffer else None,
-                pin_memory=torch.cuda.is_available(),  # makes the host->GPU copy asynchronous
+                # Host batches, pinned on a GPU machine: the step plans the text on the host
+                # (train.step.with_text_plan) and then copies non-blocking. Ray's default ("auto") would
+                # move them to the worker's GPU first, and every micro-batch would then sync the host.
+                device="cpu", pin_memory=torch.cuda.is_available(),
             ):
                 seen = True
                 yield batch

@@ -58,6 +58,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         for gather_with_grad in (False, True):
             _rank_step(rank, out_dir, gather_with_grad)
+        _gather_traffic(rank, out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -78,6 +79,31 @@ def _rank_step(rank: int, out_dir: str, gather_with_grad: bool) -> None:
         },
         f"{out_dir}/rank{rank}_{int(gather_with_grad)}.pt",
     )
+
+
+SLICE = 1 << 18  # floats per rank in the traffic measurement (1 MiB): far above gloo's own messages
+
+
+def _bytes_written() -> int:
+    """This process's bytes written by syscalls so far (sockets included: gloo's traffic)."""
+    return next(int(line.split()[1]) for line in open("/proc/self/io") if line.startswith("wchar"))
+
+
+def _gather_traffic(rank: int, out_dir: str) -> None:
+    """The ITM image gather's backward (all_gather_with_grad): the bytes this rank sends, and its gradient."""
+    import torch.distributed as dist
+
+    from qformer.models.gather import all_gather_with_grad
+
+    x = torch.full((SLICE,), float(rank + 1), requires_grad=True)
+    gathered = all_gather_with_grad(x, W)
+    weights = torch.arange(W * SLICE, dtype=torch.float32) * (rank + 1)  # differs per rank: the sum must come back
+    loss = (gathered * weights).sum()
+    dist.barrier()
+    before = _bytes_written()
+    loss.backward()
+    sent = _bytes_written() - before
+    torch.save({"sent": sent, "grad": x.grad}, f"{out_dir}/traffic{rank}.pt")
 
 
 def reference(data, gather_with_grad: bool):
@@ -146,3 +172,16 @@ def test_two_ranks_match_single_process(rank_results, gather_with_grad):
     if not gather_with_grad:  # the no-grad gather really drops the cross-rank ITC gradient
         x2, *_ = reference(data, gather_with_grad=True)
         assert not torch.allclose(x2["img"].grad, x["img"].grad, atol=1e-4)
+
+
+def test_the_gather_backward_sends_each_rank_its_slice_once(rank_results):
+    """Each rank's gradient is the sum over ranks of its own slice's gradient; to get it, a rank sends the
+    other ranks their slices only ((W - 1) x 1 MiB here, measured on gloo's sockets), not the whole stacked
+    gradient twice over as an all-reduce does (2 (W - 1) x 1 MiB)."""
+    slice_bytes = SLICE * 4
+    for r in range(W):
+        got = torch.load(rank_results / f"traffic{r}.pt")
+        rows = torch.arange(r * SLICE, (r + 1) * SLICE, dtype=torch.float32)
+        expected = sum(rows * (k + 1) for k in range(W))  # every rank's weights on this rank's slice
+        assert torch.equal(got["grad"], expected)
+        assert (W - 1) * slice_bytes <= got["sent"] < 1.25 * (W - 1) * slice_bytes, got["sent"]

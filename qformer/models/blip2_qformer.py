@@ -23,7 +23,7 @@ from qformer.models.bert_init import (
     resolve_bert_dir,
 )
 from qformer.models.checkpoint_io import load_model_checkpoint
-from qformer.models.gather import dist_rank_world
+from qformer.models.gather import host_max_over_ranks
 from qformer.models.losses import ITCLoss, ITMLoss, ItmImages, lm_inputs
 from qformer.models.qformer_bert import BertLMHeadModel
 from qformer.models.qformer_config import QFormerConfig
@@ -293,11 +293,13 @@ class Blip2Qformer(nn.Module):
     # ---- training forward -------------------------------------------------------------------
     def text_plan(self, text_ids: torch.Tensor, text_atts: torch.Tensor) -> dict[str, Any]:
         """What the forward would otherwise read back from the device, worked out on the host from the
-        CPU token batch before it is copied: the used text width (trim_padding) and the flat indices
-        of the LM targets (LMLoss.from_hidden). Passed in `samples`, they keep the step free of syncs."""
+        CPU token batch before it is copied: the used text width (trim_padding), the ITM pass's (the widest
+        over ranks: a CPU collective of one integer with several), and the flat indices of the LM targets
+        (LMLoss.from_hidden). Passed in `samples`, they keep the step free of syncs."""
         width = used_text_width(text_atts) or text_atts.shape[1]
         targets = text_ids[:, 1:width] != self.tokenizer.pad_token_id  # LAVIS: labels = ids, pads -> -100
-        return {"text_width": width, "lm_index": targets.reshape(-1).nonzero().squeeze(1)}
+        return {"text_width": width, "itm_text_width": host_max_over_ranks(width),
+                "lm_index": targets.reshape(-1).nonzero().squeeze(1)}
 
     def _text(self, samples: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         if "text_ids" in samples and samples["text_ids"] is not None:
@@ -322,8 +324,8 @@ class Blip2Qformer(nn.Module):
         text_feat = self._encode_text(local_ids, local_atts)
 
         itc = self.itc_loss(image_feats, text_feat, self.temp)
-        # ITM rows hold local texts only on one rank; other ranks' negatives may be wider
-        matcher = partial(self.itm_logits, text_width=width if dist_rank_world()[1] == 1 else None)
+        # ITM rows hold other ranks' texts as negatives: the widest over ranks (planned on the host), else counted
+        matcher = partial(self.itm_logits, text_width=samples.get("itm_text_width"))
         if self.reuse_itm_kv:
             matcher = partial(matcher, local_kv=query_out.cross_key_values)
         loss_itm = self.itm_loss(matcher, embeds_ln, text_ids, text_atts, itc.sim_i2t, itc.sim_t2i,

@@ -1,6 +1,7 @@
 """CLIP normalisation on the training device: uint8 [B,3,S,S] -> float, = LAVIS ToTensor + Normalize."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -18,9 +19,20 @@ def normalize_uint8(
     """(x / 255 - mean) / std per channel, computed where `images` lives (GPU: no float traffic)."""
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_uint8 expects uint8 images, got {images.dtype}")
-    m = torch.as_tensor(mean, dtype=dtype, device=images.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    m, s = channel_stats(tuple(mean), tuple(std), dtype, images.device)
     return (images.to(dtype) / 255.0 - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1,C,1,1] mean and std tensors, made once per device: on a GPU each creation is a blocking host->device
+    copy, which per micro-batch would sync the host every step."""
+    def table(values: tuple[float, ...]) -> torch.Tensor:
+        with torch.inference_mode(False):  # a normal tensor even if first made during evaluation
+            return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+    return table(mean), table(std)
 
 
 def image_mean_std(cfg) -> tuple[tuple[float, ...], tuple[float, ...]]:

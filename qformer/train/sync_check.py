@@ -2,8 +2,9 @@
 
 On CUDA, torch's own sync debug mode raises at the offending call. The same code paths run on CPU,
 where nothing waits, so there a dispatch mode records the ops that would make the host wait for a
-GPU: reading a value back (`.item()`, `int()`, `bool()` of a tensor) and data-dependent shapes
-(boolean-mask indexing, nonzero, masked_select).
+GPU: reading a value back (`.item()`, `int()`, `bool()` of a tensor), data-dependent shapes
+(boolean-mask indexing, nonzero, masked_select), and tensors made from Python data (`torch.tensor`,
+`torch.as_tensor` of a list: on a GPU, a blocking copy from pageable host memory).
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ class SyncRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         indices = args[1] if func is _aten.index.Tensor and len(args) > 1 else ()
-        if func in SYNC_OPS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+        # a Python scalar becomes a 0-dim CPU tensor that CUDA kernels take by value: only data with a shape copies
+        from_host = func is _aten.lift_fresh.default and args[0].dim() > 0
+        if func in SYNC_OPS or from_host or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
             self.seen.append(str(func))
         return func(*args, **kwargs)
 

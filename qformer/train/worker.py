@@ -23,6 +23,7 @@ from qformer.features import check_model
 from qformer.models import build_model
 from qformer.train import checkpoint as ckpt_io
 from qformer.train.amp import amp_for_run
+from qformer.train.ddp import ddp_options
 from qformer.train.loop import TrainingLoop
 from qformer.train.loop_config import LoopConfig
 from qformer.train.lr_schedule import build_lr_scheduler
@@ -50,7 +51,7 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
     if saved is not None:
         model.load_checkpoint({"model": saved["model"]})
         log.info("restored model from %s", source)
-    model = ray.train.torch.prepare_model(model)  # moves to device; DDP only when world > 1
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options())  # to device; DDP if world > 1
     unwrapped = getattr(model, "module", model)
     if run.get("vision_cache"):  # after prepare_model: DDP has broadcast rank 0's (seeded) ViT
         check_model(unwrapped, cfg)

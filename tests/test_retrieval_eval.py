@@ -193,3 +193,26 @@ def test_autocast_applies_to_model_calls_only(tmp_path):
     assert not torch.is_autocast_enabled("cpu")
     ranked = full.i2t != -100.0
     np.testing.assert_allclose(half.i2t[ranked], full.i2t[ranked], atol=0.1)  # bf16 model maths, fp32 sums
+
+
+def test_image_tokens_are_kept_in_the_autocast_dtype_with_unchanged_itm_scores(tmp_path, tiny_bert):
+    """Evaluation keeps each image's ln_vision tokens where they were made, in the dtype the ITM pass's first
+    layer (the cross-attention K/V projection) casts them to under autocast: half the memory of fp32, and
+    each re-rank batch scores exactly as it would from the fp32 tokens."""
+    from helpers import small_model
+
+    _write_split(tmp_path, 6)
+    split = _split_for(tmp_path, 6)
+    split.vis_processor = BlipImageEvalProcessor(32)
+    model = small_model(tiny_bert)
+    score, seen = model.itm_logit, []
+
+    def checked_itm_logit(tokens, ids, atts):
+        seen.append((tokens.dtype, tokens.device.type))
+        out = score(tokens, ids, atts)
+        assert torch.equal(out, score(tokens.float(), ids, atts))  # the stored dtype changes no score
+        return out
+
+    model.itm_logit = checked_itm_logit
+    m = evaluate_retrieval(model, split, k_test=3, batch_size=4, device="cpu", autocast_dtype=torch.bfloat16)
+    assert seen and set(seen) == {(torch.bfloat16, "cpu")} and np.isfinite(m["r_mean"])

@@ -309,3 +309,10 @@ def test_dataset_default_file_must_hold_only_its_dataset(tmp_path, monkeypatch):
         tmp_path, "model: {load_pretrained: false}\n", "datasets: {other: {data_type: images}}\n"))
     err = error_of({"model": {"arch": "m", "model_type": "t"}, "datasets": {"d": None}})
     assert "must hold only datasets.d" in str(err) and "datasets/d/default.yaml" in err.source
+
+
+def test_a_trained_vit_must_be_fp32():
+    """A trainable fp16 ViT fails its first GradScaler step on a GPU ("Attempting to unscale FP16 gradients")."""
+    err = error_of(options=["model.freeze_vit=false"])  # the pretrain defaults: vit_precision fp16
+    assert err.key == "model.vit_precision" and "model.freeze_vit is false" in str(err)
+    load_config_dict(minimal(), ["model.freeze_vit=false", "model.vit_precision=fp32"])  # what it asks for

@@ -13,7 +13,7 @@ from qformer.train import checkpoint as ckpt_io
 from qformer.train.amp import amp_for_run, resolve_amp
 from qformer.train.lr_schedule import build_lr_scheduler
 from qformer.train.optim import build_optimizer
-from qformer.train.step import TrainState, train_step, with_text_plan
+from qformer.train.step import TrainState, prepare_samples, train_step, with_text_plan
 
 CPU = torch.device("cpu")
 EVA = {"vit_model": "eva_clip_g", "vit_precision": "fp16",
@@ -107,3 +107,34 @@ def test_an_overflow_skips_the_step_halves_the_scale_and_the_scale_grows_back(ti
     fresh = resolve_amp(True, "fp16", CPU, init_scale=2.0**10, growth_interval=2).make_scaler()
     fresh.load_state_dict(saved["scaler"])
     assert fresh.state_dict() == state.scaler.state_dict()
+
+
+def test_an_fp16_vit_without_autocast_feeds_the_q_former_fp32(tiny_bert):
+    """run.amp: false with vit_precision: fp16. CLIP's stream is fp16 (as LAVIS's), so without the step's
+    autocast its tokens would reach the fp32 Q-Former's first Linear as fp16 ("mat1 and mat2 must have the
+    same dtype"); they are cast to fp32 as LAVIS's `.float()` does, in training and in evaluation."""
+    torch.manual_seed(0)
+    cfg = small_model_cfg(tiny_bert, vit_model="clip_L", vit_precision="fp16")
+    cfg.vit_kwargs = {"width": 32, "layers": 2, "heads": 2, "patch_size": 8}
+    model = build_model(cfg, vit_fp16_on_cpu=True).eval()
+    assert model.visual_encoder.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float16
+    batch = prepare_samples(_batch(model, 0), CPU)
+    assert model.vit_features(batch["image"]).dtype == torch.float16  # the ViT itself ran under fp16 autocast
+    out = model(batch)  # no autocast around the step
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    feats, embeds = model.encode_image(image=batch["image"])
+    assert embeds.dtype == feats.dtype == torch.float32
+    logits = model.itm_logit(embeds, batch["text_ids"], batch["text_atts"])
+    assert logits.shape == (4,) and torch.isfinite(logits).all()
+
+
+def test_an_fp16_vit_inside_a_bf16_step_runs_in_fp16(tiny_bert):
+    """Under bf16 autocast the fp16 ViT's matmuls stay fp16: autocast would otherwise re-cast every fp16
+    weight to bf16 on each step (time, and bf16's 8-bit mantissa on the frozen features)."""
+    model = _model(tiny_bert, fp16=True)
+    seen = []
+    model.visual_encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(prepare_samples(_batch(model, 0), CPU))
+    assert seen == [torch.float16] and torch.isfinite(out.loss)

@@ -213,6 +213,12 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
         if model[flag] and not model[path]:
             raise ConfigError(f"is empty but model.{flag} is true (give a checkpoint path/URL or set {flag}: false)",
                               f"model.{path}", source_of(f"model.{flag}"))
+    if not model["freeze_vit"] and model["vit_precision"] == "fp16":
+        # a trainable fp16 ViT: GradScaler refuses to unscale fp16 gradients (the first step fails on a GPU)
+        # and AdamW would update fp16 weights; LAVIS's configs that train the ViT use fp32
+        raise ConfigError("is fp16 but model.freeze_vit is false: a trained ViT must be fp32 (set "
+                          "model.vit_precision: fp32; autocast still runs its matmuls in half precision)",
+                          "model.vit_precision", source_of("model.vit_precision") or source_of("model.freeze_vit"))
     _check_image_sizes(cfg, source_of)
     if run["runner"] == "runner_iter":
         for key in ("max_iters", "iters_per_inner_epoch"):

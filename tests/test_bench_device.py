@@ -35,8 +35,12 @@ def test_device_check_runs_small_on_cpu_without_ray_mlflow_or_omegaconf(tmp_path
     assert set(bf16["samples_per_s"]) == set(bf16["achieved_over_matmul_peak"]) == {"online", "cached"}
     assert bf16["cache_speedup_flops"] > 1.0  # counted FLOPs: the cached step skips the ViT forward (else 1.0)
     assert written["sync_free_step"] == {"ok": True, "syncs": []}
-    ddp = written["ddp_world_1"]
-    assert ddp["ok"] and ddp["backend"] == "gloo" and len(ddp["losses"]) == 2
+    ddp = written["ddp_world_1"]  # 4 micro-batches, accumulation 2 (the first of each under no_sync)
+    assert ddp["ok"] and ddp["backend"] == "gloo" and len(ddp["losses"]) == 4 and ddp["optimizer_steps"] == 2
+    assert ddp["grad_storages"] < ddp["trainable_params"] / 10  # gradients in DDP's buckets, no second copy
+    assert written["eval_rerank"]["ok"]  # ran end to end with finite recalls
+    assert written["checkpoint_resume"]["ok"] and written["checkpoint_resume"]["bytes"] > 0
+    assert "batch_100_memory" not in written  # GPU only
     # the fp16 ViT's error against fp32 (qformer.bench.vit_precision): LAVIS's fp32 residual stream, and the
     # fp16 one measured beside it for comparison
     vit = written["vit_fp16_error"]

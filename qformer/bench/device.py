@@ -7,8 +7,10 @@ and no internet. The model is built directly, with a random BERT written to a te
 fp16 features cross host->device each step, as from a cache shard), steps alternating, and reports
 their ratio (the cache's speed-up measured at this ViT), FLOP/s against the matmul peak in the same
 dtype, and peak memory. Then: the forward/backward under torch's sync debug mode (host-side text
-plan, pinned batch), a DDP step (world size 1; NCCL on CUDA, gloo on CPU), and the fp16 ViT-g features
-error against fp32 (qformer.bench.vit_precision). On CPU it runs small
+plan, pinned batch), accumulation through DDP (world size 1; NCCL on CUDA, gloo on CPU) with the workers'
+settings, retrieval evaluation with the ITM re-rank, a checkpoint save and resume, one step at batch 100
+(GPU memory), and the fp16 ViT-g features' error against fp32 (qformer.bench.vit_precision and
+qformer.bench.device_paths). On CPU it runs small
 (the test suite does). On a device machine: `python -m qformer.bench.device --device cuda`.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from qformer.bench import device_paths
 from qformer.bench.common import _sync, measure_matmul_peak, train_state, write_result
 from qformer.bench.step import _random_text
 
@@ -166,23 +169,32 @@ def _sync_free(model, batch: dict, device: str) -> dict[str, Any]:
 
 
 def _ddp(model, batch: dict, device: str, tmp: Path) -> dict[str, Any]:
-    """One train_step through DistributedDataParallel (world size 1), as Ray Train's prepare_model wraps."""
+    """Two optimiser steps of two micro-batches each (accumulation: the first under DDP's no_sync) through
+    DistributedDataParallel (world size 1) with the training workers' settings (qformer.train.ddp)."""
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from qformer.train.step import train_step
+    from qformer.train.ddp import ddp_options
+    from qformer.train.step import prepare_samples, train_step, with_text_plan
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=f"file://{tmp / 'ddp'}", rank=0, world_size=1)
     try:
         ids = [model.device.index] if device.startswith("cuda") else None
-        wrapped = DistributedDataParallel(model, device_ids=ids)
+        wrapped = DistributedDataParallel(model, device_ids=ids, **ddp_options())  # as the training workers
         state = _state(model, device, "auto")
-        state.model = wrapped
-        losses = [float(train_step(state, batch, epoch=0, iter_in_epoch=i).losses["loss"]) for i in range(2)]
-        return {"ok": all(torch.isfinite(torch.tensor(losses))), "backend": backend, "losses": losses}
+        state.model, state.accum_grad_iters = wrapped, 2
+        losses = [float(train_step(state, batch, epoch=0, iter_in_epoch=i).losses["loss"]) for i in range(4)]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with state.amp.autocast():  # a synced backward: DDP's buckets hold the gradients (the step clears them)
+            wrapped(prepare_samples(with_text_plan(batch, model), model.device)).loss.backward()
+        grad_storages = len({p.grad.untyped_storage().data_ptr() for p in trainable if p.grad is not None})
+        model.zero_grad(set_to_none=True)
+        return {"ok": all(torch.isfinite(torch.tensor(losses))) and state.optimizer_steps + state.skipped_overflow == 2,
+                "backend": backend, "losses": losses, "optimizer_steps": state.optimizer_steps,
+                "grad_storages": grad_storages, "trainable_params": len(trainable), "options": ddp_options()}
     except Exception as err:
         return {"ok": False, "backend": backend, "error": f"{type(err).__name__}: {err}"}
     finally:
@@ -222,9 +234,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload["amp"] = {p: _amp_policy(model, p, {"online": online, "cached": cached}, steps, device) for p in policies}
         payload["sync_free_step"] = _sync_free(model, online, device)
         payload["ddp_world_1"] = _ddp(model, online, device, tmp)
+        size, auto = (32 if small else 224), _state(model, device, "auto")
+        payload["eval_rerank"] = device_paths.eval_rerank(model, device, tmp, size, auto.amp.dtype)
+        payload["checkpoint_resume"] = device_paths.checkpoint_resume(auto, online, tmp)
+        if cuda:
+            payload["batch_100_memory"] = device_paths.batch_memory(
+                model, _state(model, device, "fp16"), lambda n: _batches(model, n, size, device)[0])
     payload["vit_fp16_error"] = _vit_fp16_error(device, small)
+    checks = ("sync_free_step", "ddp_world_1", "eval_rerank", "checkpoint_resume", "batch_100_memory")
     payload["ok"] = (all(r["losses_finite"] for r in payload["amp"].values())
-                     and payload["sync_free_step"]["ok"] and payload["ddp_world_1"]["ok"])
+                     and all(payload[k]["ok"] for k in checks if k in payload))
     path = write_result("device", payload, args.out_dir)
     print(f"device check on {device} ({'small' if small else 'EVA ViT-g + BERT-base'}, batch {batch}):")
     for policy, r in payload["amp"].items():
@@ -234,7 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"of matmul peak: online {r['achieved_over_matmul_peak']['online']:.0%}, "
               f"cached {r['achieved_over_matmul_peak']['cached']:.0%}; losses finite {r['losses_finite']}")
     print(f"  no host sync in copy+forward+backward: {payload['sync_free_step']}")
-    print(f"  DDP (world 1): {payload['ddp_world_1']}")
+    for key in checks[1:]:
+        if key in payload:
+            print(f"  {key}: {payload[key]}")
     vit_error = payload["vit_fp16_error"].get("error_vs_fp32", payload["vit_fp16_error"])
     print(f"  fp16 ViT features against fp32 (relative): {vit_error}")
     print(f"  all ok: {payload['ok']} -> {path}")

@@ -203,7 +203,15 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
                               f"experiment file or with --options {key}=...)", key, source_of(key))
     for split_key in ("train_splits", "valid_splits", "test_splits"):
         for split in run[split_key] if cfg["datasets"] else []:
-            if not any(split in dataset_splits(d) for d in cfg["datasets"].values()):
+            if split_key != "train_splits" and "/" in split:  # <dataset>/<split>: one dataset's split
+                _check_qualified_split(cfg["datasets"], split, f"run.{split_key}", source_of)
+                continue
+            having = [n for n, d in cfg["datasets"].items() if split in dataset_splits(d)]
+            if split_key != "train_splits" and len(having) > 1:
+                key = f"run.{split_key}"
+                raise ConfigError(f"'{split}' is a split of several datasets ({', '.join(having)}); evaluation reads "
+                                  f"one: name it as {' or '.join(f'{n}/{split}' for n in having)}", key, source_of(key))
+            if not having:
                 key = f"run.{split_key}"
                 known = sorted({s for d in cfg["datasets"].values() for s in dataset_splits(d)})
                 raise ConfigError(f"no dataset has a '{split}' split (datasets.*.build_info.annotations has: "
@@ -228,6 +236,18 @@ def _cross_check(cfg: dict, source_of: SourceOf) -> None:
     _check_elastic(run, source_of)
 
 
+def _check_qualified_split(datasets: dict, entry: str, key: str, source_of: SourceOf) -> None:
+    """`<dataset>/<split>` in run.valid_splits / run.test_splits: that dataset must be configured with that split."""
+    name, _, split = entry.rpartition("/")
+    if name not in datasets:
+        raise ConfigError(f"'{entry}' names no configured dataset ({', '.join(datasets)})", key, source_of(key),
+                          closest(name, list(datasets)))
+    if split not in dataset_splits(datasets[name]):
+        known = sorted(dataset_splits(datasets[name]))
+        raise ConfigError(f"dataset '{name}' has no '{split}' split (it has: {', '.join(known) or 'nothing'})", key,
+                          source_of(key), closest(split, known))
+
+
 def _check_elastic(run: dict, source_of: SourceOf) -> None:
     """The global batch the smallest world must keep (qformer.config.batch_plan), named by key and layer."""
     try:
@@ -249,8 +269,9 @@ def _check_image_sizes(cfg: dict, source_of: SourceOf) -> None:
     preprocess = (cfg.get("preprocess") or {}).get("vis_processor") or {}
     for name, ds in cfg["datasets"].items():
         splits = dataset_splits(ds)
+        evaluated = set(run["valid_splits"]) | set(run["test_splits"])
         used = {"train": bool(splits & set(run["train_splits"])),
-                "eval": bool(splits & set(run["valid_splits"]) | splits & set(run["test_splits"]))}
+                "eval": bool(splits & evaluated) or any(f"{name}/{s}" in evaluated for s in splits)}
         for kind, in_use in used.items():
             node = (ds.get("vis_processor") or {}).get(kind)
             key = f"datasets.{name}.vis_processor.{kind}"

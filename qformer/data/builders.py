@@ -1,4 +1,4 @@
-"""Dataset builders `coco_caption` and `vg_caption` (LAVIS caption_builder / image_text_pair_builder).
+"""Dataset builders `coco_caption`, `vg_caption`, `coco_retrieval`, `flickr30k` (LAVIS caption, pair and retrieval builders).
 
 A builder turns `datasets.<name>` of the config into (image path, caption) training samples and,
 for COCO, retrieval val/test splits. Paths: relative `build_info.*.storage` values resolve against
@@ -38,6 +38,7 @@ class CaptionBuilder:
     """Shared by both builders; subclasses only say whether val/test exist."""
 
     has_eval_splits = True
+    trains = True  # False: an evaluation-only data set (its train split, if configured, is not read)
 
     def __init__(self, name: str, cfg) -> None:
         self.name, self.cfg = name, cfg
@@ -55,7 +56,7 @@ class CaptionBuilder:
         if self.is_sharded():
             return ["train"]
         anns = self.ds_cfg.build_info.annotations or {}
-        return [s for s in SPLITS if anns.get(s) is not None and (self.has_eval_splits or s == "train")]
+        return [s for s in SPLITS if anns.get(s) is not None and (self.has_eval_splits if s != "train" else self.trains)]
 
     # ---- shards ------------------------------------------------------------------------------
     def is_sharded(self) -> bool:
@@ -162,6 +163,19 @@ class CaptionBuilder:
 @register_builder("coco_caption")
 class CocoCaptionBuilder(CaptionBuilder):
     """COCO Karpathy splits: train one record per caption; val/test one per image with a caption list."""
+
+
+@register_builder("coco_retrieval")
+class CocoRetrievalBuilder(CaptionBuilder):
+    """LAVIS's retrieval-config name for the COCO Karpathy splits: coco_caption's files, layout and images."""
+
+
+@register_builder("flickr30k")
+class Flickr30kBuilder(CaptionBuilder):
+    """Flickr30K Karpathy val/test (LAVIS's flickr30k annotation files: one record per image, 5 captions), for
+    zero-shot retrieval as the BLIP-2 paper reports it: the train split takes no part in training."""
+
+    trains = False
 
 
 @register_builder("vg_caption")

@@ -217,15 +217,20 @@ def _size(rows: pd.DataFrame | ShardSet) -> int | None:
 
 
 def build_eval_split(cfg, split: str) -> RetrievalSplit:
-    """The one dataset that has `split` (LAVIS: non-train splits must have exactly one dataset)."""
+    """`<dataset>/<split>` (e.g. flickr30k/test beside COCO's test), or a plain split name that exactly one
+    dataset has (LAVIS: non-train splits must have exactly one dataset)."""
+    name, _, split = split.rpartition("/")
     having = []
-    for name in cfg.datasets:
-        builder = build_builder(cfg, name)
+    for dataset in [name] if name else cfg.datasets:
+        if dataset not in cfg.datasets:
+            raise ConfigError(f"'{dataset}/{split}' names no configured dataset ({', '.join(cfg.datasets)})", "datasets")
+        builder = build_builder(cfg, dataset)
         if split in builder.splits():
             having.append(builder)
     if not having:
-        raise ConfigError(f"no dataset has a '{split}' split", "datasets")
+        raise ConfigError(f"no dataset has a '{split}' split", f"datasets.{name}" if name else "datasets")
     if len(having) > 1:
         names = ", ".join(b.name for b in having)
-        raise ConfigError(f"split '{split}' is in several datasets ({names}); evaluation takes exactly one", "datasets")
+        raise ConfigError(f"split '{split}' is in several datasets ({names}); evaluation takes exactly one: "
+                          f"name it as <dataset>/{split}", "datasets")
     return having[0].retrieval_split(split)

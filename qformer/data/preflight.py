@@ -58,7 +58,7 @@ def check_images(cfg, splits: Iterable[str], builders: dict | None = None, sampl
         if not local_checks:
             continue
         key = f"datasets.{name}.build_info.images.storage"
-        for split in [s for s in builder.splits() if s in wanted]:
+        for split in [s for s in builder.splits() if s in wanted or f"{name}/{s}" in wanted]:
             paths = sorted({builder.image_path(r) for r in builder.records(split)})
             missing = missing_image_root(builder, paths)
             if missing:

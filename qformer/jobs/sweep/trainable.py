@@ -71,10 +71,9 @@ def evaluation_count(report: dict[str, Any], metric: str, valid_splits: list[str
     epoch = report.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
         return None
-    prefix = metric.split("/", 1)[0]
-    if prefix in valid_splits:
+    if any(metric.startswith(f"{split}/") for split in valid_splits):  # also <dataset>/<split>/<metric>
         return int(epoch) // max(1, val_freq) + 1
-    return int(epoch) + 1 if prefix == "train_epoch" else None
+    return int(epoch) + 1 if metric.startswith("train_epoch/") else None
 
 
 def carries_metric(report: dict[str, Any], metric: str) -> bool:

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qformer-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench clean-venv
+.PHONY: venv demo ui test test-fast bench clean-venv
 
 venv:
 	@want="$(TORCH_SPEC) | $$(sha1sum pyproject.toml | cut -c1-12)"; \
@@ -22,6 +22,9 @@ venv:
 
 demo: venv
 	$(VENV)/bin/qformer demo
+
+ui: venv
+	$(VENV)/bin/qformer ui
 
 test: venv
 	@VENV=$(VENV) bash platform/ci/ensure_compose.sh

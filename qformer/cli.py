@@ -25,22 +25,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("qformer.commands.bench", "benchmarks (data, step, train, cache, all) as JSON ratios"),
     "cache-features": ("qformer.commands.cache_features", "run the frozen ViT once per image/view into a feature cache"),
     "export-hf": ("qformer.commands.export_hf", "export a checkpoint as a transformers BLIP-2 directory"),
+    "ui": ("qformer.commands.ui", "the MLflow UI for the platform's tracking store, at the latest run"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qformer", description="BLIP-2 stage-1 Q-Former pretraining on Ray + MLflow")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)  # for its arguments; run() imports its work (see above)
-        cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        # the module docstring as written: paragraphs and example lines keep their line breaks
+        cmd = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(cmd)
         cmd.set_defaults(_module=module)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qformer-platform")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `qformer`: the command table, not an argparse error
+        parser.print_help()
+        return 0
     try:
         return int(args._module.run(args) or 0)
     except (ConfigError, AnnotationError, CheckpointError, RayStartError) as err:  # one clear line, no traceback

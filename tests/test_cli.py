@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +86,26 @@ def test_config_keys_lists_the_schema():
 def test_config_without_cfg_path_exits_2():
     proc = qformer("config")
     assert proc.returncode == 2 and "--cfg-path is required" in proc.stderr
+
+
+def test_bare_qformer_prints_the_command_table_and_version_is_the_package_s(capsys):
+    from importlib.metadata import version
+
+    from qformer.cli import COMMANDS, main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS) and "usage: qformer" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"qformer {version('qformer-platform')}"
+
+
+def test_sub_command_help_keeps_its_example_lines(capsys):
+    from qformer.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    out = capsys.readouterr().out
+    # the module docstring's example commands stay one per line (argparse would run them into one paragraph)
+    assert "\n  qformer tune --cfg-path experiments/sweeps/lr_queries.yaml --resume" in out

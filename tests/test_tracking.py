@@ -30,7 +30,11 @@ def test_default_uri_is_under_qformer_home(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert resolve_tracking_uri(None) == "http://mlflow:5000"
     assert resolve_tracking_uri("sqlite:////tmp/x/y.db") == "sqlite:////tmp/x/y.db"
-    assert "mlflow ui --backend-store-uri sqlite:///" in ui_hint(paths.default_tracking_uri(), "1", "abc")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    hint = ui_hint(paths.default_tracking_uri(), "1", "abc")  # the default store: `qformer ui` needs no flag
+    assert hint.split()[0].endswith("qformer") and hint.split()[1:3] == ["ui", "then"]
+    assert hint.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc")
+    assert " ui --tracking-uri sqlite:////tmp/x/y.db " in ui_hint("sqlite:////tmp/x/y.db")
 
 
 def test_run_lifecycle_params_metrics_artifacts_reopen(tmp_path: Path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,6 +31,15 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         text = "null" if value is None else str(value)
         out[name] = text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
     return out
+
+
+def source_tags() -> dict[str, str]:
+    """What MLflow's run page shows as the run's Source: the command that started it (`qformer train
+    --cfg-path ...`), its entry point (the sub-command) and the code's commit."""
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    entry = next((a for a in argv[1:] if not a.startswith("-")), argv[0])
+    return {"mlflow.source.name": " ".join(argv)[:500], "mlflow.source.type": "JOB",
+            "mlflow.project.entryPoint": entry, "mlflow.source.git.commit": git_commit()}
 
 
 def git_commit() -> str:

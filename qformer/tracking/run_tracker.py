@@ -17,7 +17,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from qformer.core.logs import get_logger
 from qformer.core.signals import stopped_by_signal, watch_stop_signal
-from qformer.tracking.params import MAX_TAG_VALUE, PARAMS_PER_BATCH
+from qformer.tracking.params import MAX_TAG_VALUE, PARAMS_PER_BATCH, source_tags
 from qformer.tracking.plots import LOSS_CURVE_KEYS, loss_curve_png
 from qformer.tracking.uri import ensure_experiment, mlflow_client
 
@@ -74,7 +74,7 @@ class RunTracker:
               parent_run_id: str | None = None) -> "RunTracker":
         """A new run: tags, immutable params (logged once: MLflow refuses changed values) and the resolved YAML."""
         exp_id = ensure_experiment(uri, experiment_name)
-        all_tags = {k: str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
+        all_tags = {k: str(v)[:MAX_TAG_VALUE] for k, v in {**source_tags(), **(tags or {})}.items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id  # nests the run under a Tune sweep's run in the UI
         run = mlflow_client(uri).create_run(exp_id, run_name=run_name, tags=all_tags)

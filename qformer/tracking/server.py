@@ -32,11 +32,14 @@ def is_sqlite(uri: str) -> bool:
 
 @contextmanager
 def local_tracking_server(backend_uri: str, artifact_root: Path, log_path: Path,
-                          start_timeout_s: float = 120.0) -> Iterator[str]:
-    """Serve `backend_uri` on 127.0.0.1 (a free port); yield its http:// URI; stop it (by its PID) after."""
+                          start_timeout_s: float = 120.0, port: int | None = None) -> Iterator[str]:
+    """Serve `backend_uri` on 127.0.0.1 (`port`, else a free one); yield its http:// URI; stop it (by its PID)
+    after. Also the `qformer ui` server: MLflow's UI is the same process."""
     artifact_root.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = port or _free_port()
+    if not port_free(port):
+        raise RuntimeError(f"port {port} on 127.0.0.1 is in use (another MLflow UI?); choose another with --port")
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "server",
            "--backend-store-uri", backend_uri, "--default-artifact-root", str(artifact_root),
@@ -53,6 +56,15 @@ def local_tracking_server(backend_uri: str, artifact_root: Path, log_path: Path,
         yield uri
     finally:
         _stop(proc)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _free_port() -> int:

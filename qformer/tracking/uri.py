@@ -8,6 +8,7 @@ A sqlite store on one machine is only reachable by workers on that machine; mult
 from __future__ import annotations
 
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,14 +28,20 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
+UI_PORT = 5000  # `qformer ui`'s default, MLflow's own
+
+
 def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
-    """How to look at the run: a local `mlflow ui` for a sqlite store, the server's page otherwise."""
-    suffix = ""
-    if experiment_id and run_id:
-        suffix = f"/#/experiments/{experiment_id}/runs/{run_id}"
+    """How to look at the run: `qformer ui` (this interpreter's, so it works without an activated venv) for a
+    local store, the server's page otherwise."""
+    suffix = f"/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id and run_id else ""
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}{suffix}"
-    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000{suffix}"
+    script = Path(sys.executable).with_name("qformer")
+    command = f"{script if script.exists() else 'qformer'} ui"
+    if uri != resolve_tracking_uri():
+        command += f" --tracking-uri {uri}"
+    return f"{command}   then open http://127.0.0.1:{UI_PORT}{suffix}"
 
 
 def mlflow_client(uri: str) -> MlflowClient:
@@ -61,18 +68,25 @@ def _create_sqlite_store(uri: str) -> None:
     SqlAlchemyStore(uri, root.resolve().as_uri()).engine.dispose()
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, evaluations); this one selects the
+# model-training view: the runs table, their metrics and artifacts
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """Experiment id, creating it on first use (artifacts next to a sqlite store, not in the CWD's ./mlruns)."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # made before the tag (or by another tool)
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     root = sqlite_artifact_root(uri)
     if root is not None:
         location = (root / name.replace("/", "_")).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except MlflowException:  # created concurrently (Tune trials): use theirs
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -11,7 +11,7 @@ from qformer.core import paths
 pytestmark = pytest.mark.ray
 
 
-def test_demo_trains_and_reports_before_after(ray_cluster, tiny_bert, tmp_path, capsys):
+def test_demo_trains_and_reports_before_after(ray_cluster, tiny_bert, tmp_path, capsys, monkeypatch):
     from qformer.data.synth import write_synthetic
     from qformer.jobs.demo import run_demo
 
@@ -35,20 +35,32 @@ def test_demo_trains_and_reports_before_after(ray_cluster, tiny_bert, tmp_path, 
 
     logged = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).data.metrics
     assert {k: logged.get(f"test/{k}") for k in summary["after"]} == pytest.approx(summary["after"])
+    # before: the untrained model's evaluation, logged into the same run
+    assert {k: logged.get(f"untrained/test/{k}") for k in summary["before"]} == pytest.approx(summary["before"])
     assert Path(summary["checkpoint"], "checkpoint.pth").is_file()
     out = capsys.readouterr().out
     assert "=== qformer demo ===" in out and f"run {summary['mlflow_run_id']}" in out
-    assert "mlflow ui --backend-store-uri sqlite:///" in out and " -> " in out
+    assert "qformer ui --tracking-uri sqlite:///" in out and " -> " in out
     # the pictures: named in the printout, logged in the run, drawn as a person would want them
     assert summary["gallery"].endswith("/retrieval_gallery.png") and summary["gallery"] in out
     assert summary["attention"].endswith("/query_attention.png") and summary["attention"] in out
     _check_demo_pictures(summary, tmp_path)
-    # the same command again: the finished run is left alone and prints what its last checkpoint reported
-    # (kept in the checkpoint's meta.json), the numbers the training run logged
+    # the same command again: the finished run is left alone and its table printed from MLflow at once: no Ray
+    # started, nothing trained or evaluated
+    import qformer.jobs.demo as demo
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished demo's re-run started Ray, trained or evaluated")
+
+    for name in ("connect_ray", "launch_training", "evaluate_untrained", "evaluate_checkpoint"):
+        monkeypatch.setattr(demo, name, must_not_run)
     again = run_demo(None, options)
-    assert "already finished" in capsys.readouterr().out
+    second = capsys.readouterr().out
+    assert "already finished" in second and "stored results" in second
     assert again["mlflow_run_id"] == summary["mlflow_run_id"] and again["checkpoint"] == summary["checkpoint"]
-    assert again["after"] == pytest.approx(summary["after"])
+    assert again["before"] == pytest.approx(summary["before"]) and again["after"] == pytest.approx(summary["after"])
+    table = [line for line in second.splitlines() if " -> " in line]
+    assert table == [line for line in out.splitlines() if " -> " in line]  # the same numbers, printed the same
 
 
 def _check_demo_pictures(summary: dict, tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-path", default=None, help="demo experiment (default experiments/demo/tiny_shapes.yaml)")
     parser.add_argument("--options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="overrides, e.g. run.max_epoch=1")
+    parser.add_argument("--fresh", action="store_true",
+                        help="train again even if this demo already finished (its checkpoints are removed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,5 +20,5 @@ def run(args: argparse.Namespace) -> int:
     from qformer.jobs.demo import run_demo
 
     setup_logging()
-    run_demo(args.cfg_path, args.options)
+    run_demo(args.cfg_path, args.options, fresh=args.fresh)
     return 0

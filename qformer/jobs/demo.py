@@ -5,6 +5,7 @@ MLflow store is a sqlite file under QFORMER_HOME.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,15 @@ from qformer.evaluate.retrieval import evaluate_retrieval
 from qformer.evaluate.visuals import ARTIFACT_ROOT, ATTENTION_PNG, GALLERY_PNG
 from qformer.jobs.eval_job import evaluate_checkpoint
 from qformer.jobs.ray_cluster import connect_ray
-from qformer.jobs.train_job import launch_training
+from qformer.jobs.train_job import finished_run, launch_training, run_dir
 from qformer.models import build_model
-from qformer.tracking.run_tracker import artifact_files
+from qformer.tracking.run_tracker import RunTracker, artifact_files
 from qformer.tracking.uri import mlflow_client, ui_hint
 from qformer.train.amp import amp_for_run
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "demo" / "tiny_shapes.yaml"
 REPORTED = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
+UNTRAINED = "untrained"  # MLflow key prefix of the untrained model's evaluation
 
 
 def ensure_shapes_data(cfg: Any) -> Path:
@@ -51,10 +53,20 @@ def evaluate_untrained(cfg: Any, split: str) -> dict[str, float]:
                               batch_size=int(cfg.run.batch_size_eval), device=device, autocast_dtype=amp.dtype)
 
 
-def run_demo(cfg_path: str | None = None, options: list[str] | None = None) -> dict:
+def run_demo(cfg_path: str | None = None, options: list[str] | None = None, fresh: bool = False) -> dict:
+    """Train the demo and print retrieval before/after. A re-run of a finished demo prints what its MLflow run
+    holds at once (no Ray, nothing evaluated again); `fresh` deletes the finished run's checkpoints first and
+    trains again (a new MLflow run)."""
     cfg = load_config(str(cfg_path or DEMO_CONFIG), options)
     data_root = ensure_shapes_data(cfg)
     split = (list(cfg.run.test_splits) or list(cfg.run.valid_splits) or ["test"])[0]
+    if fresh:
+        _forget_previous_run(cfg)
+    else:
+        stored = _stored_summary(cfg, split, data_root)
+        if stored is not None:
+            _print_summary(stored)
+            return stored
     connect_ray(cfg)
     print(f"evaluating the untrained model on '{split}' ...", flush=True)
     before = evaluate_untrained(cfg, split)
@@ -62,11 +74,49 @@ def run_demo(cfg_path: str | None = None, options: list[str] | None = None) -> d
     after = {k[len(split) + 1:]: v for k, v in result.metrics.items() if k.startswith(f"{split}/")}
     if not after:  # the split was not evaluated by the loop (e.g. not in run.test_splits): do it here
         after = _evaluate_checkpoint(cfg, result.checkpoint_path, split)
+    _log_untrained(result, split, before)
     summary = {"data": str(data_root), "split": split, "before": before, "after": after,
                "checkpoint": result.checkpoint_path, "mlflow_run_id": result.mlflow_run_id,
                "tracking_uri": result.tracking_uri, **_pictures(result.tracking_uri, result.mlflow_run_id)}
     _print_summary(summary)
     return summary
+
+
+def _log_untrained(result: Any, split: str, before: dict[str, float]) -> None:
+    """The untrained model's numbers into the training's MLflow run (`untrained/<split>/<metric>`, step 0), beside
+    the trained ones: the run holds the demo's whole before/after table."""
+    if not (result.tracking_uri and result.mlflow_run_id) or result.finished:
+        return
+    try:
+        RunTracker(result.tracking_uri, result.mlflow_run_id).log_metrics(
+            {f"{UNTRAINED}/{split}/{k}": float(v) for k, v in before.items()}, step=0)
+    except Exception as err:  # the table still prints
+        print(f"(could not log the untrained evaluation to MLflow: {err})")
+
+
+def _stored_summary(cfg: Any, split: str, data_root: Path) -> dict | None:
+    """A finished demo's summary from its checkpoint and MLflow run, without Ray or any evaluation; None when
+    there is something to train or the run does not hold the untrained numbers (an older demo's)."""
+    done = finished_run(cfg)
+    if done is None or not (done.tracking_uri and done.mlflow_run_id):
+        return None
+    logged = mlflow_client(done.tracking_uri).get_run(done.mlflow_run_id).data.metrics
+    before = {k[len(f"{UNTRAINED}/{split}/"):]: v for k, v in logged.items() if k.startswith(f"{UNTRAINED}/{split}/")}
+    after = {k[len(split) + 1:]: v for k, v in logged.items() if k.startswith(f"{split}/")}
+    if not before or not after:
+        return None
+    print("(stored results of the finished demo: `qformer demo --fresh` trains it again)", flush=True)
+    return {"data": str(data_root), "split": split, "before": before, "after": after,
+            "checkpoint": done.checkpoint_path, "mlflow_run_id": done.mlflow_run_id,
+            "tracking_uri": done.tracking_uri, "stored": True, **_pictures(done.tracking_uri, done.mlflow_run_id)}
+
+
+def _forget_previous_run(cfg: Any) -> None:
+    """--fresh: remove the demo run's checkpoints so that training starts over (its MLflow run stays)."""
+    folder = run_dir(cfg)
+    if folder is not None and folder.is_dir():
+        print(f"--fresh: removing the previous demo run's checkpoints {folder}", flush=True)
+        shutil.rmtree(folder)
 
 
 def _pictures(uri: str | None, run_id: str | None) -> dict[str, Any]:

@@ -201,6 +201,17 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
     )
 
 
+def finished_run(cfg: DictConfig) -> TrainingResult | None:
+    """The run `cfg` names, when its checkpoint already completed the schedule (what `launch_training` would
+    report without training); None when there is something to train. Checked on the driver: no Ray."""
+    return _check_prior(cfg, None, None, False)
+
+
+def run_dir(cfg: DictConfig) -> Path | None:
+    """The run's Ray Train directory (its checkpoints) when its storage is local."""
+    return _run_dir(storage_path(cfg), run_name(cfg))
+
+
 def _check_prior(cfg: DictConfig, resume: str | None, local_mode: bool | None,
                  allow_config_change: bool) -> TrainingResult | None:
     """Before Ray: stop when the checkpoint to continue from has other model/data settings; return the

@@ -44,3 +44,19 @@ def test_install_outside_a_ray_actor_thread_leaves_signals_alone(restore_sigterm
     before = signal.getsignal(signal.SIGTERM)
     assert preemption.install() is False  # the main thread of a driver (Train local mode): keep its handling
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_after_the_training_a_sigterm_is_the_shutdown_not_a_notice(restore_sigterm, caplog):
+    """Ray ends a worker with SIGTERM after the loop returned: no "finishing the current step" warning, and the
+    signal goes straight to the handler that was there (Ray's exit) instead of waiting for a force kill."""
+    seen: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    signals.install_preemption_handler()
+    signals.note_training_finished()
+    with caplog.at_level("DEBUG"):
+        _deliver()
+    assert seen == [signal.SIGTERM] and not signals.preemption_requested()
+    assert "SIGTERM received" not in caplog.text
+    signals.install_preemption_handler()  # a new training in this process listens again
+    _deliver()
+    assert signals.preemption_requested() and seen == [signal.SIGTERM]

@@ -56,7 +56,8 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_b
     from qformer.jobs.train_job import launch_training
 
     cfg = _cfg(tiny_bert, shapes, tmp_path, "local", {"max_steps_per_epoch": 3, "save_freq_steps": 2,
-                                                      "valid_splits": ["val"], "keep_checkpoints": 5, **FP16_RUN},
+                                                      "valid_splits": ["val"], "keep_checkpoints": 5, **FP16_RUN,
+                                                      "mlflow": {"system_metrics_s": 0.5}},
                model=FP16_MODEL)
     with pytest.raises(Exception, match="injected failure"):  # crashes after the step-2 checkpoint, mid-epoch 0
         launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(2, str(tmp_path / "failed_once"))])
@@ -79,6 +80,11 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_b
                 "grad_norm", "cpu_rss_gb"):
         assert client.get_metric_history(run.info.run_id, key), key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/r_mean")] == [0, 1]  # step = epoch
+    # constants go to MLflow when they change: here at each worker process's first step (the crash restarted it)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "world_size")] == [1, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 3, 4]
+    system = {k for k in run.data.metrics if k.startswith("system/")}  # MLflow's System metrics tab
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     artifacts = {a.path for d in ("config", "plots", "checkpoints/final")
                  for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config/resolved.yaml", "plots/loss_curve.png", "checkpoints/final/checkpoint.pth"} <= artifacts
@@ -120,8 +126,9 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_b
     # every later step doubles the scale or, on an overflow (counted, the step skipped), halves it; the
     # continued run picks the scale up from the final checkpoint
     scale.update(_metric(client, longer.mlflow_run_id, "grad_scale"))
-    skipped = {**_metric(client, run.info.run_id, "skipped_overflow"),
-               **_metric(client, longer.mlflow_run_id, "skipped_overflow")}
+    logged = {**_metric(client, run.info.run_id, "skipped_overflow"),
+              **_metric(client, longer.mlflow_run_id, "skipped_overflow")}
+    skipped = {n: logged[max(k for k in logged if k <= n)] for n in range(1, 10)}  # logged when it changes
     halved = [n for n in range(4, 10) if scale[n] == scale[n - 1] / 2]
     assert all(scale[n] in (scale[n - 1] / 2, 2 * scale[n - 1]) for n in range(4, 10)), scale
     assert halved, f"no overflow in 9 steps: {scale}"

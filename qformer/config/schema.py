@@ -205,6 +205,8 @@ SCHEMA: dict[str, Key] = {
     "run.mlflow.experiment_name":   Str("qformer-stage1", check=checks.non_empty),
     "run.mlflow.run_name":          Str(None),
     "run.mlflow.enabled":           Bool(True),
+    "run.mlflow.system_metrics_s":  Float(10.0, ge=0, doc="seconds between the rank-0 worker's system metrics "
+                                                          "(CPU, memory, disk, network, GPU where present); 0: off"),
     "run.mlflow.outage_wait_s":     Float(120.0, ge=0, doc="at the end of a run, how long to keep trying an "
                                                            "unreachable tracking server before giving up on its "
                                                            "buffered metrics and status"),

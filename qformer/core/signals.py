@@ -23,6 +23,7 @@ log = get_logger("signals")
 
 _stop_signals: set[int] = set()  # stop signals this (driver) process received
 _preemption_requested = threading.Event()
+_training_finished = threading.Event()
 _previous_handler: Any = None
 
 
@@ -53,8 +54,11 @@ def clear_stop_signals() -> None:
 
 
 def _on_preemption_notice(signum: int, frame: Any) -> None:
-    if _preemption_requested.is_set() and callable(_previous_handler):  # second notice: what was there before
+    # a second notice, or any after the training finished (Ray shutting the worker down): what was there before
+    if (_preemption_requested.is_set() or _training_finished.is_set()) and callable(_previous_handler):
         _previous_handler(signum, frame)
+        return
+    if _training_finished.is_set():
         return
     _preemption_requested.set()
     log.warning("SIGTERM received: finishing the current step, then every rank saves a checkpoint")
@@ -69,6 +73,7 @@ def install_preemption_handler() -> str:
         _previous_handler = current
         signal.signal(signal.SIGTERM, _on_preemption_notice)
     _preemption_requested.clear()
+    _training_finished.clear()
     return threading.current_thread().name
 
 
@@ -79,3 +84,10 @@ def preemption_requested() -> bool:
 
 def clear_preemption_notice() -> None:
     _preemption_requested.clear()
+    _training_finished.clear()
+
+
+def note_training_finished() -> None:
+    """The training loop is done: from now on a SIGTERM is the worker's shutdown, not a preemption notice (no
+    "finishing the current step" warning at a normal exit)."""
+    _training_finished.set()

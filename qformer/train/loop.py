@@ -16,6 +16,7 @@ import torch
 
 from qformer.config.batch_plan import BatchPlan
 from qformer.core.progress import Progress
+from qformer.core.signals import note_training_finished
 from qformer.train.audit import TrainingAudit
 from qformer.train.checkpoint import ResumePoint
 from qformer.train.checkpoint_reporter import CheckpointReporter
@@ -38,7 +39,8 @@ class TrainingLoop:
         self.max_epoch = schedule_max_epoch(run)
         self.log_freq, self.save_freq = max(1, int(run.log_freq)), int(run.save_freq_steps or 0)
         self.streams = TrainingStreams(run, plan, lc.ratios, lc.num_rows, lc.stream_plan, saved_positions, rank)
-        self.metrics = MetricLogger(lc.tracking, rank, world, plan, float(run.mlflow.get("outage_wait_s", 120.0)))
+        self.metrics = MetricLogger(lc.tracking, rank, world, plan, float(run.mlflow.get("outage_wait_s", 120.0)),
+                                    float(run.mlflow.get("system_metrics_s") or 0.0))
         self.checkpoints = CheckpointReporter(rank, lc.cfg, model, lc.score_key, lc.local_checkpoint_root,
                                               int(run.keep_checkpoints), lc.tracking.run_id if lc.tracking else None)
         self.preemption = PreemptionGuard(bool(run.elastic.preemption_checkpoint), int(run.accum_grad_iters))
@@ -163,6 +165,7 @@ class TrainingLoop:
         self.preemption.stop(self.state.global_step, epoch, i)
 
     def finish(self) -> None:
+        note_training_finished()  # Ray's SIGTERM at the worker's exit is no preemption notice now
         self.streams.close()
         metrics = {} if self.tested else self.test_metrics()  # resumed after the last epoch's checkpoint
         if metrics:

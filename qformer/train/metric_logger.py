@@ -19,16 +19,23 @@ from qformer.train.step import StepOutput, TrainState
 
 log = get_logger("train")
 
+# logged when they change: the epoch, the counters of skipped steps, the loss scale, and what the world size sets
+SLOW_KEYS = frozenset({"epoch", "skipped_nonfinite", "skipped_overflow", "grad_scale", "world_size", "global_batch",
+                       "accum_grad_iters", "worker_batch", "skipped_images"})
+
 
 class MetricLogger:
     def __init__(self, target: TrackingTarget | None, rank: int, world: int, plan: BatchPlan,
-                 outage_wait_s: float) -> None:
+                 outage_wait_s: float, system_metrics_s: float = 0.0) -> None:
         self.rank, self.world, self.plan, self.outage_wait_s = rank, world, plan, outage_wait_s
         self.tracker: RunTracker | None = None
+        self.system = None
         if rank == 0 and target is not None:
             fail_fast_http()
             self.tracker = RunTracker(target.uri, target.run_id)
+            self.system = start_system_metrics(target, system_metrics_s)
         self.logged_through = 0  # steps up to this one are in MLflow already (a restart re-runs them)
+        self.slow_values: dict[str, float] = {}  # the last logged value of each key in SLOW_KEYS
         self.window = LossMeter()
         self.last: dict[str, float] = {}  # loss and lr of the last log step (step checkpoints report them)
         self.start_window()
@@ -76,7 +83,7 @@ class MetricLogger:
             metrics.update(_skipped_images())
             metrics.update(memory_metrics(state.device))
             if self.tracker is not None and state.global_step > self.logged_through:
-                self.tracker.log_metrics_buffered(metrics, step=state.global_step)  # an outage buffers
+                self.tracker.log_metrics_buffered(self._changed(metrics), step=state.global_step)  # an outage buffers
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{out.lr:.2e}", refresh=False)
             of = f"/{length}" if length else ""
             log.info("epoch %d iter %d%s step %d | loss %.4f (itc %.4f itm %.4f lm %.4f) | lr %.3e | %.1f samples/s | "
@@ -85,6 +92,13 @@ class MetricLogger:
                      metrics.get("loss_lm", math.nan), out.lr, metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
         self.last = {k: metrics[k] for k in ("loss", "lr") if k in metrics}
         self.start_window()
+
+    def _changed(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """What goes to MLflow: SLOW_KEYS only when they change (and at this worker's first logged step): a chart
+        of a constant per step says nothing, a point where the world size or the loss scale changed does."""
+        kept = {k: v for k, v in metrics.items() if k not in SLOW_KEYS or self.slow_values.get(k) != v}
+        self.slow_values.update({k: v for k, v in kept.items() if k in SLOW_KEYS})
+        return kept
 
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         """Per-epoch metrics (the epoch is their step) and the re-drawn loss curves."""
@@ -111,6 +125,9 @@ class MetricLogger:
     def close(self) -> None:
         """Tell the run what a tracking-server outage cost: values sent late (with their own steps) and
         values lost (dropped from a full buffer, or still waiting because the server is down now)."""
+        if self.system is not None:
+            safe(self.system.finish)
+            self.system = None
         tracker = self.tracker
         if tracker is None:
             return
@@ -128,6 +145,24 @@ def safe(fn: Any, *args: Any, **kwargs: Any) -> None:
         fn(*args, **kwargs)
     except Exception as err:
         log.warning("MLflow %s failed: %s", getattr(fn, "__name__", "call"), err)
+
+
+def start_system_metrics(target: TrackingTarget, interval_s: float) -> Any:
+    """MLflow's system metrics (`system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes`,
+    disk, network, `system/gpu_*` where a GPU is) of the rank-0 worker's node, every `interval_s`, into the
+    run (the UI's System metrics tab); continued after a restart. None when off or unavailable."""
+    if interval_s <= 0:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(target.run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=target.uri)
+        monitor.start()
+        return monitor
+    except Exception as err:  # noqa: BLE001 - informational, never the training's concern
+        log.warning("MLflow system metrics not recorded: %s", err)
+        return None
 
 
 def _skipped_images() -> dict[str, float]:

@@ -227,3 +227,16 @@ def test_rows_per_task_is_whole_blocks() -> None:
     assert rows(32, 512) == 512 and rows(64, 512) == 512
     assert rows(48, 100) == 144  # rounded up to whole blocks
     assert rows(32, 1) == rows(32, 32) == 32  # at most one task per block: the old behaviour
+
+
+def test_a_concurrency_cap_reads_every_row_without_a_deprecation_line(ray_cluster, synth_data: Path, tmp_path: Path,
+                                                                      caplog) -> None:
+    """run.data.concurrency caps the decode tasks (Ray Data's task pool of that size, given as `compute`; its
+    `concurrency=` argument logs a deprecation warning since Ray 2.51): every row once, nothing logged."""
+    section = {"coco_caption": _numbered(synth_data, tmp_path, 48)}
+    with caplog.at_level("WARNING"):
+        ds = build_train_datasets(_cfg(section, data={"batch_size": 16, "task_rows": 16, "concurrency": [1, 2]})
+                                  ).datasets["train"]
+        rows = [i for b in ds.iter_batches(batch_size=16, batch_format="numpy") for i in _items(b["text_ids"])]
+    assert sorted(rows) == list(range(48))
+    assert "deprecated" not in caplog.text, caplog.text

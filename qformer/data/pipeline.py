@@ -90,10 +90,14 @@ def train_transform(cfg, sources) -> TrainTransform:
                           s3_endpoint=cfg.run.data.get("s3_endpoint"))
 
 
-def _concurrency(value):
+def task_pool(value):
+    """run.data.concurrency (n, or [min, max]: tasks have no minimum) as the `compute` TaskPoolStrategy of a function
+    map: what Ray Data made of `concurrency=` before deprecating it (2.51), without the warning line."""
     if value is None:
         return None
-    return tuple(int(v) for v in value) if not isinstance(value, int) else int(value)
+    import ray.data  # lazy: `qformer config` imports the data layer and must not import Ray
+
+    return ray.data.TaskPoolStrategy(size=int(value if isinstance(value, int) else list(value)[-1]))
 
 
 def rows_per_task(data_cfg) -> int:
@@ -144,7 +148,7 @@ def to_ray_dataset(rows: pd.DataFrame | ShardSet, spec: TrainTransform, cfg, str
                                     seed_column=AUG_SEED, plan=plan, stream=name)
     kwargs = {}
     if data_cfg.concurrency is not None:
-        kwargs["concurrency"] = _concurrency(data_cfg.concurrency)
+        kwargs["compute"] = task_pool(data_cfg.concurrency)
     # batch_size=None: the whole read block in one call (an int batch size also stops the fusion)
     ds = ds.map_batches(train_batch, fn_kwargs={"spec": spec}, batch_size=None, batch_format="numpy",
                         num_cpus=num_cpus, **kwargs)

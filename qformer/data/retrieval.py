@@ -55,7 +55,7 @@ class RetrievalSplit:
         ds = ray.data.from_items(
             [{"index": i, "path": p} for i, p in enumerate(self.image_paths)], override_num_blocks=n_blocks
         )
-        kwargs = {"concurrency": concurrency} if concurrency else {}
+        kwargs = {"compute": ray.data.TaskPoolStrategy(size=int(concurrency))} if concurrency else {}
         return ds.map_batches(
             eval_batch, fn_kwargs={"processor": self.vis_processor, "max_pixels": self.max_pixels},
             batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus, **kwargs,

@@ -72,8 +72,13 @@ def test_gallery_from_known_scores_marks_the_right_tiles(tmp_path):
         rank = row.query_index % 6  # where _known_scores put the caption's own image
         assert [m.correct for m in row_marks] == [r == rank for r in range(5)]
         assert [h.index for h in row.hits if h.correct] == ([row.query_index // 2] if rank < 5 else [])
+        assert row.true_rank == rank + 1  # where the own image ranked, drawn under the caption when past the top 5
+        if rank >= 5:
+            left_column = np.asarray(picture.crop((0, row_marks[0].box[1], 240, row_marks[0].box[3])))
+            assert (left_column == np.array(CORRECT, np.uint8)).all(axis=-1).any()  # the green rank line
     for row, row_marks in zip(gallery.image_to_text, np.array_split(caption_marks, 3)):
         assert [m.correct for m in row_marks] == [False, True, False, False, False]  # own captions: ranks 2 and 7
+        assert row.true_rank == 2
     assert any(h.score == -100.0 for row in gallery.image_to_text for h in row.hits) is False
     for mark in marks:  # the pixels carry the marks
         assert _edge_colour(picture, mark.box) == (CORRECT if mark.correct else WRONG)

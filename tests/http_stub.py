@@ -128,3 +128,21 @@ class StubServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def add_hub_repo(server: StubServer, repo: str, files: dict[str, bytes]) -> str:
+    """Serve `files` as a Hugging Face model repository at `server` (what huggingface_hub's snapshot_download
+    asks an HF_ENDPOINT for: the revision, the file tree, each file by commit); returns the commit id."""
+    import json
+
+    sha = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+    oids = {name: hashlib.sha1(body).hexdigest() for name, body in files.items()}
+    info = {"id": repo, "modelId": repo, "sha": sha, "private": False,
+            "siblings": [{"rfilename": name} for name in files]}
+    tree = [{"type": "file", "path": name, "size": len(body), "oid": oids[name]} for name, body in files.items()]
+    server.add(f"/api/models/{repo}/revision/main", json.dumps(info).encode(), content_type="application/json")
+    server.add(f"/api/models/{repo}/tree/{sha}", json.dumps(tree).encode(), content_type="application/json")
+    for name, body in files.items():
+        server.add(f"/{repo}/resolve/{sha}/{name}", body,
+                   extra_headers={"X-Repo-Commit": sha, "ETag": f'"{oids[name]}"'})
+    return sha

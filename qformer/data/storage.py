@@ -16,7 +16,6 @@ and need not pay for pyarrow.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import itertools
 import os
 import posixpath
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from qformer.core.errors import ConfigError
+from qformer.core.uri_files import filesystem
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -43,29 +43,6 @@ def join(root: str, relative: str) -> str:
     if is_uri(root):
         return root.rstrip("/") + "/" + relative.lstrip("/")
     return str(Path(root) / relative)
-
-
-@functools.lru_cache(maxsize=16)
-def _s3(endpoint: str | None):
-    import pyarrow.fs as pafs  # lazy: see the module docstring
-
-    if not endpoint:
-        return pafs.S3FileSystem()
-    scheme = "http" if endpoint.startswith("http://") else "https"
-    return pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
-
-
-def filesystem(target: str, endpoint: str | None = None):
-    """(pyarrow FileSystem, path inside it) for a local path or a URI."""
-    import pyarrow.fs as pafs  # lazy: see the module docstring
-
-    target = str(target)
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-    if target.startswith("s3://"):
-        return _s3(endpoint), target[len("s3://"):]
-    if is_uri(target):
-        return pafs.FileSystem.from_uri(target)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(target))
 
 
 def read_bytes(target: str, endpoint: str | None = None) -> bytes:

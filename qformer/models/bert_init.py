@@ -16,6 +16,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import BertTokenizer
 
+from qformer.core.uri_files import is_object_uri, local_copy
 from qformer.models.checkpoint_io import torch_load
 from qformer.models.qformer_bert import BertLMHeadModel
 
@@ -36,6 +37,11 @@ def resolve_bert_dir(bert_model: str) -> Path:
         if not hasattr(module, "get_model_path"):
             raise ValueError(f"model.bert_model={bert_model!r}: package {name!r} has no get_model_path()")
         return Path(module.get_model_path())
+    if is_object_uri(bert_model):  # a folder in object storage (`qformer weights fetch --to s3://...`): copied once
+        try:
+            return local_copy(bert_model)
+        except FileNotFoundError as err:
+            raise ValueError(f"model.bert_model={bert_model!r}: {err}") from None
     path = Path(bert_model).expanduser()
     if path.is_dir():
         return path

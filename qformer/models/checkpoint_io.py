@@ -8,6 +8,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from qformer.core.uri_files import is_object_uri, local_copy
+
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +49,11 @@ def read_checkpoint(source: str | Path, mmap: bool = False) -> Any:
     """A checkpoint from a file, a checkpoint directory, or an http(s) URL (fetched once into torch.hub's
     cache). ValueError names the source when it is missing or cannot be read."""
     source = str(source)
+    if is_object_uri(source):  # s3:// or gs://: a local copy, made once (`qformer weights fetch --to s3://...`)
+        try:
+            source = str(local_copy(source))
+        except FileNotFoundError as err:
+            raise ValueError(f"checkpoint not found: {err}") from None
     if source.startswith(("http://", "https://")):
         return torch.hub.load_state_dict_from_url(source, map_location="cpu", check_hash=False, weights_only=True)
     try:

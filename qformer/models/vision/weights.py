@@ -10,13 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qformer.core.uri_files import is_object_uri, local_copy
 from qformer.models.checkpoint_io import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def read_weights(source: str) -> dict[str, torch.Tensor]:
-    """State dict from `model.vit_weights`: a local file, or a URL fetched once into torch.hub's cache."""
+    """State dict from `model.vit_weights`: a local file, a URL fetched once into torch.hub's cache, or an
+    s3:// / gs:// object copied once (see qformer.core.uri_files)."""
+    if is_object_uri(source):
+        try:
+            source = str(local_copy(source))
+        except FileNotFoundError as err:
+            raise ValueError(f"model.vit_weights: {err}") from None
     if source.endswith(".safetensors"):
         path = Path(source).expanduser()
         if not path.is_file():

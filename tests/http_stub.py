@@ -100,13 +100,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(True)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # many downloads at once: the default backlog of 5 stalls connections past it
+    daemon_threads = True
+
+
 class StubServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.stub = self  # type: ignore[attr-defined]
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

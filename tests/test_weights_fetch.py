@@ -11,7 +11,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 import torch
 
 from http_stub import StubServer, add_hub_repo

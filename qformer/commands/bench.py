@@ -10,7 +10,8 @@ import importlib
 # suite -> module exposing add_arguments(parser) and run(args) -> dict (the written payload)
 SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.step", "cache": "qformer.bench.cache",
                           "train": "qformer.bench.train", "device": "qformer.bench.device",
-                          "elastic": "qformer.bench.elastic", "vit-precision": "qformer.bench.vit_precision"}
+                          "elastic": "qformer.bench.elastic", "vit-precision": "qformer.bench.vit_precision",
+                          "prepare": "qformer.bench.prepare"}
 # `device` is a check for a lent GPU machine, `elastic` starts simulated clusters (minutes), `vit-precision`
 # runs a full-size ViT-g three times (a minute on a CPU): each runs on its own
 IN_ALL = ("data", "step", "cache", "train")

@@ -94,8 +94,10 @@ def test_shipped_stage1_experiments_load():
     vitl = load_config(STAGE1_VITL)
     assert vitl.model.model_type == "pretrain_vitL" and vitl.model.vit_model == "clip_L"
     assert vitl.model.pretrained.endswith("blip2_pretrained_vitL.pth")
-    # everything else identical
+    # everything else identical but the per-GPU batch: the paper's ViT-L stage-1 batch is 2320 = 16 x 145
     a, b = dict(cfg), dict(vitl)
+    assert (a["run"].batch_size_train, b["run"].batch_size_train) == (100, 145)
+    b["run"].batch_size_train = 100
     assert a["run"] == b["run"] and a["datasets"] == b["datasets"]
 
 

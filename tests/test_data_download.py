@@ -197,3 +197,22 @@ def test_download_into_a_bucket(server, tmp_path: Path, monkeypatch, s3_endpoint
     asked = len(server.requests)
     assert not download(["vg"], root="s3://shards/lavis", mirrors={"*": server.base}).failed
     assert len(server.requests) == asked
+
+
+def test_the_command_fetches_flickr30k_annotations_and_says_where_the_images_come_from(server, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    for path, body in flickr_standin().items():
+        server.add(path, body, goog_md5=True)
+    cmd = [sys.executable, "-m", "qformer.cli", "data", "download", "flickr30k", "--root", str(tmp_path), "--mirror",
+           server.base]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 of 3 files in place" in proc.stdout and "MD5 checked (server)" in proc.stdout
+    assert "request form" in proc.stdout and (tmp_path / "flickr30k/annotations/val.json").is_file()
+    server.add("/sfr-vision-language-research/datasets/flickr30k_test.json", status=404)
+    (tmp_path / "flickr30k/annotations/test.json").unlink()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 1 and "still missing (1" in proc.stdout and "flickr30k_test.json: HTTP 404" in proc.stdout

@@ -130,7 +130,7 @@ def prepare_with_img2dataset(url_list: str, out: str, fmt: str = "wds", url_col:
         raise ConfigError("img2dataset is not installed: pip install 'qformer-platform[prepare]', or use "
                           "--engine ray", "--engine") from None
     suffix = url_list.lower().rsplit(".", 1)[-1]
-    input_format = {"parquet": "parquet", "csv": "csv", "jsonl": "json", "json": "json"}.get(suffix, "tsv")
+    input_format = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl", "json": "json"}.get(suffix, "tsv")
     distributor = "ray" if os.environ.get("RAY_ADDRESS") else "multiprocessing"
     if distributor == "ray":
         _connect()

@@ -28,9 +28,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import tiny_options
+from helpers import short_ray_dir, tiny_options
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_ray]
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the job driver must run this venv's python and `qformer`
@@ -181,16 +181,16 @@ def submission_id(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    # A short name: Ray puts unix sockets under it (socket paths are limited to ~107 bytes).
-    temp_dir = str(tmp_path_factory.mktemp("qfjob"))
-    head = LoopbackRayHead(temp_dir=temp_dir)
-    try:
-        head.start()
-        yield head
-    finally:
-        leftover = head.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert leftover == [], f"Ray processes of the test cluster still running: {leftover}"
+    folder = tmp_path_factory.mktemp("qfjob")
+    with short_ray_dir(folder) as temp_dir:  # Ray puts unix sockets under it
+        head = LoopbackRayHead(temp_dir=temp_dir)
+        try:
+            head.start()
+            yield head
+        finally:
+            leftover = head.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+            assert leftover == [], f"Ray processes of the test cluster still running: {leftover}"
 
 
 def test_job_runs_the_venv_python_with_stdlib_platform_and_submitted_code(ray_head):

@@ -111,9 +111,10 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        from qformer.jobs.ray_cluster import start_local_ray
+
         with parallel.ray_start_turn():  # one Ray starting at a time on this host
-            ray.init(
-                address="local",
+            start_local_ray(
                 num_cpus=2,
                 object_store_memory=512 * 1024**2,
                 include_dashboard=False,

@@ -153,3 +153,37 @@ def test_ray_that_cannot_start_is_one_line_saying_what_to_try(synth_data: Path, 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("qformer train: could not start a local Ray (") and "run.ray.address" in last, last
     assert "/proc/qformer-no-such-dir/ray/session_latest/logs" in last
+
+
+def test_a_local_ray_start_that_times_out_is_tried_once_more(monkeypatch) -> None:
+    """Ray gives a new raylet 30 s to register; on a busy machine the first start can miss that. The start is
+    retried once, after shutting down what the first try left; any other start error is raised as it is."""
+    import ray
+
+    from qformer.jobs import ray_cluster
+
+    calls: list[tuple[str, dict]] = []
+    failures = ["The current node timed out during startup. This could happen because ..."]
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        if failures:
+            raise Exception(failures.pop())
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown", {})))
+    ray_cluster.start_local_ray(num_cpus=1)
+    assert calls == [("init", {"address": "local", "num_cpus": 1}), ("shutdown", {}),
+                     ("init", {"address": "local", "num_cpus": 1})]
+
+    calls.clear()
+    failures.extend(["The current node timed out during startup.", "The current node timed out during startup."])
+    with pytest.raises(Exception, match="timed out during startup"):  # once more only
+        ray_cluster.start_local_ray()
+    assert [name for name, _ in calls] == ["init", "shutdown", "init"]
+
+    calls.clear()
+    failures.append("some other failure")
+    with pytest.raises(Exception, match="some other failure"):
+        ray_cluster.start_local_ray()
+    assert [name for name, _ in calls] == ["init"]

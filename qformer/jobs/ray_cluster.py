@@ -7,6 +7,9 @@ import ray
 from omegaconf import DictConfig
 
 from qformer.core.errors import RayStartError
+from qformer.core.logs import get_logger
+
+log = get_logger("ray")
 
 
 def connect_ray(cfg: DictConfig) -> None:
@@ -19,9 +22,22 @@ def connect_ray(cfg: DictConfig) -> None:
             ray.init(address=address)
             return
         # dashboard on loopback: users get the Ray UI, and Train's placement-group cleaner its State API
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")  # prints the dashboard URL
+        start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1")  # prints the dashboard URL
     except Exception as err:  # a start-up failure is one line that says what to try, not Ray's traceback
         raise RayStartError(_ray_start_advice(address, err)) from None
+
+
+def start_local_ray(**init_args) -> None:
+    """`ray.init(address="local", ...)`, tried a second time when the first start times out: Ray gives a new
+    raylet 30 s to register, which a busy machine (a test suite, another job) can exceed once."""
+    try:
+        ray.init(address="local", **init_args)
+    except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for it
+        if "timed out during startup" not in str(err):
+            raise
+        ray.shutdown()  # what the first try started
+        log.warning("the local Ray did not register within Ray's 30 s (%s); starting it once more", err)
+        ray.init(address="local", **init_args)
 
 
 def _ray_start_advice(address: str | None, err: BaseException) -> str:

@@ -32,7 +32,7 @@ def is_sqlite(uri: str) -> bool:
 
 @contextmanager
 def local_tracking_server(backend_uri: str, artifact_root: Path, log_path: Path,
-                          start_timeout_s: float = 120.0, port: int | None = None) -> Iterator[str]:
+                          start_timeout_s: float = 300.0, port: int | None = None) -> Iterator[str]:
     """Serve `backend_uri` on 127.0.0.1 (`port`, else a free one); yield its http:// URI; stop it (by its PID)
     after. Also the `qformer ui` server: MLflow's UI is the same process."""
     artifact_root.mkdir(parents=True, exist_ok=True)

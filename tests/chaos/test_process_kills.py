@@ -78,10 +78,11 @@ def test_sigkilled_ddp_worker_restarts_the_group_from_the_last_checkpoint(ray_cl
 
 
 def _ray_processes(temp_dir: str) -> list[psutil.Process]:
+    names = (temp_dir, os.path.realpath(temp_dir))  # the link given to Ray, the folder it resolves
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if temp_dir in " ".join(proc.info["cmdline"] or []):
+            if any(name in " ".join(proc.info["cmdline"] or []) for name in names):
                 found.append(proc)
         except psutil.Error:
             continue

@@ -28,11 +28,11 @@ ui: venv
 
 test: venv
 	@VENV=$(VENV) bash platform/ci/ensure_compose.sh
-	$(PY) -m pytest -n 3 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit layer alone (no Ray, no end-to-end runs): what to run while changing code.
 test-fast: venv
-	$(PY) -m pytest -n 2 -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
 bench: venv
 	$(VENV)/bin/qformer bench all

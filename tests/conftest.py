@@ -2,14 +2,10 @@
 the synthetic data sets. Config builders are in helpers.py."""
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-import parallel
 
 # Quiet, deterministic Ray for every process the tests start (workers inherit the environment).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -25,70 +21,11 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m's deselection (which reads `e2e`) and xdist's grouping
-def pytest_collection_modifyitems(config, items):
-    """`e2e` on everything that starts Ray or runs end to end, so `pytest -m "not e2e"` is the unit layer;
-    under `make test`'s pytest-xdist, the groups and order of tests/parallel.py."""
+def pytest_collection_modifyitems(items):
+    """`e2e` on everything that starts Ray or runs end to end, so `pytest -m "not e2e"` is the unit layer."""
     for item in items:
         if any(item.get_closest_marker(name) for name in ("ray", "slow", "chaos")) or "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
-    items[:] = parallel.plan(items)
-
-
-def pytest_configure(config):
-    parallel.configure(config)
-
-
-def pytest_unconfigure(config):
-    parallel.unconfigure()
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    return parallel.make_scheduler(config, log)
-
-
-def pytest_collection_finish(session):
-    parallel.note_collected(session.items)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    """xdist: a finished worker's chaos-suite rows (tests/chaos/conftest.py)."""
-    parallel.receive(node, "chaos_rows")
-
-
-def pytest_terminal_summary(terminalreporter):
-    """The chaos suite's table, from every worker; with QFORMER_CHAOS_REPORT=FILE also its rows as JSON."""
-    rows = parallel.handed("chaos_rows")
-    if not rows:
-        return
-    if os.environ.get("QFORMER_CHAOS_REPORT"):
-        Path(os.environ["QFORMER_CHAOS_REPORT"]).write_text(json.dumps(rows, indent=2))
-    terminalreporter.write_sep("-", "chaos suite")
-    terminalreporter.write_line("| fault | promise | steps lost | steps repeated | MLflow runs | recover s |")
-    terminalreporter.write_line("|---|---|---|---|---|---|")
-    for r in rows:
-        cells = [r["fault"], r["promise"], r["steps_lost"], r["steps_repeated"], r["mlflow_runs"],
-                 None if r["recover_s"] is None else f"{r['recover_s']:.1f}"]
-        terminalreporter.write_line("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
-
-
-@pytest.fixture(autouse=True)
-def ray_discipline(request):
-    """A test that starts Ray in this process does it through `ray_cluster` (so that under xdist its worker
-    holds the one session Ray of its group); tests with their own clusters (`own_ray`) wait for the session
-    Rays to be up, so that no two Ray instances start at once."""
-    if request.node.get_closest_marker(parallel.OWN_RAY):
-        parallel.wait_for_session_rays()
-    ray = sys.modules.get("ray")
-    before = ray is not None and ray.is_initialized()
-    yield
-    ray = sys.modules.get("ray")
-    if "ray_cluster" not in request.fixturenames and not before and ray is not None and ray.is_initialized():
-        ray.shutdown()
-        pytest.fail("this test started Ray in the test process without the `ray_cluster` fixture: use the "
-                    "fixture (the session's Ray) or run the Ray part in a subprocess marked `own_ray`")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -113,13 +50,12 @@ def ray_cluster():
     if not ray.is_initialized():
         from qformer.jobs.ray_cluster import start_local_ray
 
-        with parallel.ray_start_turn():  # one Ray starting at a time on this host
-            start_local_ray(
-                num_cpus=2,
-                object_store_memory=512 * 1024**2,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+        start_local_ray(
+            num_cpus=2,
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     yield ray
     ray.shutdown()
 

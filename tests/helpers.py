@@ -7,9 +7,6 @@ MiniLM itself use `minilm_path` instead.
 """
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -76,18 +73,3 @@ def small_model(bert: str | Path, seed: int = 0, **over):
 
     torch.manual_seed(seed)
     return build_model(small_model_cfg(bert, **over)).eval()
-
-
-@contextlib.contextmanager
-def short_ray_dir(target: Path):
-    """A short path to the folder `target`, for a Ray temp dir: Ray's unix socket paths under it are limited
-    to 107 bytes, which pytest's nested temp folders (deeper under xdist) exceed. The path is a symlink in
-    /tmp; the files stay in `target`, under pytest's base temp, and the link goes at exit."""
-    target.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix="qf", dir="/tmp"))
-    link = holder / "r"
-    link.symlink_to(target, target_is_directory=True)
-    try:
-        yield str(link)
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)  # the link only (rmtree does not follow it)

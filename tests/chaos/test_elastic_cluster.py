@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from chaos_helpers import ChaosRow
 
-pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow, pytest.mark.own_ray]
+pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Killed processes: a DDP Ray Train worker (SIGKILL) and the `qformer train` driver (SIGINT, SIGKILL)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import yaml
 from omegaconf import OmegaConf
 
 from chaos_helpers import ChaosRow, chaos_cfg, client_for, latest_run_id, loss_steps, uninterrupted_lrs, wait_for
-from helpers import short_ray_dir
 from step_hooks import KillOnceAtStep
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow]
@@ -113,12 +111,11 @@ def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, t
     uri = cfg.run.mlflow.tracking_uri
     rows = []
 
-    temp_dirs: list[Path] = []
-    links = contextlib.ExitStack()
+    temp_dirs: list[str] = []
 
     def launch() -> tuple[subprocess.Popen, str]:
-        temp_dirs.append(tmp_path_factory.mktemp("qfc"))
-        temp_dir = links.enter_context(short_ray_dir(temp_dirs[-1]))  # Ray's socket paths are length-limited
+        temp_dir = str(tmp_path_factory.mktemp("qfc"))  # a short name: Ray's socket paths are length-limited
+        temp_dirs.append(temp_dir)
         env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""}
         with open(tmp_path / f"driver-{len(temp_dirs)}.log", "w") as log:
             proc = subprocess.Popen([str(QFORMER), "train", "--cfg-path", str(exp)], env=env,
@@ -132,25 +129,24 @@ def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, t
         return value
 
     run_id, previous = None, 0
-    with links:
-        for sig, after_step in ((signal.SIGINT, 3), (signal.SIGKILL, 5), (None, None)):
-            t0 = time.monotonic()
-            proc, temp_dir = launch()
-            run_id = run_id or wait_for(lambda: alive(latest_run_id(uri)), 300, "the MLflow run")
-            if previous:  # seconds from the re-launch to the first step past the interruption
-                wait_for(lambda: alive(max(loss_steps(uri, run_id)) > previous), 300, "a step after the re-launch")
-                rows[-1][-1] = time.monotonic() - t0
-            if sig is None:
-                break
-            wait_for(lambda: alive(max(loss_steps(uri, run_id), default=0) >= after_step), 300, f"step {after_step}")
-            previous = max(loss_steps(uri, run_id))
-            proc.send_signal(sig)
-            proc.wait(120)
-            assert proc.returncode != 0
-            # nothing of that Ray is left (SIGINT: shut down; SIGKILL: its daemons share the driver's fate)
-            wait_for(lambda: not _ray_processes(temp_dir), 60, f"the Ray processes of the {sig.name}ed driver to end")
-            rows.append([sig, previous, None])
-        assert proc.wait(600) == 0
+    for sig, after_step in ((signal.SIGINT, 3), (signal.SIGKILL, 5), (None, None)):
+        t0 = time.monotonic()
+        proc, temp_dir = launch()
+        run_id = run_id or wait_for(lambda: alive(latest_run_id(uri)), 300, "the MLflow run")
+        if previous:  # seconds from the re-launch to the first step past the interruption
+            wait_for(lambda: alive(max(loss_steps(uri, run_id)) > previous), 300, "a step after the re-launch")
+            rows[-1][-1] = time.monotonic() - t0
+        if sig is None:
+            break
+        wait_for(lambda: alive(max(loss_steps(uri, run_id), default=0) >= after_step), 300, f"step {after_step}")
+        previous = max(loss_steps(uri, run_id))
+        proc.send_signal(sig)
+        proc.wait(120)
+        assert proc.returncode != 0
+        # nothing of that Ray is left (SIGINT: shut down; SIGKILL: its daemons share the driver's fate)
+        wait_for(lambda: not _ray_processes(temp_dir), 60, f"the Ray processes of the {sig.name}ed driver to end")
+        rows.append([sig, previous, None])
+    assert proc.wait(600) == 0
     for temp_dir in temp_dirs:  # the private Rays' session files (logs, sockets)
         shutil.rmtree(temp_dir, ignore_errors=True)
     client = client_for(uri)

@@ -32,6 +32,8 @@ class ShardReport:
     verified: int = 0  # shards read whole
     readable: int = 0  # samples training gets from the verified shards
     lost: Counter = field(default_factory=Counter)  # samples lost in them, by reason
+    multi: int = 0  # readable samples with several captions (training draws one per pass)
+    captions: int = 0  # captions of the readable samples
     metadata: int = 0  # what the verified shards' metadata says they hold
     metadata_shards: int = 0  # how many of them have metadata
     damaged: list[str] = field(default_factory=list)  # one line per damaged shard: what was lost
@@ -94,6 +96,8 @@ def shard_report(name: str, shards: ShardSet, spec, sample: int | None = SAMPLE_
     for reading in _read_all(shards, picked, workers, use_ray):
         report.verified += 1
         report.readable += reading.kept
+        report.multi += reading.multi
+        report.captions += reading.captions
         report.lost.update(reading.lost)
         claims.append(reading.expected)
         if reading.damage:
@@ -119,6 +123,9 @@ def format_shard_report(r: ShardReport, show: int = 20) -> list[str]:
              f"  {r.format} shards {r.shards}  missing {len(r.missing)}  verified {r.verified} of {r.present} ({how})",
              f"  samples {r.readable} readable, {lost} lost" + (
                  " (" + ", ".join(f"{k} {n}" for k, n in sorted(r.lost.items())) + ")" if lost else "") + says]
+    if r.multi:
+        lines.append(f"  captions {r.captions} ({r.captions / max(1, r.readable):.2f} a sample): {r.multi} samples "
+                     "with several, training draws one of them per pass")
     if r.verified and r.verified < r.present:
         lines.append(f"  about {r.estimate} readable samples in all {r.present} shards (from the {r.verified} read)")
     if r.missing:

@@ -11,7 +11,10 @@ both read shards through `read_samples`, so the check reports what training woul
 - JSONL / CSV manifests: parsed line by line; a malformed line costs that line, named by number.
 - Parquet: row group by row group, in record batches; a damaged row group costs its own rows (from the
   footer), the others are read.
-A sample is (name or image path, encoded image bytes or None, caption).
+A sample is (name or image path, encoded image bytes or None, caption). A sample may carry several
+captions (a `captions` list in the WebDataset json, a list in the `captions` or caption column of Parquet
+and JSONL; what `qformer data capfilt` writes): its caption is then a tuple of them, and training draws
+one per pass (qformer.data.shard_source). One usable caption in a list is a plain str, as in any shard.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from qformer.data.tar_stream import TarDamage, tar_members
 
 MAX_INCOMPLETE = 1024  # tar samples waiting for their other members; past this the oldest is settled
 MAX_MESSAGES = 20
+Caption = str | tuple[str, ...] | None  # None only when read with captionless=True
+CAPTIONS_KEY = "captions"  # a sample's list of captions (json field, Parquet/JSONL column)
 
 
 @dataclass
@@ -41,6 +46,8 @@ class ShardReading:
     messages: list[str] = field(default_factory=list)
     damage: str | None = None  # "damaged at byte N: why" / "unreadable: why"
     expected: int | None = None  # what the shard's metadata says it holds, where it says
+    multi: int = 0  # kept samples with several captions
+    captions: int = 0  # captions of the kept samples
 
     def lose(self, reason: str, message: str, n: int = 1) -> None:
         self.lost[reason] += n
@@ -76,13 +83,25 @@ def caption_text(value) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def read_samples(shards: ShardSet, path: str, reading: ShardReading) -> Iterator[tuple[str, bytes | None, str]]:
-    """The shard's usable samples in file order; losses and damage go to `reading`."""
+def captions_of(value) -> str | tuple[str, ...] | None:
+    """A caption or a list of them -> the usable text(s): one is a plain str, several a tuple, none None."""
+    if not isinstance(value, (list, tuple)):
+        return caption_text(value)
+    texts = tuple(t for t in map(caption_text, value) if t is not None)
+    return texts if len(texts) > 1 else (texts[0] if texts else None)
+
+
+def read_samples(shards: ShardSet, path: str, reading: ShardReading,
+                 captionless: bool = False) -> Iterator[tuple[str, bytes | None, Caption]]:
+    """The shard's usable samples in file order; losses and damage go to `reading`. `captionless`: a sample
+    with an image but no usable caption is handed on with caption None instead of lost (CapFilt captions it)."""
     reader = {"wds": _wds, "parquet": _parquet, "jsonl": _jsonl, "csv": _csv}[shards.format]
     fs, inner = filesystem(path, shards.endpoint)
     try:
-        for sample in reader(shards, path, fs, inner, reading):
+        for sample in reader(shards, path, fs, inner, reading, captionless):
             reading.kept += 1
+            reading.multi += isinstance(sample[2], tuple)
+            reading.captions += len(sample[2]) if isinstance(sample[2], tuple) else sample[2] is not None
             yield sample
     except (OSError, ValueError) as err:  # an unreadable file or object: what came before is kept
         reading.damage = reading.damage or f"unreadable after {reading.kept} samples ({type(err).__name__}: {err})"
@@ -124,28 +143,26 @@ def _split_name(name: str) -> tuple[str, str]:
 class _Samples:
     """Tar members -> samples, grouped by key whatever the member order."""
 
-    def __init__(self, shards: ShardSet, path: str, reading: ShardReading) -> None:
-        self.path, self.reading = path, reading
+    def __init__(self, shards: ShardSet, path: str, reading: ShardReading, captionless: bool = False) -> None:
+        self.path, self.reading, self.captionless = path, reading, captionless
         self.image_exts = (shards.image_key.lower(),) if shards.image_key else WDS_IMAGE_EXTS
         self.text_key = shards.text_key.lower()
         self.open: OrderedDict[str, dict[str, bytes]] = OrderedDict()
         self.done: set[str] = set()
         self.last: str | None = None  # the key of the previous member
 
-    def caption(self, members: dict[str, bytes]) -> str | None:
-        caption = caption_text(members.get(self.text_key))
-        if caption is None and members.get("json") is not None:
-            try:
-                meta = json.loads(members["json"])
-            except ValueError:
-                meta = None
-            caption = caption_text(meta.get("caption")) if isinstance(meta, dict) else None
+    def caption(self, members: dict[str, bytes]) -> str | tuple[str, ...] | None:
+        meta = members.get("json")
+        listed = _json_field(meta, CAPTIONS_KEY) if meta is not None and b'"captions"' in meta else None
+        caption = (captions_of(listed) if listed else None) or caption_text(members.get(self.text_key))
+        if caption is None and meta is not None:
+            caption = caption_text(_json_field(meta, "caption"))
         return caption
 
     def image(self, members: dict[str, bytes]) -> bytes | None:
         return next((members[e] for e in self.image_exts if e in members), None)
 
-    def add(self, name: str, data: bytes) -> Iterator[tuple[str, bytes | None, str]]:
+    def add(self, name: str, data: bytes) -> Iterator[tuple[str, bytes | None, Caption]]:
         key, ext = _split_name(name)
         if not ext or key.rpartition("/")[2].startswith("__"):
             return  # not part of a sample (a folder note, a `__key__` of other tools)
@@ -160,32 +177,41 @@ class _Samples:
         if key != self.last:  # another key began: finished samples go on
             self.last = key
             for other in [k for k in self.open if k != key]:
-                if self.image(self.open[other]) is not None and self.caption(self.open[other]) is not None:
+                if self.image(self.open[other]) is not None and (self.captionless or
+                                                                 self.caption(self.open[other]) is not None):
                     yield from self.settle(other)
         while len(self.open) > MAX_INCOMPLETE:
             yield from self.settle(next(iter(self.open)))
 
-    def settle(self, key: str, cut: bool = False) -> Iterator[tuple[str, bytes | None, str]]:
+    def settle(self, key: str, cut: bool = False) -> Iterator[tuple[str, bytes | None, Caption]]:
         members = self.open.pop(key)
         self.done.add(key)
         name = f"{self.path}#{key}"
         image, caption = self.image(members), self.caption(members)
         if cut and (image is None or caption is None):
             return  # the sample the damage cut: counted with the damage
-        if caption is None:
+        if caption is None and not (self.captionless and image is not None):
             self.reading.lose(NO_CAPTION, f"{name}: empty or non-text caption ({self.text_key})")
         elif image is None:
             self.reading.lose(NO_IMAGE, f"{name}: no image member ({', '.join(self.image_exts)})")
         else:
             yield name, image, caption
 
-    def finish(self, cut: bool = False) -> Iterator[tuple[str, bytes | None, str]]:
+    def finish(self, cut: bool = False) -> Iterator[tuple[str, bytes | None, Caption]]:
         for key in list(self.open):
             yield from self.settle(key, cut)
 
 
-def _wds(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading):
-    samples = _Samples(shards, path, reading)
+def _json_field(data: bytes, key: str):
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
+def _wds(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading, captionless: bool = False):
+    samples = _Samples(shards, path, reading, captionless)
     with fs.open_input_stream(inner) as stream:
         try:
             for name, data in tar_members(stream):
@@ -199,10 +225,10 @@ def _wds(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading):
 
 
 # ---- manifests and Parquet -------------------------------------------------------------------------------
-def _record(shards: ShardSet, name: str, record: dict, reading: ShardReading):
+def _record(shards: ShardSet, name: str, record: dict, reading: ShardReading, captionless: bool = False):
     """A manifest or Parquet record -> sample, or None (counted)."""
-    caption = caption_text(record.get(shards.text_key))
-    if caption is None:
+    caption = captions_of(record.get(CAPTIONS_KEY)) or captions_of(record.get(shards.text_key))
+    if caption is None and not captionless:
         reading.lose(NO_CAPTION, f"{name}: empty or non-text caption ({shards.text_key})")
         return None
     value = record.get(shards.image_key)
@@ -214,7 +240,7 @@ def _record(shards: ShardSet, name: str, record: dict, reading: ShardReading):
     return None
 
 
-def _jsonl(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading):
+def _jsonl(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading, captionless: bool = False):
     with fs.open_input_stream(inner) as f:
         data = f.read()  # a manifest holds paths and captions: small beside the images it names
     for number, line in enumerate(data.split(b"\n"), 1):
@@ -228,12 +254,12 @@ def _jsonl(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading):
         if not isinstance(record, dict):
             reading.lose(MALFORMED, f"line {number}: not a JSON object")
             continue
-        sample = _record(shards, f"{path}#line {number}", record, reading)
+        sample = _record(shards, f"{path}#line {number}", record, reading, captionless)
         if sample:
             yield sample
 
 
-def _csv(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading):
+def _csv(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading, captionless: bool = False):
     with fs.open_input_stream(inner) as f:
         text = f.read().decode("utf-8", "replace")
     rows = csv.reader(io.StringIO(text, newline=""))
@@ -253,18 +279,18 @@ def _csv(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading):
         if len(row) != len(header):
             reading.lose(MALFORMED, f"line {rows.line_num}: {len(row)} fields, the header has {len(header)}")
             continue
-        sample = _record(shards, f"{path}#line {rows.line_num}", dict(zip(header, row)), reading)
+        sample = _record(shards, f"{path}#line {rows.line_num}", dict(zip(header, row)), reading, captionless)
         if sample:
             yield sample
 
 
-def _parquet(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading):
+def _parquet(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading, captionless: bool = False):
     import pyarrow.parquet as pq  # lazy: see metadata_count
 
     with fs.open_input_file(inner) as f:
         parquet = pq.ParquetFile(f)
         reading.expected = int(parquet.metadata.num_rows)
-        columns = [c for c in (shards.text_key, shards.image_key, "key") if c in parquet.schema_arrow.names]
+        columns = [c for c in (shards.text_key, CAPTIONS_KEY, shards.image_key, "key") if c in parquet.schema_arrow.names]
         row = 0
         for group in range(parquet.num_row_groups):  # one at a time: a damaged group costs its own rows
             rows, read = parquet.metadata.row_group(group).num_rows, 0
@@ -272,7 +298,8 @@ def _parquet(shards: ShardSet, path: str, fs, inner: str, reading: ShardReading)
                 for batch in parquet.iter_batches(batch_size=256, row_groups=[group], columns=columns):
                     for record in batch.to_pylist():
                         read += 1
-                        sample = _record(shards, f"{path}#{record.get('key', row + read - 1)}", record, reading)
+                        sample = _record(shards, f"{path}#{record.get('key', row + read - 1)}", record, reading,
+                                         captionless)
                         if sample:
                             yield sample
             except (OSError, ValueError) as err:

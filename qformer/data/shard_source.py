@@ -13,6 +13,11 @@ chunks of a few batches (qformer.data.pipeline.shard_chunk_rows) with their `uni
 order is a function of the shard's bytes and the seed, so a resumed read reproduces it and the chunk and
 row positions stay exact. The trade-off: samples mix within a window of the buffer, not across the whole
 shard (shards are themselves re-ordered every pass).
+
+A sample with several captions (CapFilt's kept captions) trains on one per pass: drawn by the chunk's
+generator (the one its augmentation seed comes from: run.seed, stream, pass, task, chunk) at the row's
+offset, so a resumed read, which leaves out rows, gives the rest the captions they had, and the next pass
+draws again.
 """
 from __future__ import annotations
 
@@ -126,7 +131,8 @@ def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chu
     stream = shuffled(read_samples(shards, path, reading), shuffle_buffer, np.random.default_rng(seed))
     chunk = -1
     for chunk, part, last in chunks(stream, rows_per_chunk):
-        unit, aug = encode_unit(task, chunk, last), int(np.random.default_rng((*seed, chunk)).integers(2**62))
+        rng = np.random.default_rng((*seed, chunk))
+        unit, aug = encode_unit(task, chunk, last), int(rng.integers(2**62))
         losses.send(unit_key(aug, unit))  # also for chunks trained already: the same losses, under the same key
         if chunk in done_chunks:
             continue
@@ -136,7 +142,8 @@ def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chu
         n = len(offsets)
         if not n:
             continue
-        names, datas, captions = zip(*(part[int(i)] for i in offsets))
+        names, datas = zip(*(part[int(i)][:2] for i in offsets))
+        captions = chosen_captions(part, offsets, rng)
         yield pa.table({
             "path": pa.array(names, pa.string()), "data": pa.array(datas, pa.binary()),
             "caption": pa.array(captions, pa.string()),
@@ -148,6 +155,15 @@ def _read_task(shards: ShardSet, path: str, source: int, task: int, rows_per_chu
         losses.send(unit_key(int(np.random.default_rng((*seed, 0)).integers(2**62)), encode_unit(task, 0, True)))
     if reading.lost or reading.damage:
         log.warning("shard %s%s", reading.summary(), f"; first: {reading.messages[0]}" if reading.messages else "")
+
+
+def chosen_captions(part: list, offsets: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Each row's caption; a tuple of captions gives the one `rng`'s draw for the row's offset in the chunk
+    picks (drawn for every row, so the pick does not depend on which rows a resumed read leaves out)."""
+    if not any(isinstance(sample[2], tuple) for sample in part):
+        return [part[int(i)][2] for i in offsets]  # single captions: nothing drawn
+    draws = rng.random(len(part))
+    return [c if isinstance(c, str) else c[int(draws[i] * len(c))] for i, c in ((int(i), part[int(i)][2]) for i in offsets)]
 
 
 class _ChunkLosses:

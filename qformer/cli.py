@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("qformer.commands.config", "print the resolved experiment config"),
     "train": ("qformer.commands.train", "train on Ray Train (LAVIS --cfg-path/--options), tracked in MLflow"),
     "demo": ("qformer.commands.demo", "offline demo: synthetic data, tiny model, retrieval before/after"),
-    "data": ("qformer.commands.data", "fetch COCO/VG (download), web shards (prepare), synthetic data (synth), checks (check)"),
+    "data": ("qformer.commands.data", "fetch COCO/VG (download), web shards (prepare), CapFilt captions (capfilt), synthetic data (synth), checks (check)"),
     "weights": ("qformer.commands.weights", "fetch the pretrained weights the configs name (EVA/CLIP ViT, BERT, BLIP-2)"),
     "eval": ("qformer.commands.eval", "evaluate a checkpoint: retrieval R@1/5/10 (LAVIS), logged to MLflow"),
     "tune": ("qformer.commands.tune", "hyper-parameter sweep (Ray Tune + ASHA) over a base experiment"),

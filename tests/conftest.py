@@ -161,3 +161,14 @@ def s3_endpoint():
 def s3_denied_endpoint():
     """An S3-compatible server that checks credentials (moto's IAM mode): the tests' keys are refused."""
     yield from _moto_server(INITIAL_NO_AUTH_ACTION_COUNT="0")
+
+
+@pytest.fixture(scope="session")
+def capfilt_models(tmp_path_factory) -> tuple[str, str]:
+    """(captioner, scorer) directories: a random 2-layer BLIP whose words are the synthetic captions' and a random
+    2-layer CLIP, both at 32 px (qformer.data.capfilt.tiny)."""
+    from qformer.data.capfilt.tiny import write_tiny_captioner, write_tiny_scorer
+    from qformer.data.synth import caption_words
+
+    root = tmp_path_factory.mktemp("capfilt_models")
+    return str(write_tiny_captioner(root / "captioner", caption_words())), str(write_tiny_scorer(root / "scorer"))

@@ -73,3 +73,23 @@ def small_model(bert: str | Path, seed: int = 0, **over):
 
     torch.manual_seed(seed)
     return build_model(small_model_cfg(bert, **over)).eval()
+
+
+def shards_config(bert: str | Path, tmp_path: Path, storage: str, name: str, run: dict | None = None,
+                  data: dict | None = None, more_datasets: dict | None = None):
+    """The tiny model at 64 px trained on the shards `storage` names (dataset `web`), 8-row read chunks."""
+    datasets = {"web": {"builder": "image_text_shards", "build_info": {"storage": storage},
+                        "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}},
+                **(more_datasets or {})}
+    return tiny_config(bert, datasets, tiny_run(tmp_path, name, data={"batch_size": 8, "task_rows": 8, **(data or {})},
+                                                mlflow={"experiment_name": "test-shards"}, **(run or {})),
+                       model={"image_size": 64})
+
+
+def audit_rows(path: Path) -> list[tuple[int, list[int]]]:
+    """(step, row ids) per micro-batch of a training audit (run.data.audit_dir): a folder (rank 0) or a file."""
+    import json
+
+    path = Path(path)
+    path = path / "rows-rank0.jsonl" if path.is_dir() else path
+    return [(r["step"], r["ids"]) for r in map(json.loads, path.read_text().splitlines())]

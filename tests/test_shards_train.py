@@ -4,7 +4,6 @@ a missing shard that stops `qformer train` before Ray starts.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,20 +13,10 @@ import pytest
 
 from qformer.data.storage import upload_tree
 from qformer.data.synth_shards import write_shards
-from helpers import tiny_config, tiny_run
+from helpers import audit_rows, shards_config
 from step_hooks import FailOnceAtStep
 
 pytestmark = pytest.mark.ray
-
-
-def _cfg(bert: Path, tmp_path: Path, storage: str, name: str, run: dict | None = None, data: dict | None = None,
-         more_datasets: dict | None = None):
-    datasets = {"web": {"builder": "image_text_shards", "build_info": {"storage": storage},
-                        "vis_processor": {"train": {"name": "blip2_image_train", "image_size": 64}}},
-                **(more_datasets or {})}
-    return tiny_config(bert, datasets, tiny_run(tmp_path, name, data={"batch_size": 8, "task_rows": 8, **(data or {})},
-                                                mlflow={"experiment_name": "test-shards"}, **(run or {})),
-                       model={"image_size": 64})
 
 
 @pytest.mark.parametrize("fmt", ["wds", "parquet", "jsonl", "csv"])
@@ -35,7 +24,7 @@ def test_train_reads_each_format(ray_cluster, tiny_bert, tmp_path: Path, fmt: st
     from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", fmt, shards=2, per_shard=8, seed=1, image_size=64)
-    result = launch_training(_cfg(tiny_bert, tmp_path, info["storage"], fmt), local_mode=True)
+    result = launch_training(shards_config(tiny_bert, tmp_path, info["storage"], fmt), local_mode=True)
     assert result.error is None and result.metrics["step"] == 4  # 16 pairs, batch 4, one epoch
 
 
@@ -44,13 +33,10 @@ def test_train_from_object_storage(ray_cluster, tiny_bert, s3_endpoint: str, tmp
 
     info = write_shards(tmp_path / "data", "wds", shards=2, per_shard=8, seed=2, image_size=64)
     upload_tree(info["folder"], "s3://shards/train-wds", s3_endpoint)
-    cfg = _cfg(tiny_bert, tmp_path, "s3://shards/train-wds/{00000..00001}.tar", "s3", data={"s3_endpoint": s3_endpoint})
+    cfg = shards_config(tiny_bert, tmp_path, "s3://shards/train-wds/{00000..00001}.tar", "s3",
+                        data={"s3_endpoint": s3_endpoint})
     result = launch_training(cfg, local_mode=True)
     assert result.error is None and result.metrics["step"] == 4
-
-
-def _rows(debug: Path) -> list[tuple[int, list[int]]]:
-    return [(r["step"], r["ids"]) for r in map(json.loads, (debug / "rows-rank0.jsonl").read_text().splitlines())]
 
 
 def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, tiny_bert, tmp_path: Path, monkeypatch) -> None:
@@ -59,16 +45,16 @@ def test_crash_mid_epoch_then_relaunch_neither_repeats_nor_skips(ray_cluster, ti
     from qformer.jobs.train_job import launch_training
 
     info = write_shards(tmp_path / "data", "wds", shards=3, per_shard=16, seed=3, image_size=64)
-    cfg = _cfg(tiny_bert, tmp_path, info["storage"], "resume", {"save_freq_steps": 3})
+    cfg = shards_config(tiny_bert, tmp_path, info["storage"], "resume", {"save_freq_steps": 3})
     debug = tmp_path / "debug"
     cfg.run.data.audit_dir = str(debug)  # which rows each step trained on
     with pytest.raises(Exception, match="injected failure"):
         launch_training(cfg, local_mode=True, step_hooks=[FailOnceAtStep(5, str(tmp_path / "failed_once"))])
-    crashed = _rows(debug)
+    crashed = audit_rows(debug)
     assert [s for s, _ in crashed] == [1, 2, 3, 4, 5]
     (debug / "rows-rank0.jsonl").unlink()
     result = launch_training(cfg, local_mode=True)
-    resumed = _rows(debug)
+    resumed = audit_rows(debug)
     assert result.error is None and resumed[0][0] == 4  # the step after the checkpoint
     kept = [i for s, ids in crashed if s <= 3 for i in ids]  # trained into the checkpoint's weights
     after = [i for _, ids in resumed for i in ids]
@@ -86,7 +72,8 @@ def test_missing_shard_stops_train_before_ray_starts(tiny_bert, tmp_path: Path) 
 
     from omegaconf import OmegaConf
 
-    yaml.safe_dump(OmegaConf.to_container(_cfg(tiny_bert, tmp_path, spec, "missing"), resolve=True), cfg_path.open("w"))
+    cfg = shards_config(tiny_bert, tmp_path, spec, "missing")
+    yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True), cfg_path.open("w"))
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.run([sys.executable, "-m", "qformer.cli", "train", "--cfg-path", str(cfg_path)],
                           capture_output=True, text=True, timeout=300, env=env)
@@ -105,29 +92,25 @@ def test_resumed_at_another_world_size_the_pass_is_re_split_from_the_position(ra
 
     info = write_shards(tmp_path / "data", "wds", shards=4, per_shard=16, seed=4, image_size=64)
     run = {"batch_size_train": 2, "save_freq_steps": 4, "log_freq": 4, "elastic": {"global_batch": 4}}
-    two = _cfg(tiny_bert, tmp_path, info["storage"], "resize", {
+    two = shards_config(tiny_bert, tmp_path, info["storage"], "resize", {
         **run, "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
     debug = tmp_path / "debug"
     two.run.data.audit_dir = str(debug)
     with pytest.raises(Exception, match="injected failure"):
         launch_training(two, step_hooks=[FailOnceAtStep(7, str(tmp_path / "failed_once"))])
-    before = [_rows_of(debug / f"rows-rank{r}.jsonl") for r in (0, 1)]
+    before = [audit_rows(debug / f"rows-rank{r}.jsonl") for r in (0, 1)]
     (debug / "rows-rank0.jsonl").unlink()
-    one = _cfg(tiny_bert, tmp_path, info["storage"], "resize", {
+    one = shards_config(tiny_bert, tmp_path, info["storage"], "resize", {
         **run, "ray": {"num_workers": 1, "resources_per_worker": {"CPU": 0.5}, "max_failures": 0, "use_gpu": False}})
     one.run.data.audit_dir = str(debug)
     result = launch_training(one)
     assert result.error is None and result.metrics["step"] == 16  # 64 pairs / global batch 4, as uninterrupted
-    after_rows = _rows_of(debug / "rows-rank0.jsonl")
+    after_rows = audit_rows(debug / "rows-rank0.jsonl")
     assert after_rows[0][0] == 5 and [s for s, _ in after_rows].count(5) == 2  # 2 micro-batches per step
     kept = [i for rank in before for s, ids in rank if s <= 4 for i in ids]
     after = [i for _, ids in after_rows for i in ids]
     assert len(set(kept) | set(after)) == 64 and not set(kept) & set(after)  # nothing skipped or repeated
     assert len(after) == len(set(after)) == 48
-
-
-def _rows_of(path: Path) -> list[tuple[int, list[int]]]:
-    return [(r["step"], r["ids"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
 def test_iteration_based_run_mixes_shards_with_coco_by_ratio(ray_cluster, tiny_bert, tmp_path: Path) -> None:
@@ -139,7 +122,7 @@ def test_iteration_based_run_mixes_shards_with_coco_by_ratio(ray_cluster, tiny_b
     write_synthetic(tmp_path / "coco", n_train=8, n_val=2, n_test=2, image_size=64, captions_per_image=2)
     coco = coco_caption_section(tmp_path / "coco")["coco_caption"]
     coco["vis_processor"] = {"train": {"name": "blip2_image_train", "image_size": 64}}
-    cfg = _cfg(tiny_bert, tmp_path, info["storage"], "mixed", {"runner": "runner_iter", "max_iters": 10,
+    cfg = shards_config(tiny_bert, tmp_path, info["storage"], "mixed", {"runner": "runner_iter", "max_iters": 10,
                                                    "iters_per_inner_epoch": 5,
                                                    "train_dataset_ratios": {"web": 3, "coco_caption": 1}},
                more_datasets={"coco_caption": coco})

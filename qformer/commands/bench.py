@@ -11,7 +11,8 @@ import importlib
 SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.step", "cache": "qformer.bench.cache",
                           "train": "qformer.bench.train", "device": "qformer.bench.device",
                           "elastic": "qformer.bench.elastic", "vit-precision": "qformer.bench.vit_precision",
-                          "prepare": "qformer.bench.prepare"}
+                          "prepare": "qformer.bench.prepare",
+                          "capfilt": "qformer.bench.capfilt"}
 # `device` is a check for a lent GPU machine, `elastic` starts simulated clusters (minutes), `vit-precision`
 # runs a full-size ViT-g three times (a minute on a CPU): each runs on its own
 IN_ALL = ("data", "step", "cache", "train")

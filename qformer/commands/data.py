@@ -1,5 +1,6 @@
 """Data tools: `download` fetches COCO / VG / Flickr30K as LAVIS lays them out; `prepare` turns a web URL list
-into image-text shards; `synth` writes the synthetic shapes data set; `check` validates a config's data.
+into image-text shards; `capfilt` ranks synthetic captions for them (BLIP-2 CapFilt); `synth` writes the
+synthetic shapes data set; `check` validates a config's data.
 
   qformer data download coco vg flickr30k [--root DIR|s3://b/p] [--mirror URL|HOST=URL ...] [--workers 4]
   qformer data prepare --url-list FILE --out DIR|s3://b/p [--format wds|parquet] [--shard-size 10000]
@@ -7,11 +8,19 @@ into image-text shards; `synth` writes the synthetic shapes data set; `check` va
   qformer data synth --out DIR [--n-train 2000 --n-val 200 --n-test 200 --seed 0 --image-size 96]
   qformer data synth --out DIR --format wds|parquet|jsonl|csv [--shards 4 --per-shard 64] [--upload s3://b/p]
   qformer data check --cfg-path F [--options k=v ...] [--no-images] [--report-only] [--full]
+  qformer data capfilt --in PATTERN --out DIR|s3://... [--captioner NAME] [--scorer NAME] [--num-captions 10]
+                       [--keep 2] [--top-p 0.9] [--seed 0] [--tracking-uri URI]
 
 `check` exits 1 when an annotation file is bad, an image folder is missing, an image does not decode, or a
 shard is missing or damaged (--report-only: undecodable images are then just listed). Shard datasets are
 verified by reading a seeded sample of 8 shards (--full: every shard, on Ray tasks when RAY_ADDRESS names
 a cluster) and compared with what their metadata says.
+
+`capfilt` (BLIP-2 §3.4) captions every image of the shards `num-captions` times with an image-captioning
+model, ranks those captions and the web caption by CLIP similarity and writes the shards again under --out
+with the top `keep` as a `captions` list (training draws one per pass); a rerun continues with the shards
+not written yet. Runs on the cluster RAY_ADDRESS names (GPU actors when it has GPUs), else a local Ray.
+See docs/capfilt.md.
 """
 from __future__ import annotations
 
@@ -71,6 +80,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="processes decoding images (default: CPUs, max 8); threads reading shards (default 4)")
     c.add_argument("--full", action="store_true",
                    help="read every shard, not a seeded sample of 8 (on Ray tasks when RAY_ADDRESS names a cluster)")
+    f = sub.add_parser("capfilt", help="synthetic captions ranked by CLIP (BLIP-2 CapFilt), written as new shards")
+    f.add_argument("--in", dest="inputs", required=True, nargs="+", metavar="PATTERN",
+                   help="input shards: brace pattern, glob or list, local or s3:// (any format training reads)")
+    f.add_argument("--out", required=True, help="output folder (local or s3://): one shard per input shard")
+    f.add_argument("--captioner", default="Salesforce/blip-image-captioning-large",
+                   help="transformers image-captioning model: hub name (cached) or local directory")
+    f.add_argument("--scorer", default="openai/clip-vit-large-patch14", help="transformers CLIP model: name or directory")
+    f.add_argument("--num-captions", type=int, default=10, help="synthetic captions per image")
+    f.add_argument("--keep", type=int, default=2, help="captions kept per image (the best by CLIP similarity)")
+    f.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    f.add_argument("--prompt", default="a picture of ", help="captioner prompt, removed from the captions ('' for none)")
+    f.add_argument("--seed", type=int, default=0, help="sampling seed (with the shard name and sample index)")
+    f.add_argument("--format", choices=("wds", "parquet", "jsonl", "csv"), default=None,
+                   help="input format (default: from the file suffix)")
+    f.add_argument("--batch-size", type=int, default=32, help="images per decode task and actor call")
+    f.add_argument("--captioners", type=int, default=None, help="captioner actors (default: one per GPU, else 1)")
+    f.add_argument("--scorers", type=int, default=None, help="scorer actors (default: one per GPU, else 1)")
+    f.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs each actor reserves")
+    f.add_argument("--task-cpus", type=float, default=1.0, help="CPUs each read/decode task reserves")
+    f.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
+    f.add_argument("--tracking-uri", default=None,
+                   help="log the summary to an MLflow run at this store (default: MLFLOW_TRACKING_URI if set, else off)")
+    f.add_argument("--experiment", default="qformer-capfilt", help="MLflow experiment of that run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
         setup_logging()
         return prepare_command(args)
+    if args.action == "capfilt":
+        return _capfilt(args)
     if args.action == "synth" and args.format != "coco":
         # lazy: `qformer --help` imports every command module (see qformer/cli.py)
         from qformer.data.storage import upload_tree
@@ -123,3 +157,22 @@ def run(args: argparse.Namespace) -> int:
                            full=args.full, use_ray=use_ray)
     print(format_report(reports))
     return 1 if failed(reports, images_fail=not args.report_only) else 0
+
+
+def _capfilt(args: argparse.Namespace) -> int:
+    # lazy: `qformer --help` imports every command module (see qformer/cli.py)
+    from qformer.data.capfilt.pipeline import CapfiltSpec
+    from qformer.jobs.capfilt import Tracking, capfilt_job
+
+    setup_logging()
+    spec = CapfiltSpec(args.captioner, args.scorer, args.num_captions, args.keep, args.top_p, args.prompt, args.seed,
+                       args.batch_size, args.captioners, args.scorers, args.actor_cpus, args.task_cpus)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    summary = capfilt_job(args.inputs, args.out, spec, fmt=args.format, endpoint=args.s3_endpoint,
+                          tracking=Tracking(uri, args.experiment) if uri else None)
+    rate = summary["original_kept_rate"]
+    print(f"capfilt: {summary['shards_written']} shards written, {summary['shards_skipped']} there already, "
+          f"{summary['samples']} samples in {args.out} ({summary['undecodable']} undecodable images passed through); "
+          f"web caption kept for {'n/a' if rate is None else f'{100 * rate:.1f}%'}; "
+          f"{summary['images_per_s'] or 0:.1f} images/s; summary: {args.out.rstrip('/')}/capfilt_summary.json")
+    return 0

@@ -96,6 +96,13 @@ class Progress:
             self.last_line = now
             self.log.info("%s", self.line(now))
 
+    def set_total(self, total: int | None, desc: str | None = None) -> None:
+        """A better estimate of the total (and a new description) once some of the work has shown its size."""
+        self.total, self.desc = total, desc or self.desc
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.set_description(self.desc, refresh=False)
+
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         """Extra fields (e.g. the loss) shown on the bar; log lines leave them to the caller."""
         if self.bar is not None:

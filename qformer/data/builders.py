@@ -18,8 +18,8 @@ from qformer.core.errors import ConfigError
 from qformer.data.annotations import CaptionRecord, coco_eval_image_id, read_caption_file, resolve_image_path
 from qformer.data.processors import build_processor
 from qformer.data.retrieval import RetrievalSplit
-from qformer.data.shard_set import DEFAULT_KEYS, FORMATS, ShardSet, infer_format
-from qformer.data.storage import expand, is_uri
+from qformer.data.shard_set import ShardSet, expand_shard_set
+from qformer.data.storage import is_uri
 from qformer.core.paths import data_root
 from qformer.core.registry import get_builder_class, register_builder
 
@@ -73,23 +73,13 @@ class CaptionBuilder:
         spec = info.storage
         specs = [spec] if isinstance(spec, str) else [str(x) for x in spec]
         specs = [x if is_uri(x) else str(self._resolve(x)) for x in specs]
-        endpoint = self.cfg.run.data.get("s3_endpoint")
-        shards = expand(specs, endpoint)
-        if not shards:
-            raise ConfigError(f"matches no shard ({', '.join(specs)})", f"{key}.storage")
-        fmt = info.get("format") or infer_format(shards[0])
-        if fmt not in FORMATS:
-            raise ConfigError(f"cannot tell the shard format from '{shards[0]}'; set it to one of {', '.join(FORMATS)}",
-                              f"{key}.format")
-        text_key, image_key = DEFAULT_KEYS[fmt]
         root = info.get("image_root")
-        if root is None and fmt in ("jsonl", "csv"):  # manifests: image paths relative to the manifest
-            root = shards[0].rsplit("/", 1)[0] if is_uri(shards[0]) else str(Path(shards[0]).parent)
-        elif root is not None and not is_uri(str(root)):
+        if root is not None and not is_uri(str(root)):
             root = str(self._resolve(root))
-        return ShardSet(self.name, fmt, tuple(shards), str(info.get("text_key") or text_key),
-                        info.get("image_key") or image_key, root, int(info.get("parts_per_epoch") or 1), endpoint,
-                        info.get("num_samples"))
+        return expand_shard_set(self.name, specs, key, fmt=info.get("format"), text_key=info.get("text_key"),
+                                image_key=info.get("image_key"), image_root=root,
+                                endpoint=self.cfg.run.data.get("s3_endpoint"),
+                                parts_per_epoch=int(info.get("parts_per_epoch") or 1), num_samples=info.get("num_samples"))
 
     def annotation_path(self, split: str) -> Path:
         try:

@@ -5,8 +5,12 @@ is qformer.data.shard_source.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from qformer.core.errors import ConfigError
+from qformer.data.storage import expand, is_uri
 
 FORMATS = ("wds", "parquet", "jsonl", "csv")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -44,3 +48,22 @@ class ShardSet:
         """Indices of the shards this pass reads (shard i is in part i % parts_per_epoch)."""
         parts = max(1, self.parts_per_epoch)
         return np.arange(pass_ % parts, len(self.shards), parts)
+
+
+def expand_shard_set(name: str, specs: list[str], key: str, *, fmt: str | None = None, text_key: str | None = None,
+                     image_key: str | None = None, image_root: str | None = None, endpoint: str | None = None,
+                     parts_per_epoch: int = 1, num_samples: int | None = None) -> ShardSet:
+    """Shard specs (patterns, globs; paths already absolute) -> the ShardSet, listed; `key` names the setting
+    in errors. Manifests' image paths resolve against the first manifest's folder unless `image_root` is given."""
+    shards = expand(specs, endpoint)
+    if not shards:
+        raise ConfigError(f"matches no shard ({', '.join(specs)})", f"{key}.storage")
+    fmt = fmt or infer_format(shards[0])
+    if fmt not in FORMATS:
+        raise ConfigError(f"cannot tell the shard format from '{shards[0]}'; set it to one of {', '.join(FORMATS)}",
+                          f"{key}.format")
+    default_text, default_image = DEFAULT_KEYS[fmt]
+    if image_root is None and fmt in ("jsonl", "csv"):  # manifests: image paths relative to the manifest
+        image_root = shards[0].rsplit("/", 1)[0] if is_uri(shards[0]) else str(Path(shards[0]).parent)
+    return ShardSet(name, fmt, tuple(shards), str(text_key or default_text), image_key or default_image, image_root,
+                    int(parts_per_epoch or 1), endpoint, num_samples)

@@ -14,9 +14,14 @@ log = get_logger("ray")
 
 def connect_ray(cfg: DictConfig) -> None:
     """Attach to run.ray.address / RAY_ADDRESS / the job's cluster, else start a private local Ray."""
+    connect_ray_at(cfg.run.ray.get("address"))
+
+
+def connect_ray_at(address: str | None = None) -> None:
+    """Attach to `address` / RAY_ADDRESS / the job's cluster, else start a private local Ray."""
     if ray.is_initialized():
         return
-    address = cfg.run.ray.get("address") or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address)

@@ -56,6 +56,7 @@ class CapfiltRun:
     skipped: list[str]
     stats: dict[str, ShardStats] = field(default_factory=dict)  # written by this run
     seconds: float = 0.0
+    first_shard_s: float = 0.0  # until the first shard was written: start-up (actors load their models) and one shard
 
     @property
     def images(self) -> int:
@@ -92,11 +93,11 @@ def check_cpus(spec: CapfiltSpec, plan: dict) -> None:
 
 
 def decode_memory(batch_size: int) -> int:
-    """Bytes a decode task reserves: the worker with torch and the image processors imported (~500 MiB), and per
+    """Bytes a decode task reserves: the worker with torch and the image processors imported (~520 MiB), and per
     image a decoded photo and both models' float pixels (384 and 224 px), twice (the batch and its stacked
     copy). A reservation the actors do not make also keeps Ray Data from fusing the decode into the captioner
     actors (it fuses maps whose resource requests are equal)."""
-    return 512 * 1024**2 + int(batch_size) * 8 * 1024**2
+    return 576 * 1024**2 + int(batch_size) * 8 * 1024**2
 
 
 def capfilt_dataset(shards: ShardSet, todo: list[int], spec: CapfiltSpec, processors: tuple, plan: dict):
@@ -178,6 +179,7 @@ def run_capfilt(shards: ShardSet, out_dir: str, spec: CapfiltSpec, gpus: int = 0
                     samples, stats = pending.pop(shard).samples_and_stats()
                     write_output(out_dir, names[shard], shards.format, samples, stats, shards.endpoint)
                     run.stats[names[shard]] = stats
+                    run.first_shard_s = run.first_shard_s or time.monotonic() - start
                     n = len(run.stats)
                     estimate = round(progress.n / n * len(todo)) if n < len(todo) else progress.n
                     progress.set_total(estimate, f"capfilt ({n}/{len(todo)} shards)")

@@ -23,3 +23,12 @@ def test_paper_recipe_augments_every_source_with_crop_and_flip_and_lavis_vg_is_o
     assert lavis.datasets.vg_caption.vis_processor.train.name == "blip_image_train"
     assert load_config(str(EXPERIMENTS / "pretrain_stage1_vitL.yaml")).datasets.vg_caption.vis_processor.train.name \
         == "blip_image_train"  # the LAVIS mirror keeps LAVIS's choice (its comment says why)
+
+
+def test_paper_recipe_trains_the_web_sets_on_capfilt_output() -> None:
+    """The paper trains web images on their top-2 CapFilt captions: the web sets read `qformer data capfilt`'s
+    output folders (samples with a `captions` list); COCO and VG read LAVIS's human-caption annotations."""
+    cfg = load_config(str(EXPERIMENTS / "pretrain_stage1_paper.yaml"))
+    web = {n for n in cfg.datasets if n not in ("coco_caption", "vg_caption")}
+    assert web == {"conceptual_caption_3m", "conceptual_caption_12m", "sbu_caption", "laion400m"}
+    assert all("-capfilt/" in str(cfg.datasets[n].build_info.storage) for n in web)

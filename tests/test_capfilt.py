@@ -161,3 +161,22 @@ def test_the_command_stops_on_a_model_it_cannot_load_before_ray_starts(tmp_path:
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"qformer data: --scorer: cannot load '{tmp_path / 'no-such-clip'}'")
     assert not (tmp_path / "out").exists()
+
+
+def test_output_in_object_storage_is_written_found_and_read_back(s3_endpoint: str) -> None:
+    """--out s3://...: the stats object, then the shard; a rerun's check finds it (and not a missing one), and
+    training's reader reads the kept captions from the bucket."""
+    from qformer.data.capfilt.shards import written
+
+    samples = [OutSample(f"in.tar#k{i}", b"\x89PNG fake", ["web"], Kept([f"s{i}", "web"], [0.4, 0.3], True, 0.3))
+               for i in range(2)]
+    stats = ShardStats()
+    for s in samples:
+        stats.count(s.kept, True)
+    out = "s3://shards/capfilt-out"
+    write_output(out, "00001.tar", "wds", samples, stats, s3_endpoint)
+    assert written(out, ["00001.tar", "00002.tar"], s3_endpoint) == {"00001.tar"}
+    assert read_stats(out, "00001.tar", s3_endpoint).to_dict() == stats.to_dict()
+    shard_set = ShardSet("out", "wds", (f"{out}/00001.tar",), *DEFAULT_KEYS["wds"], endpoint=s3_endpoint)
+    got = list(read_samples(shard_set, f"{out}/00001.tar", ShardReading(f"{out}/00001.tar")))
+    assert [g[2] for g in got] == [("s0", "web"), ("s1", "web")]

@@ -23,7 +23,7 @@ ANN = "/sfr-vision-language-research/datasets"
 VG_ANN = "/sfr-vision-language-research/LAVIS/datasets/visual_genome/vg_caption.json"
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
+def zip_bytes(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for name, data in members.items():
@@ -48,7 +48,7 @@ def coco_standin(tmp: Path) -> dict[str, bytes]:
             rec["image"] = renamed[rec["image"]]
         files[f"{ANN}/coco_karpathy_{split}.json"] = json.dumps(records).encode()
     for folder, members in zips.items():
-        files[f"/zips/{folder}.zip"] = _zip(members)
+        files[f"/zips/{folder}.zip"] = zip_bytes(members)
     return files
 
 
@@ -64,8 +64,8 @@ def vg_standin(tmp: Path) -> dict[str, bytes]:
             (tmp / "vg_src" / "images" / rec["image"]).read_bytes()
         anns.append({"image": f"/export/share/datasets/vision/visual-genome/image/{image_id}.jpg",
                      "caption": rec["caption"], "image_id": f"vg_{image_id}"})
-    return {VG_ANN: json.dumps(anns).encode(), "/people/rak248/VG_100K_2/images.zip": _zip(first),
-            "/people/rak248/VG_100K_2/images2.zip": _zip(second)}
+    return {VG_ANN: json.dumps(anns).encode(), "/people/rak248/VG_100K_2/images.zip": zip_bytes(first),
+            "/people/rak248/VG_100K_2/images2.zip": zip_bytes(second)}
 
 
 def flickr_standin() -> dict[str, bytes]:

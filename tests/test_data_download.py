@@ -7,13 +7,12 @@ import errno
 import hashlib
 import io
 import json
-import zipfile
 from pathlib import Path
 
 import pytest
 
 from http_stub import StubServer
-from lavis_standin import coco_standin, flickr_standin, standin_catalog, vg_standin
+from lavis_standin import coco_standin, flickr_standin, standin_catalog, vg_standin, zip_bytes
 from qformer.core import http_fetch
 from qformer.core.http_fetch import FetchError, RemoteFile, fetch, mirrored, parse_mirrors
 from qformer.data.archives import ArchiveError, extract, is_extracted
@@ -92,29 +91,21 @@ def test_mirrors_replace_the_host_and_keep_the_path() -> None:
     assert mirrored("https://cs.stanford.edu/people/x.zip", mirrors) == "http://vg.local/people/x.zip"
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 def test_an_archive_unpacks_once_and_a_damaged_one_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     good = tmp_path / "good.zip"
-    good.write_bytes(_zip({"VG_100K/1.jpg": b"a", "VG_100K/2.jpg": b"b"}))
+    good.write_bytes(zip_bytes({"VG_100K/1.jpg": b"a", "VG_100K/2.jpg": b"b"}))
     target = tmp_path / "images"
     assert sorted(map(str, extract(good, target, strip=1))) == ["1.jpg", "2.jpg"]
     assert (target / "1.jpg").read_bytes() == b"a" and is_extracted(target, "good.zip")
     assert extract(good, target, strip=1) == []  # the marker: not redone
     cut = tmp_path / "cut.zip"
-    cut.write_bytes(_zip({"x/3.jpg": b"c" * 5000})[:3000])
+    cut.write_bytes(zip_bytes({"x/3.jpg": b"c" * 5000})[:3000])
     with pytest.raises(ArchiveError, match="cut.zip"):
         extract(cut, target, strip=1)
     assert not is_extracted(target, "cut.zip") and sorted(p.name for p in target.iterdir()) == \
         [".good.zip.extracted", "1.jpg", "2.jpg"]
     big = tmp_path / "big.zip"
-    big.write_bytes(_zip({f"d/{i}.jpg": b"z" * 100 for i in range(3)}))
+    big.write_bytes(zip_bytes({f"d/{i}.jpg": b"z" * 100 for i in range(3)}))
     calls = []
 
     def full_disk(src, dst, length=0):

@@ -13,7 +13,7 @@ import torch
 from qformer.core.errors import ConfigError
 from qformer.data.capfilt.ranking import Kept, ShardStats, candidates, keep_top, quantiles
 from qformer.data.capfilt.sampling import SeededTopP, row_seeds, sample_seed
-from qformer.data.capfilt.shards import OutSample, output_name, put_atomic, read_stats, write_output
+from qformer.data.capfilt.shards import OutSample, output_name, read_stats, write_output
 from qformer.data.shard_check import verify_shard
 from qformer.data.shard_records import ShardReading, read_samples
 from qformer.data.shard_set import DEFAULT_KEYS, ShardSet
@@ -99,8 +99,10 @@ def test_written_shards_read_back_with_their_captions(tmp_path: Path, fmt: str) 
 
 
 def test_an_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
-    put_atomic(str(tmp_path / "d" / "x.tar"), b"one")
-    put_atomic(str(tmp_path / "d" / "x.tar"), b"two")
+    from qformer.data.storage import write_bytes
+
+    write_bytes(str(tmp_path / "d" / "x.tar"), b"one")
+    write_bytes(str(tmp_path / "d" / "x.tar"), b"two")
     assert (tmp_path / "d" / "x.tar").read_bytes() == b"two" and os.listdir(tmp_path / "d") == ["x.tar"]
 
 

@@ -200,10 +200,18 @@ def upload_tree(local: str | Path, uri: str, endpoint: str | None = None) -> int
 
 
 def write_bytes(target: str, data: bytes, endpoint: str | None = None) -> None:
-    """Write a whole file/object (a local file's folders are made)."""
+    """Write a whole file/object, whole or not at all: locally a hidden temporary file (a fixed name, so a
+    rerun overwrites what a killed write left) renamed over the target, its folders made; in object storage
+    the object appears when its upload completes."""
     if not is_uri(target):
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_bytes(data)
+        folder, base = os.path.split(os.path.abspath(os.path.expanduser(target)))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{base}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(folder, base))
         return
     fs, path = filesystem(target, endpoint)
     with fs.open_output_stream(path) as out:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from qformer.data.capfilt.pipeline import CapfiltSpec, load_processors, run_capfilt
 from qformer.data.capfilt.ranking import ShardStats
-from qformer.data.capfilt.shards import put_atomic, read_stats
+from qformer.data.capfilt.shards import read_stats
 from qformer.data.shard_set import expand_shard_set
-from qformer.data.storage import join
+from qformer.data.storage import join, write_bytes
 from qformer.jobs.ray_cluster import cluster_gpus, connect_ray_at
 
 SUMMARY = "capfilt_summary.json"
@@ -40,7 +40,7 @@ def capfilt_job(pattern: str | list[str], out_dir: str, spec: CapfiltSpec, *, fm
                "shards_written": len(run.stats), "shards_skipped": len(run.skipped), "images_this_run": run.images,
                "seconds": round(run.seconds, 2),
                "images_per_s": round(run.images / run.seconds, 2) if run.seconds else None, **total.summary()}
-    put_atomic(join(out_dir, SUMMARY), json.dumps(summary, indent=2).encode(), shards.endpoint)
+    write_bytes(join(out_dir, SUMMARY), json.dumps(summary, indent=2).encode(), shards.endpoint)
     if tracking is not None:
         summary["mlflow_run_id"] = _track(tracking, summary)
     return summary

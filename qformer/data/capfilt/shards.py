@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import posixpath
 import tarfile
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from qformer.data.capfilt.sampling import sample_seed
 from qformer.data.shard_records import ShardReading, read_samples
 from qformer.data.shard_set import ShardSet
 from qformer.data.shard_source import chunks
-from qformer.data.storage import filesystem, is_uri, join, missing, read_bytes
+from qformer.data.storage import join, missing, read_bytes, write_bytes
 
 CHUNK_ROWS = 64  # rows a read task hands on at a time
 _OUT_SUFFIX = {"csv": ".jsonl"}
@@ -151,30 +150,12 @@ def _parquet(samples: list[OutSample]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def put_atomic(target: str, data: bytes, endpoint: str | None = None) -> None:
-    """Write `target` whole or not at all: locally a hidden temporary file renamed over it; in object storage
-    the object appears when its upload completes."""
-    if is_uri(target):
-        fs, inner = filesystem(target, endpoint)
-        with fs.open_output_stream(inner) as f:
-            f.write(data)
-        return
-    folder, base = os.path.split(os.path.abspath(os.path.expanduser(target)))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{base}.tmp")  # a fixed name: a rerun overwrites what a killed write left
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, base))
-
-
 def write_output(out_dir: str, name: str, fmt: str, samples: list[OutSample], stats: ShardStats,
                  endpoint: str | None = None) -> None:
     """The stats file, then the shard (its presence is what marks the input shard done)."""
     record = {"successes": stats.samples, "capfilt": stats.to_dict()}
-    put_atomic(join(out_dir, stats_name(name)), json.dumps(record).encode(), endpoint)
-    put_atomic(join(out_dir, name), shard_bytes("jsonl" if fmt == "csv" else fmt, samples), endpoint)
+    write_bytes(join(out_dir, stats_name(name)), json.dumps(record).encode(), endpoint)  # whole or not at all
+    write_bytes(join(out_dir, name), shard_bytes("jsonl" if fmt == "csv" else fmt, samples), endpoint)
 
 
 def read_stats(out_dir: str, name: str, endpoint: str | None = None) -> ShardStats:

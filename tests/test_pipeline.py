@@ -240,3 +240,24 @@ def test_a_concurrency_cap_reads_every_row_without_a_deprecation_line(ray_cluste
         rows = [i for b in ds.iter_batches(batch_size=16, batch_format="numpy") for i in _items(b["text_ids"])]
     assert sorted(rows) == list(range(48))
     assert "deprecated" not in caplog.text, caplog.text
+
+
+def test_a_stream_plan_that_does_not_answer_is_an_error_naming_it(ray_cluster) -> None:
+    """A plan actor whose call never returns (seen once in a long session) fails the read with a message,
+    instead of blocking the driver in a wait that no signal interrupts."""
+    import time
+
+    import ray
+
+    from qformer.data.position import read_plan
+
+    @ray.remote(num_cpus=0)
+    class Stuck:
+        def get(self, stream: str) -> dict:
+            time.sleep(30)
+            return {}
+
+    stuck = Stuck.remote()
+    with pytest.raises(RuntimeError, match=r"stream plan actor did not answer for stream 'coco_caption' within 1 s"):
+        read_plan(stuck, "coco_caption", timeout_s=1.0)
+    ray.kill(stuck)

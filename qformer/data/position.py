@@ -169,10 +169,20 @@ def create_plan():
     return actor.remote()
 
 
-def read_plan(plan, stream: str) -> StreamPosition:
-    """The position the training loop asked for (pass 0, nothing done, without a plan)."""
+PLAN_TIMEOUT_S = 300.0
+
+
+def read_plan(plan, stream: str, timeout_s: float = PLAN_TIMEOUT_S) -> StreamPosition:
+    """The position the training loop asked for (pass 0, nothing done, without a plan). A plan actor that does
+    not answer within `timeout_s` (seen once in a long test session: the call never returned) is an error
+    naming it, not a wait without end that no signal can interrupt."""
     if plan is None:
         return StreamPosition()
     import ray  # lazy: as in create_plan
 
-    return StreamPosition.from_dict(ray.get(plan.get.remote(stream)))
+    try:
+        return StreamPosition.from_dict(ray.get(plan.get.remote(stream), timeout=timeout_s))
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"the stream plan actor did not answer for stream {stream!r} within {timeout_s:.0f} s "
+                           "(is the driver's node overloaded, or its Ray out of worker processes? see `ray status` "
+                           "and the Ray logs)") from None

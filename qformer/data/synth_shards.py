@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qformer.data.synth import captions, render, sample_scene
+from qformer.data.tar_stream import tar_bytes
 
 FORMAT_SUFFIX = {"wds": "tar", "parquet": "parquet", "jsonl": "jsonl", "csv": "csv"}
 
@@ -51,13 +51,9 @@ def write_shards(out: str | Path, fmt: str, shards: int = 4, per_shard: int = 64
 
 
 def _write_wds(path: Path, samples: list[tuple[str, bytes, str]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, jpg, caption in samples:
-            meta = json.dumps({"key": key, "caption": caption}).encode()
-            for name, data in ((f"{key}.jpg", jpg), (f"{key}.txt", caption.encode()), (f"{key}.json", meta)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    path.write_bytes(tar_bytes((name, data) for key, jpg, caption in samples
+                               for name, data in ((f"{key}.jpg", jpg), (f"{key}.txt", caption.encode()),
+                                                  (f"{key}.json", json.dumps({"key": key, "caption": caption}).encode()))))
     stats = path.with_name(f"{path.stem}_stats.json")
     stats.write_text(json.dumps({"count": len(samples), "successes": len(samples), "failed_to_download": 0}))
 

@@ -9,8 +9,9 @@ ends inside. What was yielded before stays good: a reader keeps it.
 """
 from __future__ import annotations
 
+import io
 import tarfile
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 BLOCK = 512
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
@@ -81,3 +82,14 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         long_name, pax = None, {}
         if info.type in _FILE_TYPES:
             yield name, data
+
+
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A tar file holding `members` (name, data) in order, as bytes: how the shard writers build a shard."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()

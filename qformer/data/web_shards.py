@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qformer.data.storage import filesystem, join
+from qformer.data.tar_stream import tar_bytes
 
 USER_AGENT = "qformer-platform data prepare (img2dataset-compatible)"
 META_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()),
@@ -95,18 +95,11 @@ def _write_outputs(out: str, shard_id: int, fmt: str, rows: list[dict], images: 
         with fs.open_output_stream(name + ".parquet") as f:
             pq.write_table(table, f)
         return
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for row, data in zip(rows, images):
-            if data is None:
-                continue
-            for ext, payload in (("jpg", data), ("txt", (row["caption"] or "").encode()),
-                                 ("json", json.dumps(row).encode())):
-                info = tarfile.TarInfo(f"{row['key']}.{ext}")
-                info.size, info.mtime = len(payload), 0
-                tar.addfile(info, io.BytesIO(payload))
+    members = ((f"{row['key']}.{ext}", payload) for row, data in zip(rows, images) if data is not None
+               for ext, payload in (("jpg", data), ("txt", (row["caption"] or "").encode()),
+                                    ("json", json.dumps(row).encode())))
     with fs.open_output_stream(name + ".tar") as f:
-        f.write(buf.getvalue())
+        f.write(tar_bytes(members))
     with fs.open_output_stream(name + ".parquet") as f:
         pq.write_table(meta, f)
 

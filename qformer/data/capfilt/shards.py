@@ -16,10 +16,8 @@ upload completing), so a shard that exists is complete and a rerun skips it.
 """
 from __future__ import annotations
 
-import io
 import json
 import posixpath
-import tarfile
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -31,6 +29,7 @@ from qformer.data.shard_records import ShardReading, read_samples
 from qformer.data.shard_set import ShardSet
 from qformer.data.shard_source import chunks
 from qformer.data.storage import join, missing, read_bytes, write_bytes
+from qformer.data.tar_stream import tar_bytes
 
 CHUNK_ROWS = 64  # rows a read task hands on at a time
 _OUT_SUFFIX = {"csv": ".jsonl"}
@@ -118,18 +117,13 @@ def _image_ext(data: bytes) -> str:
 
 
 def _tar(samples: list[OutSample]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for s in samples:
-            meta = {"key": posixpath.basename(s.key), **s.fields()}
-            members = [(f"{s.key}.{_image_ext(s.data)}", s.data)] if s.data else []
-            members += [(f"{s.key}.txt", s.originals[0].encode())] if s.originals else []
-            members.append((f"{s.key}.json", json.dumps(meta).encode()))
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    members = []
+    for s in samples:
+        meta = {"key": posixpath.basename(s.key), **s.fields()}
+        members += [(f"{s.key}.{_image_ext(s.data)}", s.data)] if s.data else []
+        members += [(f"{s.key}.txt", s.originals[0].encode())] if s.originals else []
+        members.append((f"{s.key}.json", json.dumps(meta).encode()))
+    return tar_bytes(members)
 
 
 def _parquet(samples: list[OutSample]) -> bytes:

@@ -28,6 +28,7 @@ ui: venv
 
 test: venv
 	@VENV=$(VENV) bash platform/ci/ensure_compose.sh
+	@bash platform/ci/ensure_chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit layer alone (no Ray, no end-to-end runs): what to run while changing code.

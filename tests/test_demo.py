@@ -21,7 +21,7 @@ def test_demo_trains_and_reports_before_after(ray_cluster, tiny_bert, tmp_path, 
     options = ["run.max_epoch=1", "run.max_steps_per_epoch=2", "run.batch_size_train=4", "run.batch_size_eval=4",
                "run.valid_splits=[]", "run.k_test=2", "run.log_freq=1", *tiny_options(tiny_bert),
                f"run.output_dir={tmp_path}/demo", f"run.mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-               "run.data.batch_size=8"]
+               "run.data.batch_size=8", "run.mlflow.system_metrics_s=0.5"]
     summary = run_demo(None, options)
     assert (root / "annotations" / "coco_karpathy_train.json").stat().st_mtime_ns == stamp  # not regenerated
     assert summary["split"] == "test"
@@ -61,6 +61,32 @@ def test_demo_trains_and_reports_before_after(ray_cluster, tiny_bert, tmp_path, 
     assert again["before"] == pytest.approx(summary["before"]) and again["after"] == pytest.approx(summary["after"])
     table = [line for line in second.splitlines() if " -> " in line]
     assert table == [line for line in out.splitlines() if " -> " in line]  # the same numbers, printed the same
+    _check_ui_shows_the_run(summary, tmp_path)
+
+
+def _check_ui_shows_the_run(summary: dict, tmp_path: Path) -> None:
+    """What a person sees: `qformer ui` on the demo's store, pages rendered by a real (headless) browser at the
+    URLs the platform prints: the runs table in MLflow's model-training view lists the run, and the run's
+    System metrics tab lists the worker's system metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from browser import page_text, running_ui
+    from qformer.tracking.uri import runs_table_path
+
+    run = MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"])
+    system = sorted(k for k in run.data.metrics if k.startswith("system/"))
+    assert "system/cpu_utilization_percentage" in system, sorted(run.data.metrics)
+    with running_ui(summary["tracking_uri"], tmp_path / "ui-home") as (_, port, lines):
+        run_page = next(line for line in lines if line.startswith("latest run:")).split()[-1]
+        assert run_page.endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning")
+        table = page_text(f"http://127.0.0.1:{port}{runs_table_path(run.info.experiment_id)}",
+                          expect=(run.info.run_name,))
+        assert run.info.run_name in table and "1 matching run" in table, table
+        # the model-training sidebar (Runs, Models, Model registry), not the GenAI one (Judges, Evaluation runs)
+        assert "Model registry" in table and "Judges" not in table, table
+        metrics_tab = page_text(run_page.replace("?", "/system-metrics?"), expect=("cpu_utilization_percentage",))
+        assert f"System metrics ({len(system)})" in metrics_tab, metrics_tab
+        assert "cpu_utilization_percentage" in metrics_tab, metrics_tab
 
 
 def _check_demo_pictures(summary: dict, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def test_default_uri_is_under_qformer_home(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     hint = ui_hint(paths.default_tracking_uri(), "1", "abc")  # the default store: `qformer ui` needs no flag
     assert hint.split()[0].endswith("qformer") and hint.split()[1:3] == ["ui", "then"]
-    assert hint.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc")
+    assert hint.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning")
     assert " ui --tracking-uri sqlite:////tmp/x/y.db " in ui_hint("sqlite:////tmp/x/y.db")
 
 

@@ -66,6 +66,8 @@ def test_local_checkpoints_are_pruned_to_the_newest_by_step(tmp_path):
         d.mkdir()
         (d / ckpt_io.META_FILE).write_text(json.dumps({"step": step}))
     (tmp_path / "partial").mkdir()  # no meta.json: not a checkpoint, left alone
+    prune_local(tmp_path, keep=0)  # run.keep_checkpoints: 0 keeps all
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-10", "ckpt-2", "ckpt-30", "partial"]
     prune_local(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-10", "ckpt-30", "partial"]
 

@@ -7,18 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
+from browser import running_ui
 from qformer.tracking.run_tracker import RunTracker
 from qformer.tracking.uri import EXPERIMENT_KIND, ensure_experiment, mlflow_client
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str):
@@ -32,21 +26,10 @@ def test_ui_serves_the_store_prints_the_latest_run_and_stops_on_ctrl_c(tmp_path:
     latest = RunTracker.start(uri, "demo-like", run_name="second")
     latest.log_metrics({"loss": 1.5}, step=1)
     latest.end()
-    port = _free_port()
-    env = {**os.environ, "QFORMER_HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qformer.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while not any(line.startswith("latest run:") for line in lines):
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "".join(lines)
-            lines.append(line)
-            assert time.monotonic() < deadline, "".join(lines)
+    with running_ui(uri, tmp_path / "home") as (proc, port, lines):
         page = next(line for line in lines if line.startswith("latest run:")).split()[-1]
         experiment_id = latest.experiment_id
-        assert page == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{latest.run_id}"
+        assert page == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{latest.run_id}?workflowType=machine_learning"
         status, html = _get(f"http://127.0.0.1:{port}/")
         assert status == 200 and b"<html" in html.lower()  # the UI itself, not only the API
         _, body = _get(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/runs/get?run_id={latest.run_id}")
@@ -59,13 +42,6 @@ def test_ui_serves_the_store_prints_the_latest_run_and_stops_on_ctrl_c(tmp_path:
         assert "MLflow UI stopped." in proc.stdout.read()
         with socket.socket() as sock:  # the server went with it
             assert sock.connect_ex(("127.0.0.1", port)) != 0
-    finally:  # a failed assertion: Ctrl-C as a user would, so the server (its own process group) goes too
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def test_ui_names_a_busy_port(tmp_path: Path):

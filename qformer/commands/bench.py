@@ -12,9 +12,9 @@ SUITES: dict[str, str] = {"data": "qformer.bench.data", "step": "qformer.bench.s
                           "train": "qformer.bench.train", "device": "qformer.bench.device",
                           "elastic": "qformer.bench.elastic", "vit-precision": "qformer.bench.vit_precision",
                           "prepare": "qformer.bench.prepare",
-                          "capfilt": "qformer.bench.capfilt"}
+                          "capfilt": "qformer.bench.capfilt", "demo": "qformer.bench.demo"}
 # `device` is a check for a lent GPU machine, `elastic` starts simulated clusters (minutes), `vit-precision`
-# runs a full-size ViT-g three times (a minute on a CPU): each runs on its own
+# runs a full-size ViT-g three times (a minute on a CPU), `demo` runs the whole demo: each runs on its own
 IN_ALL = ("data", "step", "cache", "train")
 
 

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def latest_run_page(ui_url: str, store_uri: str) -> str | None:
     """The UI page of the most recently started run in any experiment of the store (None: no run yet)."""
     # lazy: `qformer --help` imports every command module (see qformer/cli.py)
-    from qformer.tracking.uri import mlflow_client
+    from qformer.tracking.uri import mlflow_client, run_page_path
 
     client = mlflow_client(store_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -27,7 +27,7 @@ def latest_run_page(ui_url: str, store_uri: str) -> str | None:
     if not runs:
         return None
     run = runs[0]
-    return f"{ui_url.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return ui_url.rstrip("/") + run_page_path(run.info.experiment_id, run.info.run_id)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -125,7 +125,7 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
 
     best_by = score_key(cfg)
     checkpoint_config = ray.train.CheckpointConfig(
-        num_to_keep=max(1, int(cfg.run.keep_checkpoints)),
+        num_to_keep=int(cfg.run.keep_checkpoints) or None,  # 0: keep all (Ray's None)
         checkpoint_score_attribute=best_by,
         checkpoint_score_order="max",
     )

@@ -30,11 +30,25 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 
 UI_PORT = 5000  # `qformer ui`'s default, MLflow's own
 
+# MLflow 3's UI opens in its GenAI view (traces, judges) unless the page asks for the model-training one, or the
+# user once picked it with the toggle (kept in the browser's local storage); the experiment tag alone does not do it
+_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def run_page_path(experiment_id: str, run_id: str) -> str:
+    """The UI's path of a run's page, in the model-training view."""
+    return f"/#/experiments/{experiment_id}/runs/{run_id}{_TRAINING_VIEW}"
+
+
+def runs_table_path(experiment_id: str) -> str:
+    """The UI's path of an experiment's runs table, in the model-training view."""
+    return f"/#/experiments/{experiment_id}/runs{_TRAINING_VIEW}"
+
 
 def ui_hint(uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
     """How to look at the run: `qformer ui` (this interpreter's, so it works without an activated venv) for a
     local store, the server's page otherwise."""
-    suffix = f"/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id and run_id else ""
+    suffix = run_page_path(experiment_id, run_id) if experiment_id and run_id else ""
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}{suffix}"
     script = Path(sys.executable).with_name("qformer")

@@ -73,8 +73,10 @@ def _persisted_path(name: str) -> str:
 
 
 def prune_local(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoint directories under `root` (by step)."""
+    """Keep the newest `keep` complete checkpoint directories under `root` (by step); 0 keeps all."""
+    if keep <= 0:
+        return
     dirs = sorted((d for d in root.iterdir() if (d / ckpt_io.META_FILE).is_file()),
                   key=lambda d: json.loads((d / ckpt_io.META_FILE).read_text()).get("step", 0))
-    for old in dirs[: max(0, len(dirs) - max(1, keep))]:
+    for old in dirs[: max(0, len(dirs) - keep)]:
         shutil.rmtree(old, ignore_errors=True)

@@ -23,11 +23,13 @@ from pathlib import Path
 from qformer.bench.common import write_result
 
 MiB = 1024 * 1024
-# phase -> the demo's line that ends it (the next phase starts there); matched in order
-PHASE_ENDS = (("write data", "evaluating the untrained model"),   # data set written (when missing), Ray started
-              ("untrained evaluation", "Ray Train run '"),
-              ("training", "evaluating 'test'"),                     # the worker's end-of-run evaluation starts
-              ("final evaluation", "=== qformer demo ==="))
+# phase -> (the demo's line that ends it, as a regex; "first" or "last" such line); the next phase starts there
+PHASE_ENDS = (("write data", r"^connecting to Ray", "first"),        # the data set written when missing
+              ("Ray start", r"^Ray Train run '", "first"),
+              ("worker start", r"rank 0/\d+ on ", "first"),           # Train worker up, model built
+              ("untrained evaluation", r"eval \S+ at step 0: ITM re-rank: .*done in", "first"),
+              ("training", r" step \d+ \| loss ", "last"),            # the worker's last step line
+              ("final evaluation", r"^=== qformer demo ===", "first"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,17 +84,20 @@ def measure_demo(home: Path, options: list[str], interval_s: float) -> dict:
             "per_process_peak_mib": {k: v / MiB for k, v in sorted(sampler.label_peaks.items(),
                                                                    key=lambda kv: -kv[1])},
             "samples": len(sampler.totals), "interval_s": interval_s,
-            "recall": _recalls(lines)}
+            "timeline_mib": [(round(t, 1), round(v / MiB)) for t, v in sampler.totals[::max(1, int(5 / interval_s))]],
+            "recall": _recalls(lines), "lines": [(round(t, 1), text) for t, text in lines]}
 
 
 def phase_times(lines: list[tuple[float, str]], wall: float) -> dict[str, float]:
-    """Seconds per phase, each ending at the first line holding its marker; a phase whose marker never came
-    (e.g. no untrained evaluation) is left out, and its time goes to the next phase found."""
+    """Seconds per phase, each ending at its marker line (the first or the last one, after the previous phase);
+    a phase whose marker never came (e.g. no untrained evaluation on a re-run) is left out, and its time goes
+    to the next phase found."""
     phases: dict[str, float] = {}
     last = 0.0
-    for name, marker in PHASE_ENDS:
-        at = next((t for t, text in lines if marker in text and t >= last), None)
-        if at is not None:
+    for name, pattern, which in PHASE_ENDS:
+        hits = [t for t, text in lines if t >= last and re.search(pattern, text)]
+        if hits:
+            at = hits[0] if which == "first" else hits[-1]
             phases[name], last = at - last, at
     phases["summary and exit"] = wall - last
     return phases
@@ -114,7 +119,7 @@ class TreeSampler:
 
     def __init__(self, root_pid: int, interval_s: float) -> None:
         self.root_pid, self.interval_s = root_pid, interval_s
-        self.totals: list[float] = []
+        self.totals: list[tuple[float, int]] = []  # (seconds since start, the tree's PSS)
         self.label_peaks: dict[str, int] = {}
         self.peak = {"pss": 0, "rss": 0, "processes": 0, "t": 0.0, "by_label": {}}
         self._stop = threading.Event()
@@ -145,7 +150,7 @@ class TreeSampler:
             pss, rss = pss + mem["Pss"], rss + mem["Rss"]
             by_label[label] = by_label.get(label, 0) + mem["Pss"]
             self.label_peaks[label] = max(self.label_peaks.get(label, 0), mem["Pss"])
-        self.totals.append(pss)
+        self.totals.append((time.monotonic() - self._t0, pss))
         if pss > self.peak["pss"]:
             self.peak = {"pss": pss, "rss": rss, "processes": len(pids), "t": time.monotonic() - self._t0,
                          "by_label": by_label}

@@ -148,6 +148,8 @@ SCHEMA: dict[str, Key] = {
     "run.amp":                      Bool(True),
     "run.resume_ckpt_path":         Str(None),
     "run.evaluate":                 Bool(False, doc="evaluate only, no training"),
+    "run.evaluate_untrained":       Bool(False, doc="a fresh run first evaluates its test splits (else its valid "
+                                         "splits) as initialised, logged as untrained/<split>/<metric> at step 0"),
     "run.train_splits":             List("str", ["train"]),
     "run.valid_splits":             List("str", []),
     "run.test_splits":              List("str", []),

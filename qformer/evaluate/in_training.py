@@ -17,7 +17,7 @@ def evaluate_split(model: torch.nn.Module, cfg: Any, split: str, *, device: torc
     data = build_eval_split(cfg, split)
     result, scores = evaluate_retrieval_scores(
         model, data, k_test=int(cfg.run.k_test), batch_size=int(cfg.run.batch_size_eval), device=device, rank=rank,
-        world_size=world, autocast_dtype=autocast_dtype, label=f"eval {split}")
+        world_size=world, autocast_dtype=autocast_dtype, label=f"eval {split} at step {step}")
     if rank == 0 and tracker is not None:  # gallery + attention maps, rank 0 only (no collective)
         # lazy: matplotlib and the model package (~0.7 s) are not needed where this function is only
         # unpickled (Ray Train's controller, before every run and restart)

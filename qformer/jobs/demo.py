@@ -13,6 +13,7 @@ import torch
 
 from qformer.config import load_config
 from qformer.core import paths
+from qformer.core.memory import release_freed_memory
 from qformer.core.seeding import setup_seeds
 from qformer.data.pipeline import build_eval_split
 from qformer.data.synth import write_synthetic
@@ -25,10 +26,10 @@ from qformer.models import build_model
 from qformer.tracking.run_tracker import RunTracker, artifact_files
 from qformer.tracking.uri import mlflow_client, ui_hint
 from qformer.train.amp import amp_for_run
+from qformer.train.loop_config import UNTRAINED  # MLflow key prefix of the untrained model's evaluation
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "demo" / "tiny_shapes.yaml"
 REPORTED = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
-UNTRAINED = "untrained"  # MLflow key prefix of the untrained model's evaluation
 
 
 def under(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -54,8 +55,11 @@ def evaluate_untrained(cfg: Any, split: str) -> dict[str, float]:
     device = torch.device("cpu")
     amp = amp_for_run(cfg.run, device)  # the precision the loop evaluates in
     model = build_model(cfg.model, vit_fp16_on_cpu=amp.vit_fp16_on_cpu)
-    return evaluate_retrieval(model, build_eval_split(cfg, split), k_test=int(cfg.run.k_test),
-                              batch_size=int(cfg.run.batch_size_eval), device=device, autocast_dtype=amp.dtype)
+    metrics = evaluate_retrieval(model, build_eval_split(cfg, split), k_test=int(cfg.run.k_test),
+                                 batch_size=int(cfg.run.batch_size_eval), device=device, autocast_dtype=amp.dtype)
+    del model
+    release_freed_memory()  # the model and its evaluation's buffers would stay resident through the training
+    return metrics
 
 
 def run_demo(cfg_path: str | None = None, options: list[str] | None = None, fresh: bool = False) -> dict:
@@ -72,14 +76,24 @@ def run_demo(cfg_path: str | None = None, options: list[str] | None = None, fres
         if stored is not None:
             _print_summary(stored)
             return stored
+    print("connecting to Ray ...", flush=True)
     connect_ray(cfg)
-    print(f"evaluating the untrained model on '{split}' ...", flush=True)
-    before = evaluate_untrained(cfg, split)
+    in_run = bool(cfg.run.get("evaluate_untrained")) and split in (list(cfg.run.test_splits)
+                                                                  or list(cfg.run.valid_splits))
+    if in_run:  # the training worker evaluates its model before the first step: no second model here
+        print(f"training; the run first evaluates the untrained model on '{split}' ...", flush=True)
+        before = None
+    else:
+        print(f"evaluating the untrained model on '{split}' ...", flush=True)
+        before = evaluate_untrained(cfg, split)
     result = launch_training(cfg)
     after = under(result.metrics, split)
     if not after:  # the split was not evaluated by the loop (e.g. not in run.test_splits): do it here
         after = _evaluate_checkpoint(cfg, result.checkpoint_path, split)
-    _log_untrained(result, split, before)
+    if before is None:
+        before = _logged_untrained(result, split) or evaluate_untrained(cfg, split)
+    else:
+        _log_untrained(result, split, before)
     summary = {"data": str(data_root), "split": split, "before": before, "after": after,
                "checkpoint": result.checkpoint_path, "mlflow_run_id": result.mlflow_run_id,
                "tracking_uri": result.tracking_uri, **_pictures(result.tracking_uri, result.mlflow_run_id)}
@@ -97,6 +111,13 @@ def _log_untrained(result: Any, split: str, before: dict[str, float]) -> None:
             {f"{UNTRAINED}/{split}/{k}": float(v) for k, v in before.items()}, step=0)
     except Exception as err:  # the table still prints
         print(f"(could not log the untrained evaluation to MLflow: {err})")
+
+
+def _logged_untrained(result: Any, split: str) -> dict[str, float]:
+    """What the training run logged as its untrained evaluation (run.evaluate_untrained); {} if nothing."""
+    if not (result.tracking_uri and result.mlflow_run_id):
+        return {}
+    return under(mlflow_client(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics, f"{UNTRAINED}/{split}")
 
 
 def _stored_summary(cfg: Any, split: str, data_root: Path) -> dict | None:

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from qformer.config.batch_plan import BatchPlan
+from qformer.core.memory import release_freed_memory
 from qformer.core.progress import Progress
 from qformer.core.signals import note_training_finished
 from qformer.train.audit import TrainingAudit
 from qformer.train.checkpoint import ResumePoint
 from qformer.train.checkpoint_reporter import CheckpointReporter
-from qformer.train.loop_config import LoopConfig, call_hooks
+from qformer.train.loop_config import UNTRAINED, LoopConfig, call_hooks
 from qformer.train.lr_schedule import schedule_max_epoch
 from qformer.train.meters import LossMeter
 from qformer.train.metric_logger import MetricLogger
@@ -51,6 +52,8 @@ class TrainingLoop:
         if self.audit is not None:
             self.audit.record_start(start, self.plan)
         self.metrics.resume()
+        if start.step == 0 and self.run_cfg.get("evaluate_untrained"):
+            self.evaluate_untrained()
         inner = int(self.run_cfg.iters_per_inner_epoch) if self.iter_based else 0
         first_epoch = start.step // inner if self.iter_based else start.epoch  # runner_iter: from the step
         try:
@@ -143,11 +146,19 @@ class TrainingLoop:
     def evaluate(self, split: str) -> dict[str, float]:
         if self.lc.evaluate is None:
             return {}
+        release_freed_memory()  # the training steps' freed activations, before the evaluation's own buffers
         result = self.lc.evaluate(self.model, self.cfg, split, device=self.state.device, rank=self.rank,
                                   world=self.world, autocast_dtype=self.state.amp.dtype,
                                   tracker=self.metrics.tracker, step=self.state.global_step)
+        release_freed_memory()
         self.state.model.train()
         return result
+
+    def evaluate_untrained(self) -> None:
+        """The model as initialised, before its first step (the demo's "before" column), in the training's run."""
+        splits = list(self.run_cfg.test_splits) or list(self.run_cfg.valid_splits)
+        metrics = {f"{UNTRAINED}/{split}/{k}": v for split in splits for k, v in self.evaluate(split).items()}
+        self.metrics.log_final(metrics, step=0)
 
     def test_metrics(self) -> dict[str, float]:
         self.tested = True

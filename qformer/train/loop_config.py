@@ -13,6 +13,9 @@ from typing import Any, Callable, Protocol
 import torch
 
 
+UNTRAINED = "untrained"  # MLflow key prefix of run.evaluate_untrained's metrics: untrained/<split>/<metric>
+
+
 @dataclass(frozen=True)
 class TrackingTarget:
     """The MLflow run rank 0 logs into (created or reopened by the driver)."""

@@ -93,6 +93,7 @@ class TrainingLoop:
                 if log_now:
                     check_finite(self.state)  # collective in error mode; also keeps the next checkpoint a good one
                     self.metrics.log_step(self.state, self.model, epoch, i, length, out, bar)
+                    release_freed_memory(collect=False)  # the holes varying batch shapes leave in the heap
                 if self.after_step(epoch, i, at_epoch_end=length is not None and i >= length):
                     break
         finally:  # on an exception too: see run()

@@ -79,10 +79,11 @@ class TrainingLoop:
         try:
             while length is None or i < length:
                 t0 = time.perf_counter()
-                group = next(steps, None)
+                drawn = next(steps, None)
                 self.metrics.waited(time.perf_counter() - t0)
-                if group is None:
+                if drawn is None:
                     break
+                group, last = drawn
                 log_now = (self.state.global_step + 1) % self.log_freq == 0
                 out = self.train_step(group, epoch, i, log_now, epoch_meter)
                 i += 1
@@ -90,7 +91,7 @@ class TrainingLoop:
                 if log_now:
                     check_finite(self.state)  # collective in error mode; also keeps the next checkpoint a good one
                     self.metrics.log_step(self.state, self.model, epoch, i, length, out, bar)
-                if self.after_step(epoch, i, at_epoch_end=length is not None and i >= length):
+                if self.after_step(epoch, i, at_epoch_end=last or (length is not None and i >= length)):
                     break
         finally:  # on an exception too: see run()
             bar.close()

@@ -86,6 +86,7 @@ class TrainingLoop:
                 group, last = drawn
                 log_now = (self.state.global_step + 1) % self.log_freq == 0
                 out = self.train_step(group, epoch, i, log_now, epoch_meter)
+                self.metrics.log_world(self.state.global_step)  # once: where this world starts
                 i += 1
                 bar.update(1)
                 if log_now:

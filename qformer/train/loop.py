@@ -43,7 +43,9 @@ class TrainingLoop:
                                     float(run.mlflow.get("system_metrics_s") or 0.0))
         self.checkpoints = CheckpointReporter(rank, lc.cfg, model, lc.score_key, lc.local_checkpoint_root,
                                               int(run.keep_checkpoints), lc.tracking.run_id if lc.tracking else None)
-        self.preemption = PreemptionGuard(bool(run.elastic.preemption_checkpoint), int(run.accum_grad_iters))
+        elastic = lc.workers[0] != lc.workers[1]
+        self.preemption = PreemptionGuard(bool(run.elastic.preemption_checkpoint), int(run.accum_grad_iters),
+                                          grow=elastic and bool(run.elastic.grow_checkpoint))
         self.audit = TrainingAudit(lc.audit_dir, rank, world) if lc.audit_dir else None
         self.tested = False  # test splits evaluated (at the last epoch end, or in finish())
 
@@ -163,7 +165,7 @@ class TrainingLoop:
             self.metrics.tag({"last_checkpoint": persisted})
 
     def stop(self, epoch: int, i: int) -> None:
-        self.metrics.note({"preemption_checkpoint": 1.0}, self.state.global_step)  # the UI shows where
+        self.metrics.note({self.preemption.marker: 1.0}, self.state.global_step)  # the UI shows where
         self.preemption.stop(self.state.global_step, epoch, i)
 
     def finish(self) -> None:

@@ -23,6 +23,7 @@ from qformer.train.grow_notice import request_grow
 
 log = get_logger(__name__)
 BACKSTOP_FACTOR, BACKSTOP_MIN_S = 10.0, 300.0
+MAX_BACKOFF = 16  # a grow that restarted no larger waits up to this many intervals before the next notice
 _COORDINATOR_TIMEOUT_S = 10.0
 
 
@@ -40,13 +41,26 @@ class GrowAtStepBoundary(ControllerCallback, WorkerGroupCallback):
         self.requester_id: str | None = None
         self.group = None
         self.next_check = float("inf")
+        self.asked_at_size: int | None = None  # the group size when workers were last told to grow
+        self.backoff = 1
 
     def after_controller_start(self, train_run_context) -> None:
         self.requester_id = f"train-{train_run_context.run_id}"  # Ray's scaling policy asks under this id
 
     def after_worker_group_start(self, worker_group) -> None:
+        """A group that a grow notice restarted but that came back no larger (the placement found less than
+        the count promised) waits twice as long for the next notice, so a count Ray cannot place does not
+        restart the run every interval."""
+        size = len(worker_group.get_workers())
+        if self.asked_at_size is not None:
+            grew = size > self.asked_at_size
+            self.backoff = 1 if grew else min(self.backoff * 2, MAX_BACKOFF)
+            if not grew:
+                log.warning("the grow restart came back with %d workers (no more than before): the next grow notice "
+                            "in %.0f s", size, self.interval_s * self.backoff)
+            self.asked_at_size = None
         self.group = worker_group
-        self.next_check = time.monotonic() + self.interval_s
+        self.next_check = time.monotonic() + self.interval_s * self.backoff
 
     def before_worker_group_shutdown(self, worker_group) -> None:
         self.group = None
@@ -69,6 +83,7 @@ class GrowAtStepBoundary(ControllerCallback, WorkerGroupCallback):
         if possible > size:  # sent again at each check until the group stops: a notice is only a flag
             log.info("the cluster holds %d workers (the group has %d): asking the workers to checkpoint at the "
                      "next step boundary and restart at that size", possible, size)
+            self.asked_at_size = size
             for worker in group.get_workers():
                 worker.execute_async(request_grow, possible)
 

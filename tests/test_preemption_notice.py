@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from qformer.core import signals
-from qformer.train import preemption
+from qformer.train import grow_notice, preemption
 
 
 @pytest.fixture
@@ -38,6 +38,22 @@ def test_the_vote_without_a_process_group_is_this_process_flag(restore_sigterm):
     signals.install_preemption_handler()
     _deliver()
     assert vote.agreed()
+
+
+def test_the_grow_notice_rides_on_the_vote_and_a_preemption_takes_precedence(restore_sigterm):
+    """The controller's grow notice stops the ranks like a preemption notice, marked apart in MLflow; with both,
+    the stop is a preemption (its restart is at whatever size the cluster then holds anyway)."""
+    guard = preemption.PreemptionGuard(enabled=False, accum_grad_iters=1, grow=True)
+    assert not guard.stop_agreed(1)
+    grow_notice.request_grow(2)
+    try:
+        assert guard.stop_agreed(2) and guard.reason == preemption.GROW and guard.marker == "grow_checkpoint"
+        signals.install_preemption_handler()
+        _deliver()
+        assert preemption.StopVote().agreed() == preemption.PREEMPTION
+    finally:
+        grow_notice.clear_grow_request()
+    assert preemption.PreemptionGuard(enabled=False, accum_grad_iters=1).vote is None  # not elastic: no vote
 
 
 def test_install_outside_a_ray_actor_thread_leaves_signals_alone(restore_sigterm):

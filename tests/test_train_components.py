@@ -90,3 +90,34 @@ def test_ray_train_s_whole_report_lines_are_quieted_on_the_workers(caplog):
         assert "Reporting training result" not in caplog.text and ray_logger.level == logging.WARNING
     finally:
         ray_logger.setLevel(before)
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict]] = []
+
+    def log_metrics_buffered(self, metrics: dict, step: int) -> None:
+        self.logged.append((step, metrics))
+
+
+def test_each_worker_group_logs_its_world_once_at_its_first_step_also_a_step_logged_before():
+    """A restart after a node loss re-runs the steps since its checkpoint and keeps its weights for them: its
+    world goes to MLflow at its first step, though an earlier group logged that step (the later value counts),
+    once, and the per-step metrics leave the world keys out."""
+    from qformer.train.metric_logger import MetricLogger, WORLD_KEYS
+
+    plan = BatchPlan(world=1, worker_batch=4, micro_per_step=2, accum_grad_iters=2, lr_scale=1.0)
+    logger = MetricLogger(None, rank=0, world=1, plan=plan, outage_wait_s=0.0)
+    logger.tracker, logger.logged_through = _Tracker(), 4
+    logger.log_world(4)
+    logger.log_world(5)
+    assert logger.tracker.logged == [(4, {"world_size": 1.0, "global_batch": 8.0, "accum_grad_iters": 2.0,
+                                          "worker_batch": 4.0})]
+    assert tuple(logger.tracker.logged[0][1]) == WORLD_KEYS
+
+
+def test_the_world_size_chart_is_a_png():
+    from qformer.tracking.plots import world_size_png
+
+    png = world_size_png([(s, 1.0 / s) for s in range(1, 9)], [(1, 2.0), (4, 1.0), (4, 2.0)], {"grow checkpoint": [6]})
+    assert png.startswith(b"\x89PNG")

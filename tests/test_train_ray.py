@@ -80,7 +80,8 @@ def test_local_mode_mlflow_checkpoint_and_resume_after_crash(ray_cluster, tiny_b
                 "grad_norm", "cpu_rss_gb"):
         assert client.get_metric_history(run.info.run_id, key), key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/r_mean")] == [0, 1]  # step = epoch
-    # constants go to MLflow when they change: here at each worker process's first step (the crash restarted it)
+    # the world keys at each worker group's first trained step, the epoch when it changes (and at each worker
+    # process's first logged step): the crash restarted it at step 3
     assert [m.step for m in client.get_metric_history(run.info.run_id, "world_size")] == [1, 3]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1, 3, 4]
     system = {k for k in run.data.metrics if k.startswith("system/")}  # MLflow's System metrics tab

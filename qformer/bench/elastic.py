@@ -29,6 +29,7 @@ from typing import Any
 from qformer.bench.common import write_result
 from qformer.bench.sim_cluster import SimulatedRun
 from qformer.core.logs import setup_logging
+from qformer.tracking.plots import world_size_png
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", nargs="+", default=["resize", "preempt"], choices=["resize", "preempt"])
@@ -47,7 +48,11 @@ def run(args: argparse.Namespace) -> dict:
     summary = summarize(results)
     kept = ("error", "final_step", "mlflow_runs", "starts", "events", "recover_s", "steps_lost", "checkpoints")
     payload = {"summary": summary, "scenarios": {k: {f: v.get(f) for f in kept} for k, v in results.items()}}
-    write_result("elastic", payload, args.out_dir)
+    path = write_result("elastic", payload, args.out_dir)
+    if "resize" in results:
+        chart = path.with_name("elastic-latest.png")
+        chart.write_bytes(resize_chart(results["resize"]))
+        print(f"chart of the resize run: {chart}")
     for key, value in summary.items():
         print(f"{key:44s} {value}")
     return payload
@@ -61,12 +66,24 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         out["node_return_grow_s"] = resize["recover_s"].get("node_added")
         out["sigterm_recover_s"] = resize["recover_s"].get("sigterm")
         out["steps_lost_node_loss"] = resize["steps_lost"].get("node_removed")
+        out["steps_lost_node_return"] = resize["steps_lost"].get("node_added")
         out["steps_lost_sigterm_resize_run"] = resize["steps_lost"].get("sigterm")
     for key, label in (("preempt_with_checkpoint", "with"), ("preempt_without_checkpoint", "without")):
         if results.get(key):
             out[f"steps_lost_sigterm_{label}_checkpoint"] = results[key]["steps_lost"].get("sigterm")
             out[f"sigterm_recover_s_{label}_checkpoint"] = results[key]["recover_s"].get("sigterm")
     return out
+
+
+def resize_chart(resize: dict) -> bytes:
+    """The resize run's loss and MLflow world_size series, with its grow and preemption checkpoints."""
+    metrics = resize["metrics"]
+    marks = {"grow checkpoint": [s for s, _ in metrics.get("grow_checkpoint", [])],
+             "preemption checkpoint": [s for s, _ in metrics.get("preemption_checkpoint", [])]}
+    removed = [e["last_step_before"] for e in resize["events"] if e["name"] == "node_removed"]
+    marks["node removed (after step)"] = removed
+    return world_size_png(metrics["loss"], metrics["world_size"], marks,
+                          title="qformer bench elastic: node lost, node back, SIGTERM")
 
 
 def run_scenario(name: str, options: dict | None = None, timeout_s: float = 600.0, work_root: str | None = None) -> dict:
@@ -86,21 +103,30 @@ def run_scenario(name: str, options: dict | None = None, timeout_s: float = 600.
 
 def _resize(work: Path, options: dict) -> dict:
     """Two nodes -> one (node removed mid-epoch) -> two (node added) -> SIGTERM to a worker. The training holds
-    at steps 4, 10 and 13 until each event has happened, so the events land at the same steps on any machine."""
+    at steps 4, 10 and 13 until each event has happened, so the events land at the same steps on any machine.
+    The lost-sample ledger starts on the node that is removed; two training images are bad from the start and
+    a third goes bad after the loss (35 images: every pass still has 8 steps of the global batch 8)."""
     scenario = SimulatedRun(work, nodes=2, run={"ray": {"num_workers": [1, 2]}, "save_freq_steps": 3, "max_epoch": 3},
-                            model=options.get("model"), holds=(4, 10, 13), notice_hold=13)
+                            model=options.get("model"), holds=(4, 10, 13), notice_holds=(10, 13), n_train=35,
+                            ledger_on_last_node=True)
     try:
+        for index in BAD_FROM_START:
+            scenario.plant_bad_image(index)
         scenario.start()
         scenario.wait(lambda: scenario.registered(3) and len(scenario.starts()) == 1 and scenario.last_step() >= 4,
                       "the step-3 checkpoint and step 4")
         scenario.event("node_removed", lambda: scenario.cluster.remove_node(scenario.nodes.pop()))
+        scenario.plant_bad_image(BAD_AFTER_LOSS)
         scenario.release(4)
         scenario.wait_restart("node_removed")
+        # step 10 on one worker: the node comes back; the controller's grow notice reaches the held workers, which
+        # then train step 11, checkpoint it and restart on two
+        scenario.wait(lambda: scenario.last_step() >= 10, "step 10 on one worker")
         scenario.event("node_added", lambda: scenario.nodes.append(scenario.add_node()))
-        scenario.wait(lambda: scenario.starts()[-1]["world"] == 2 and len(scenario.starts()) >= 3,
-                      "the group to grow back to two workers")
+        scenario.wait(lambda: scenario.notice_seen(10), "the grow notice in the workers")
         scenario.release(10)
         scenario.wait_restart("node_added")
+        scenario.wait(lambda: scenario.starts()[-1]["world"] == 2, "the group grown back to two workers")
         # step 13: its next step (14) has no periodic checkpoint (every 3), so the notice's own one is seen
         scenario.wait(lambda: scenario.last_step() >= 13, "step 13 on the grown group")
         scenario.event("sigterm", lambda: scenario.workers()[0].send_signal(signal.SIGTERM))
@@ -110,6 +136,9 @@ def _resize(work: Path, options: dict) -> dict:
         return scenario.finish()
     finally:
         scenario.close()
+
+
+BAD_FROM_START, BAD_AFTER_LOSS = (0, 1), 34  # training images, 2 captions each: 4 and 2 samples lost per pass
 
 
 def _preempt(work: Path, options: dict) -> dict:

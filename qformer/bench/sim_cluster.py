@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qformer.core.signals import preemption_requested
+from qformer.train.grow_notice import grow_requested
 
 NODE_RESOURCE = "qf_node"
 OBJECT_STORE = 160 * 1024**2
@@ -26,8 +27,8 @@ HOLD_S = 300.0  # a hold is released by the scenario; this only bounds a scenari
 @dataclass(frozen=True)
 class HoldAt:
     """A step hook: after global step `step`, every rank waits until the file `release` exists, so a scenario's
-    event lands at a known step however fast the machine trains. A rank that receives a preemption notice while
-    it waits creates `notice` (the SIGTERM event releases the hold only once the notice has arrived)."""
+    event lands at a known step however fast the machine trains. A rank that receives a preemption or grow
+    notice while it waits creates `notice` (the event releases the hold only once the notice has arrived)."""
 
     step: int
     release: str
@@ -38,7 +39,7 @@ class HoldAt:
             return
         deadline = time.monotonic() + HOLD_S
         while not Path(self.release).exists() and time.monotonic() < deadline:
-            if self.notice and preemption_requested():
+            if self.notice and (preemption_requested() or grow_requested()):
                 Path(self.notice).touch()
             time.sleep(0.1)
 
@@ -47,9 +48,10 @@ class SimulatedRun:
     """A simulated cluster, a training run in a thread, and the observations the scenarios assert on."""
 
     def __init__(self, work: Path, nodes: int, run: dict, model: dict | None = None, holds: tuple[int, ...] = (),
-                 notice_hold: int | None = None):
-        """`holds`: global steps the training waits at until `release(step)`; at `notice_hold` it also
-        reports a preemption notice (`notice_seen`)."""
+                 notice_holds: tuple[int, ...] = (), n_train: int = 32, ledger_on_last_node: bool = False):
+        """`holds`: global steps the training waits at until `release(step)`; at `notice_holds` it also
+        reports a preemption or grow notice (`notice_seen`). `ledger_on_last_node`: the lost-sample ledger
+        starts on the last worker node (the one a scenario removes), not where Ray would put it."""
         # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
         from ray.cluster_utils import Cluster
 
@@ -58,9 +60,9 @@ class SimulatedRun:
 
         self.work = work
         self.holds = tuple(HoldAt(step, str(work / f"release-{step}"),
-                                  str(work / f"notice-{step}") if step == notice_hold else "") for step in holds)
-        data = work / "data"
-        write_synthetic(data, n_train=32, n_val=4, n_test=4, image_size=64, captions_per_image=2)
+                                  str(work / f"notice-{step}") if step in notice_holds else "") for step in holds)
+        self.data = data = work / "data"
+        write_synthetic(data, n_train=n_train, n_val=4, n_test=4, image_size=64, captions_per_image=2)
         base = {"batch_size_train": 4, "batch_size_eval": 4, "init_lr": 1e-4, "min_lr": 1e-5, "warmup_lr": 0.0,
                 "warmup_steps": 4, "max_epoch": 2, "log_freq": 1, "k_test": 2, "output_dir": str(work / "out"),
                 "valid_splits": [], "test_splits": [], "amp": False, "keep_checkpoints": 50,
@@ -80,6 +82,7 @@ class SimulatedRun:
             "num_cpus": 1, "object_store_memory": OBJECT_STORE, "include_dashboard": False})
         self.nodes = [self.add_node() for _ in range(nodes)]
         self.cluster.wait_for_nodes()
+        self.ledger = self.pin_ledger(self.nodes[-1]) if ledger_on_last_node else None
         self.events: list[dict] = []
         self.outcome: dict[str, Any] = {}
         self.thread: threading.Thread | None = None
@@ -87,6 +90,22 @@ class SimulatedRun:
 
     def add_node(self):
         return self.cluster.add_node(num_cpus=1, resources={NODE_RESOURCE: 1}, object_store_memory=OBJECT_STORE)
+
+    def pin_ledger(self, node):
+        """The run's lost-sample ledger, created on `node` before the run (its driver's start finds and keeps it)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from qformer.data.stats import COUNTER_NAME, LossLedger
+
+        actor = ray.remote(num_cpus=0)(LossLedger).options(
+            name=COUNTER_NAME, scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote()
+        ray.get(actor.total.remote())  # placed and running
+        return actor
+
+    def plant_bad_image(self, index: int) -> None:
+        """Overwrite training image `index` with bytes no decoder reads (each pass then skips its captions)."""
+        (self.data / "images" / "train" / f"train_{index:06d}.jpg").write_bytes(b"not an image" * 8)
 
     def start(self) -> None:
         # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
@@ -118,7 +137,9 @@ class SimulatedRun:
         run_id = self.run_id()
         if run_id is None:
             return []
-        return sorted((m.step, m.value) for m in mlflow_client(self.uri).get_metric_history(run_id, key))
+        # by step, then in the order logged: where a restart logged a step again, the last value is the kept one
+        history = mlflow_client(self.uri).get_metric_history(run_id, key)
+        return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
     def last_step(self) -> int:
         return max((s for s, _ in self.history("loss")), default=0)
@@ -161,9 +182,10 @@ class SimulatedRun:
         """Do `act`, note the step reached before it, the group starts so far and the time."""
         before = self.last_step()
         starts = len(self.starts())
+        skipped = self.history("skipped_images")
         act()
         self.events.append({"name": name, "t": time.monotonic() - self.t0, "last_step_before": before,
-                            "starts_before": starts})
+                            "starts_before": starts, "skipped_before": skipped[-1][1] if skipped else None})
 
     def wait_restart(self, name: str) -> None:
         """Until a group started after event `name` has trained a step past the one reached before it."""
@@ -199,7 +221,8 @@ class SimulatedRun:
             "loss_steps": loss_steps, "events": self.events, "starts": starts, "recover_s": recover,
             "steps_lost": lost,
             "metrics": {k: self.history(k) for k in ("world_size", "global_batch", "accum_grad_iters", "worker_batch",
-                                                     "lr", "preemption_checkpoint")},
+                                                     "lr", "loss", "preemption_checkpoint", "grow_checkpoint",
+                                                     "skipped_images")},
             "checkpoints": _checkpoint_steps(Path(result.storage_path) / result.name) if result else [],
         }
 

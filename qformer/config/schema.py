@@ -203,6 +203,9 @@ SCHEMA: dict[str, Key] = {
                                                         "null: max workers"),
     "run.elastic.preemption_checkpoint": Bool(True, doc="a worker sent SIGTERM finishes its step, every rank "
                                                         "saves a checkpoint, then the group restarts from it"),
+    "run.elastic.grow_checkpoint":  Bool(True, doc="elastic runs: when the cluster holds more workers, every rank "
+                                                   "saves a checkpoint at the next step boundary and the group "
+                                                   "restarts larger from it (false: Ray's resize, mid-step)"),
     "run.mlflow.tracking_uri":      Str(None, doc="else MLFLOW_TRACKING_URI, else sqlite under QFORMER_HOME"),
     "run.mlflow.experiment_name":   Str("qformer-stage1", check=checks.non_empty),
     "run.mlflow.run_name":          Str(None),

@@ -110,14 +110,39 @@ def start_counter():
 
 
 def _call(method: str, *args):
-    """`method` on the job's ledger (created by the writers when missing), else on this process's."""
-    actor = _get_actor(create=method in ("add", "restore"))
+    """`method` on the job's ledger (created by the writers when missing), else on this process's. A ledger
+    whose node died is replaced (see _replace_dead); its count comes back with the next restart's restore."""
+    create = method in ("add", "restore")
+    actor = _get_actor(create)
     if actor is None:
         return getattr(_local, method)(*args)
     import ray  # lazy: see the module docstring
 
-    # waited for (losses are rare): the count is exact by the time the batch is consumed
-    return ray.get(getattr(actor, method).remote(*args))
+    try:  # waited for (losses are rare): the count is exact by the time the batch is consumed
+        return ray.get(getattr(actor, method).remote(*args))
+    except ray.exceptions.RayActorError:
+        _replace_dead(actor)
+        actor = _get_actor(create)
+        if actor is None:
+            return getattr(_local, method)(*args)
+        return ray.get(getattr(actor, method).remote(*args))
+
+
+def _replace_dead(actor) -> None:
+    """The ledger died with its node (a lost worker node held it). Its name stays bound to the dead actor while
+    the owner lives, so lookups keep finding it: killing it frees the name, and the next writer (or the
+    restarted rank 0, restoring the checkpoint's count) creates a new ledger under it."""
+    import ray  # lazy: see the module docstring
+
+    global _owned
+    log.warning("the lost-sample ledger died with its node: starting a new one (the restart restores its count "
+                "from the checkpoint)")
+    try:
+        ray.kill(actor)
+    except Exception:  # noqa: BLE001 - already gone: the name is free
+        pass
+    if _owned is not None and _owned._actor_id == actor._actor_id:
+        _owned = None
 
 
 def record_skipped(reasons: list[str], reason: str = UNDECODABLE, unit: str | None = None) -> None:

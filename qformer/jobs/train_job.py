@@ -33,6 +33,7 @@ from qformer.data.preflight import check_images
 from qformer.evaluate.in_training import evaluate_split
 from qformer.features import dataset as cached_train_datasets
 from qformer.jobs.elastic_capacity import RefreshCapacityOnRetry
+from qformer.jobs.elastic_grow import GrowAtStepBoundary, ray_resize_interval
 from qformer.jobs.ray_cluster import connect_ray, use_gpu
 from qformer.tracking.run_tracker import end_status
 from qformer.tracking.training_run import best_checkpoint_path, finish_tracking, score_key, start_tracking
@@ -141,15 +142,19 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
         if not type(hook).__module__.startswith("qformer"):
             ray.cloudpickle.register_pickle_by_value(sys.modules[type(hook).__module__])
     resources = cfg.run.ray.get("resources_per_worker")
+    is_elastic, interval = workers[0] != workers[1], float(cfg.run.ray.elastic_resize_interval_s)
+    grow_checkpoint = is_elastic and bool(cfg.run.elastic.grow_checkpoint)
     scaling = ray.train.ScalingConfig(
-        num_workers=workers if workers[0] != workers[1] else num_workers, use_gpu=gpu,
+        num_workers=workers if is_elastic else num_workers, use_gpu=gpu,
         resources_per_worker=dict(OmegaConf.to_container(resources)) if resources else None,
-        elastic_resize_monitor_interval_s=float(cfg.run.ray.elastic_resize_interval_s),
+        elastic_resize_monitor_interval_s=ray_resize_interval(interval, grow_checkpoint),
     )
-    if workers[0] != workers[1] and int(cfg.run.ray.max_failures) == 0:
+    if is_elastic and int(cfg.run.ray.max_failures) == 0:
         log.warning("run.ray.num_workers is elastic but run.ray.max_failures is 0: a lost node (or a preemption "
-                    "checkpoint) ends the run instead of continuing with fewer workers; set it to -1 or more")
-    elastic = [RefreshCapacityOnRetry()] if workers[0] != workers[1] else []  # shrink without a wait
+                    "or grow checkpoint) ends the run instead of continuing at another size; set it to -1 or more")
+    elastic = [RefreshCapacityOnRetry()] if is_elastic else []  # shrink without a wait
+    if grow_checkpoint:  # grow from a checkpoint at a step boundary
+        elastic.append(GrowAtStepBoundary(scaling, interval))
     run_config = ray.train.RunConfig(
         name=name, storage_path=storage, checkpoint_config=checkpoint_config,
         failure_config=ray.train.FailureConfig(max_failures=int(cfg.run.ray.max_failures),

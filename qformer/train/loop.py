@@ -44,7 +44,9 @@ class TrainingLoop:
                                     float(run.mlflow.get("system_metrics_s") or 0.0))
         self.checkpoints = CheckpointReporter(rank, lc.cfg, model, lc.score_key, lc.local_checkpoint_root,
                                               int(run.keep_checkpoints), lc.tracking.run_id if lc.tracking else None)
-        self.preemption = PreemptionGuard(bool(run.elastic.preemption_checkpoint), int(run.accum_grad_iters))
+        elastic = lc.workers[0] != lc.workers[1]
+        self.preemption = PreemptionGuard(bool(run.elastic.preemption_checkpoint), int(run.accum_grad_iters),
+                                          grow=elastic and bool(run.elastic.grow_checkpoint))
         self.audit = TrainingAudit(lc.audit_dir, rank, world) if lc.audit_dir else None
         self.tested = False  # test splits evaluated (at the last epoch end, or in finish())
 
@@ -82,19 +84,21 @@ class TrainingLoop:
         try:
             while length is None or i < length:
                 t0 = time.perf_counter()
-                group = next(steps, None)
+                drawn = next(steps, None)
                 self.metrics.waited(time.perf_counter() - t0)
-                if group is None:
+                if drawn is None:
                     break
+                group, last = drawn
                 log_now = (self.state.global_step + 1) % self.log_freq == 0
                 out = self.train_step(group, epoch, i, log_now, epoch_meter)
+                self.metrics.log_world(self.state.global_step)  # once: where this world starts
                 i += 1
                 bar.update(1)
                 if log_now:
                     check_finite(self.state)  # collective in error mode; also keeps the next checkpoint a good one
                     self.metrics.log_step(self.state, self.model, epoch, i, length, out, bar)
                     release_freed_memory(collect=False)  # the holes varying batch shapes leave in the heap
-                if self.after_step(epoch, i, at_epoch_end=length is not None and i >= length):
+                if self.after_step(epoch, i, at_epoch_end=last or (length is not None and i >= length)):
                     break
         finally:  # on an exception too: see run()
             bar.close()
@@ -173,7 +177,7 @@ class TrainingLoop:
             self.metrics.tag({"last_checkpoint": persisted})
 
     def stop(self, epoch: int, i: int) -> None:
-        self.metrics.note({"preemption_checkpoint": 1.0}, self.state.global_step)  # the UI shows where
+        self.metrics.note({self.preemption.marker: 1.0}, self.state.global_step)  # the UI shows where
         self.preemption.stop(self.state.global_step, epoch, i)
 
     def finish(self) -> None:

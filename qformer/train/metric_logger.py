@@ -19,9 +19,10 @@ from qformer.train.step import StepOutput, TrainState
 
 log = get_logger("train")
 
-# logged when they change: the epoch, the counters of skipped steps, the loss scale, and what the world size sets
-SLOW_KEYS = frozenset({"epoch", "skipped_nonfinite", "skipped_overflow", "grad_scale", "world_size", "global_batch",
-                       "accum_grad_iters", "worker_batch", "skipped_images"})
+# logged when they change: the epoch, the counters of skipped steps, the loss scale
+SLOW_KEYS = frozenset({"epoch", "skipped_nonfinite", "skipped_overflow", "grad_scale", "skipped_images"})
+# what the world size sets: logged once per worker group, at the first step it trains (see log_world)
+WORLD_KEYS = ("world_size", "global_batch", "accum_grad_iters", "worker_batch")
 
 
 class MetricLogger:
@@ -36,6 +37,7 @@ class MetricLogger:
             self.system = start_system_metrics(target, system_metrics_s)
         self.logged_through = 0  # steps up to this one are in MLflow already (a restart re-runs them)
         self.slow_values: dict[str, float] = {}  # the last logged value of each key in SLOW_KEYS
+        self.world_logged = False
         self.window = LossMeter()
         self.last: dict[str, float] = {}  # loss and lr of the last log step (step checkpoints report them)
         self.start_window()
@@ -72,11 +74,6 @@ class MetricLogger:
             # and the optimiser steps skipped for an overflow since this worker started
             "grad_scale": state.scaler.get_scale() if state.scaler is not None else None,
             "skipped_overflow": float(state.skipped_overflow) if state.scaler is not None else None,
-            # elastic training: the MLflow UI shows every resize and what it kept
-            "world_size": float(self.world),
-            "global_batch": float(self.plan.global_batch),
-            "accum_grad_iters": float(self.plan.accum_grad_iters),
-            "worker_batch": float(self.plan.worker_batch),
         })
         metrics = {k: v for k, v in metrics.items() if v is not None}
         if self.rank == 0:
@@ -92,6 +89,20 @@ class MetricLogger:
                      metrics.get("loss_lm", math.nan), out.lr, metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
         self.last = {k: metrics[k] for k in ("loss", "lr") if k in metrics}
         self.start_window()
+
+    def log_world(self, step: int) -> None:
+        """At this worker group's first trained step: world_size, global_batch, accum_grad_iters, worker_batch.
+        A restart re-runs the steps since its checkpoint and keeps its own weights for them, so its world is
+        logged at the step it starts from, also where an earlier group logged that step (MLflow appends; the
+        value logged last at a step is the kept one): read as a step function, the series gives the world that
+        trained each kept step, and every resize is a point at the step where the new world began."""
+        if self.world_logged:
+            return
+        self.world_logged = True
+        if self.tracker is not None:
+            values = {"world_size": self.world, "global_batch": self.plan.global_batch,
+                      "accum_grad_iters": self.plan.accum_grad_iters, "worker_batch": self.plan.worker_batch}
+            self.tracker.log_metrics_buffered({k: float(values[k]) for k in WORLD_KEYS}, step=step)
 
     def _changed(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """What goes to MLflow: SLOW_KEYS only when they change (and at this worker's first logged step): a chart

@@ -1,4 +1,5 @@
 """Preemption notice: a worker sent SIGTERM finishes its step, every rank checkpoints, then the group restarts.
+The grow notice (qformer.train.grow_notice: the cluster can hold more workers) rides on the same vote.
 
 Why this shape:
 - The signal itself is noted by qformer.core.signals (install_preemption_handler); this module puts that
@@ -8,7 +9,7 @@ Why this shape:
   `RayTrainWorker.execute(fn)` runs `fn` there, so the handler is installed through the worker's own actor
   handle. The handler only sets a flag; the main thread runs it at the next poll (every ~2 s).
 - `ray.train.report` is a barrier, so all ranks must agree on the step that checkpoints: `agreed()` is a
-  MAX all-reduce of the flag, on a gloo group (CPU, no device sync), at optimiser-step boundaries.
+  MAX all-reduce of the flags, on a gloo group (CPU, no device sync), at optimiser-step boundaries.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from qformer.core.logs import get_logger
 from qformer.core.signals import install_preemption_handler, preemption_requested
+from qformer.train.grow_notice import grow_requested
 
 log = get_logger("train")
 
@@ -28,6 +30,14 @@ log = get_logger("train")
 class PreemptedError(RuntimeError):
     """Raised on every rank after the preemption checkpoint: Ray Train restarts the group from it
     (run.ray.max_failures must allow the restart)."""
+
+
+class GrowRestart(RuntimeError):
+    """Raised on every rank after the grow checkpoint: Ray Train restarts the group from it, at the size the
+    cluster now holds (a worker error to Ray: run.ray.max_failures must allow the restart)."""
+
+
+PREEMPTION, GROW = "preemption", "grow"  # why the ranks stop, in the vote's order of precedence
 
 
 def install() -> bool:
@@ -48,7 +58,7 @@ def install() -> bool:
 
 
 class StopVote:
-    """The cross-rank "stop requested" flag: one small all-reduce on a CPU (gloo) group."""
+    """The cross-rank "stop requested" flags (preemption, grow): one small all-reduce on a CPU (gloo) group."""
 
     def __init__(self) -> None:
         self.group = None
@@ -56,30 +66,43 @@ class StopVote:
             # a NCCL default group would need a device tensor and a host sync; every rank creates this
             self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank was asked to stop (a collective: call it at the same steps)."""
-        flag = torch.tensor([1 if preemption_requested() else 0], dtype=torch.int32)
+    def agreed(self) -> str | None:
+        """Why every rank stops (PREEMPTION before GROW) when any rank was asked to, else None (a collective:
+        call it at the same steps)."""
+        flags = torch.tensor([int(preemption_requested()), int(grow_requested())], dtype=torch.int32)
         if self.group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        preempt, grow = flags.tolist()
+        return PREEMPTION if preempt else GROW if grow else None
 
 
 class PreemptionGuard:
     """The loop's side of a preemption notice: vote at optimiser-step boundaries (a checkpoint mid-
     accumulation would lose the accumulated gradients), then, after the checkpoint, stop every rank."""
 
-    def __init__(self, enabled: bool, accum_grad_iters: int) -> None:
+    def __init__(self, enabled: bool, accum_grad_iters: int, grow: bool = False) -> None:
+        """`enabled`: SIGTERM is a notice; `grow`: the grow notice is acted on (elastic runs)."""
         self.vote = None
         if enabled:  # every rank votes at the same steps, also where the handler could not be installed
             install()
+        if enabled or grow:
             self.vote = StopVote()
         self.every = max(1, accum_grad_iters)
-        self.stopping = False
+        self.reason: str | None = None  # PREEMPTION or GROW once agreed
+
+    @property
+    def stopping(self) -> bool:
+        return self.reason is not None
+
+    @property
+    def marker(self) -> str:
+        """The MLflow metric that marks the step of this stop's checkpoint."""
+        return "grow_checkpoint" if self.reason == GROW else "preemption_checkpoint"
 
     def stop_agreed(self, i: int) -> bool:
         if self.vote is None or i % self.every:
             return False
-        self.stopping = self.stopping or self.vote.agreed()
+        self.reason = self.reason or self.vote.agreed()
         return self.stopping
 
     def stop(self, step: int, epoch: int, i: int) -> None:
@@ -91,5 +114,8 @@ class PreemptionGuard:
         ray.train.report({"step": step, "preempted": 1.0})
         if self.vote is not None and self.vote.group is not None:
             dist.barrier(group=self.vote.group)
+        if self.reason == GROW:
+            raise GrowRestart(f"the cluster holds more workers: every rank saved a checkpoint at global step {step} "
+                              f"(epoch {epoch} iter {i}); Ray Train restarts the worker group larger from it")
         raise PreemptedError(f"preempted (SIGTERM): every rank saved a checkpoint at global step {step} (epoch "
                              f"{epoch} iter {i}); Ray Train restarts the worker group from it (run.ray.max_failures)")

@@ -55,9 +55,17 @@ class TrainingStreams:
         return known if known is not None else (int(self.num_rows.get("train") or 0) // self.plan.samples_per_step
                                                 or None)
 
-    def steps(self, epoch: int, begin: int) -> Iterator[list[dict]]:
-        """This epoch's optimiser steps from step `begin` on, each a list of micro-batches."""
-        return _grouped(self._batches(epoch, begin * self.plan.micro_per_step), self.plan.micro_per_step)
+    def steps(self, epoch: int, begin: int) -> Iterator[tuple[list[dict], bool]]:
+        """This epoch's optimiser steps from step `begin` on: each a list of micro-batches and whether it is
+        the epoch's last. Where the epoch length is not known up front (one stream read to its end), the
+        next step is read one ahead, so the last step is known when it is trained (its checkpoint is the
+        epoch's end, not a step checkpoint followed by an end one); elsewhere the loop counts to the length
+        and the flag stays False. A step's batches give up their position columns only when it is handed
+        over, so a checkpoint never counts the step read ahead."""
+        pairs = self._batches(epoch, begin * self.plan.micro_per_step)
+        if self.steps_per_epoch() is not None:  # cycling streams start passes while read: observe in order
+            return ((group, False) for group in _grouped(self._observed(pairs), self.plan.micro_per_step))
+        return self._looking_ahead(_grouped(pairs, self.plan.micro_per_step))
 
     def settled_positions(self) -> dict[str, dict]:
         """Every stream's position agreed over the ranks, for a checkpoint (a collective)."""
@@ -67,7 +75,22 @@ class TrainingStreams:
         for stream in self._endless.values():
             stream.close()
 
-    def _batches(self, epoch: int, begin: int) -> Iterator[dict]:
+    def _observed(self, pairs: Iterator[tuple[str, dict]]) -> Iterator[dict]:
+        for name, batch in pairs:
+            self.positions[name].observe(batch)
+            yield batch
+
+    def _looking_ahead(self, groups: Iterator[list[tuple[str, dict]]]) -> Iterator[tuple[list[dict], bool]]:
+        try:
+            current = next(groups, None)
+            while current is not None:
+                upcoming = next(groups, None)
+                yield list(self._observed(iter(current))), upcoming is None
+                current = upcoming
+        finally:
+            groups.close()
+
+    def _batches(self, epoch: int, begin: int) -> Iterator[tuple[str, dict]]:
         if self.iter_based or self.ratios:
             if not self._endless:  # one endless stream per source, closed in close()
                 first = {n: self.positions[n].position.pass_ if self.position_restored else epoch for n in self.names}
@@ -86,15 +109,15 @@ class TrainingStreams:
             for it in iters.values():
                 it.close()
 
-    def _draw(self, iters: dict[str, Iterator[dict]], epoch: int, begin: int) -> Iterator[dict]:
+    def _draw(self, iters: dict[str, Iterator[dict]], epoch: int, begin: int) -> Iterator[tuple[str, dict]]:
+        """(stream name, micro-batch), its position columns still in it (see steps())."""
         i = begin
         while True:
             name = pick_stream(self.ratios, int(self.run.seed), epoch, i) if self.ratios else self.names[0]
             batch = next(iters[name], None)
             if batch is None:
                 return
-            self.positions[name].observe(batch)
-            yield batch
+            yield name, batch
             i += 1
 
     def _source(self, name: str, first_pass: int, cycle: bool) -> Iterator[dict]:
@@ -146,7 +169,7 @@ def _gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _grouped(batches: Iterator[dict], size: int) -> Iterator[list[dict]]:
+def _grouped(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
     """Consecutive micro-batches, `size` at a time (one step's); an incomplete last group is dropped."""
     group: list[dict] = []
     try:

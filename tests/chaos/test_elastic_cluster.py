@@ -17,14 +17,20 @@ def resize(tiny_bert, tmp_path_factory):
                         work_root=str(tmp_path_factory.mktemp("elastic")))
 
 
-def _metric_at(history: list, step: int) -> float:
-    return dict(history)[step]
+def _value_at(history: list, step: int) -> float:
+    """A series read as a step function: the value logged last at the latest step not after `step`."""
+    return dict(history)[max(s for s, _ in history if s <= step)]
 
 
-def test_node_loss_shrinks_keeps_the_global_batch_and_the_node_return_grows(resize, chaos_report):
+def _kept_world(starts: list[dict], step: int) -> int:
+    """The world of the group whose weights for `step` were kept: the last one that resumed before it."""
+    return [s for s in starts if s["step"] < step][-1]["world"]
+
+
+def test_node_loss_shrinks_keeps_the_global_batch_and_the_node_return_grows_at_a_step_boundary(resize, chaos_report):
     assert resize["error"] is None, resize["error"]
     starts = resize["starts"]
-    # first group on both nodes; after the node loss one worker; back to two at the next resize check
+    # first group on both nodes; after the node loss one worker; back to two when the node returns
     assert [s["world"] for s in starts[:3]] == [2, 1, 2]
     one = starts[1]
     assert (one["worker_batch"], one["micro_per_step"], one["accum_grad_iters"], one["global_batch"]) == (4, 2, 2, 8)
@@ -34,23 +40,56 @@ def test_node_loss_shrinks_keeps_the_global_batch_and_the_node_return_grows(resi
         assert starts[event["starts_before"]]["step"] in resize["checkpoints"]
     assert one["step"] >= 3
     assert resize["steps_lost"]["node_removed"] <= 3  # save_freq_steps bounds what a node loss costs
-    # MLflow shows the resize: world_size 2 -> 1 -> 2, global_batch 8 throughout, accumulation 1 -> 2 -> 1
-    world = [v for _, v in resize["metrics"]["world_size"]]
-    assert 1.0 in world and world[0] == world[-1] == 2.0
-    assert {v for _, v in resize["metrics"]["global_batch"]} == {8.0}
-    assert {v for _, v in resize["metrics"]["accum_grad_iters"]} == {1.0, 2.0}
-    for step, size in resize["metrics"]["world_size"]:
-        assert _metric_at(resize["metrics"]["accum_grad_iters"], step) == 2 / size
-    removed = next(e for e in resize["events"] if e["name"] == "node_removed")
+    # the node's return: the ranks checkpointed at the step boundary after the grow notice (step 11, past the
+    # hold at 10) and the larger group resumed there, so no step was trained twice
     added = next(e for e in resize["events"] if e["name"] == "node_added")
+    grown = starts[added["starts_before"]]
+    assert [step for step, _ in resize["metrics"]["grow_checkpoint"]] == [grown["step"]] == [11]
+    assert resize["steps_lost"]["node_added"] == 0
+    removed = next(e for e in resize["events"] if e["name"] == "node_removed")
     chaos_report(ChaosRow("node lost mid-epoch (elastic [1, 2], keep=global_batch)",
                           "continues on 1 worker from the last checkpoint, global batch 8 (accumulation 2)", 0,
                           resize["steps_lost"].get("node_removed"), resize["mlflow_runs"],
                           resize["recover_s"].get("node_removed")))
-    chaos_report(ChaosRow("node back", "grows to 2 workers at the next resize check", 0,
+    chaos_report(ChaosRow("node back", "the ranks checkpoint at the next step; the group restarts on 2 from it", 0,
                           resize["steps_lost"].get("node_added"), resize["mlflow_runs"],
                           resize["recover_s"].get("node_added")))
     assert added["t"] > removed["t"]
+
+
+def test_mlflow_s_world_series_is_the_world_that_trained_each_kept_step(resize):
+    """world_size 2 -> 1 -> 2 with accumulation 1 -> 2 -> 1, each logged at the step its group began: step 4,
+    trained first on two workers and again (kept) on one after the node loss, reads 1."""
+    assert resize["error"] is None, resize["error"]
+    metrics, starts = resize["metrics"], resize["starts"]
+    for step in range(1, resize["final_step"] + 1):
+        world = _kept_world(starts, step)
+        assert _value_at(metrics["world_size"], step) == world, step
+        assert _value_at(metrics["accum_grad_iters"], step) == 2 / world, step
+    assert {v for _, v in metrics["global_batch"]} == {8.0}
+    assert _value_at(metrics["world_size"], starts[1]["step"] + 1) == 1.0  # the re-run step shows the kept world
+
+
+def test_one_checkpoint_per_step_even_at_an_epoch_end_of_a_stream_of_unknown_length(resize):
+    """Epochs end at steps 8, 16 and 24 (read to the stream's end: no length up front); 24 is also a multiple of
+    save_freq_steps (3): it has one checkpoint, the epoch end's."""
+    assert resize["error"] is None, resize["error"]
+    steps = resize["checkpoints"]
+    assert len(steps) == len(set(steps)), steps
+    assert {8, 16, 24} <= set(steps)
+
+
+def test_the_skipped_image_count_survives_the_loss_of_the_node_that_held_its_ledger(resize):
+    """The ledger started on the removed node. Two images are bad in every pass (4 samples), a third (2) from
+    the node loss on: each of its 2 samples in 2 or 3 passes (epoch 0 may have read it before, and its
+    samples can sit in two read units). The count never goes down across the loss and the restarts (the
+    dead ledger is replaced, the restart restores the checkpoint's count) and ends as the run's."""
+    assert resize["error"] is None, resize["error"]
+    counts = [v for _, v in resize["metrics"]["skipped_images"]]
+    assert counts == sorted(counts)
+    removed = next(e for e in resize["events"] if e["name"] == "node_removed")
+    assert counts[-1] >= (removed["skipped_before"] or 0)
+    assert 3 * 4 + 2 * 2 <= counts[-1] <= 3 * 4 + 3 * 2
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes_from_it(resize, chaos_report):

@@ -116,6 +116,20 @@ class _Collate:
                 "text_ids": torch.from_numpy(ids), "text_atts": torch.from_numpy(atts)}
 
 
+def _tiny_model_config(args: argparse.Namespace, image_size: int):
+    """The `config` workload's config (the demo's tiny model) at `image_size` px (16 px ViT patches above 64)."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
+    from qformer.config import load_config
+
+    cfg = load_config(args.cfg_path, list(args.options))
+    if int(cfg.model.image_size) == image_size:
+        return cfg
+    sizes = [f"datasets.{name}.vis_processor.{split}.image_size={image_size}" for name in cfg.datasets
+             for split in ("train", "eval") if (cfg.datasets[name].get("vis_processor") or {}).get(split)]
+    return load_config(args.cfg_path, list(args.options) + sizes + [
+        f"model.image_size={image_size}", f"model.vit_kwargs.img_size={image_size}", "model.vit_kwargs.patch_size=16"])
+
+
 def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, meter: CpuMeter) -> dict:
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import pandas as pd
@@ -168,8 +182,9 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
             del loader
         fidelity = {"pixels": decode_fidelity.pixel_difference(spec, rows, n=args.pixel_images or (16 if args.quick else 200))}
         loss_steps = args.loss_steps if args.loss_steps is not None else (2 if args.quick else 30)
-        if name == "config" and loss_steps:  # the tiny demo model; stage-1's is EVA ViT-g
-            fidelity["loss"] = decode_fidelity.loss_difference(cfg, spec, rows, steps=loss_steps)
+        if loss_steps:  # the demo's tiny model (stage-1's own is EVA ViT-g), at this workload's image size
+            fidelity["loss"] = decode_fidelity.loss_difference(_tiny_model_config(args, int(cfg.model.image_size)),
+                                                               spec, rows, steps=loss_steps)
     sides = {side: summarise(side_runs, workers) for side, side_runs in runs.items()}
     ray_s, exact_s, torch_s = sides["ray_data"], sides["ray_data_exact"], sides["torch_dataloader"]
     payload = {

@@ -24,7 +24,7 @@ def test_bench_data_quick(ray_cluster, tmp_path: Path) -> None:
     args = parser.parse_args(["--quick", "--cfg-path", "experiments/demo/tiny_shapes.yaml",
                               "--options", f"run.data_root={tmp_path / 'nodata'}",
                               "--n-images", "40", "--workers", "1", "--epochs", "2", "--synth-size", "64",
-                              "--out-dir", str(tmp_path / "results")])
+                              "--pixel-images", "8", "--loss-steps", "2", "--out-dir", str(tmp_path / "results")])
     payload = bench_data.run(args)
     assert set(payload["workloads"]) == {"config", "stage1"}
     demo, stage1 = payload["workloads"]["config"], payload["workloads"]["stage1"]
@@ -34,9 +34,11 @@ def test_bench_data_quick(ray_cluster, tmp_path: Path) -> None:
     assert stage1["data"]["jpeg_size"] == [640, 480] and stage1["data"]["mean_jpeg_bytes"] > 50_000
     for w in (demo, stage1):
         assert w["data"]["origin"] == "synthetic" and w["epochs"] == 2
-        assert w["ray_data"]["images_per_epoch"] == w["torch_dataloader"]["images_per_epoch"] == 40
+        sides = ("ray_data", "ray_data_exact", "torch_dataloader")
+        assert [w[side]["images_per_epoch"] for side in sides] == [40, 40, 40]
+        assert w["train_decode"] == "reduced"  # the default; ray_data_exact is the exact path beside it
         assert w["processes"]["ray_data"]["decode_workers"] == w["processes"]["torch_dataloader"]["workers"] == 1
-        for side in ("ray_data", "torch_dataloader"):
+        for side in sides:
             s = w[side]
             assert len(s["epoch_seconds"]) == len(s["first_batch_seconds"]) == 2  # warm-up epoch reported too
             # the per-process split accounts for all of the side's CPU time
@@ -45,6 +47,15 @@ def test_bench_data_quick(ray_cluster, tmp_path: Path) -> None:
         assert set(w["torch_dataloader"]["cpu_ms_per_image_by_process"]) == {MAIN_LABEL, "dataloader workers"}
         ray_kinds = set(w["ray_data"]["cpu_ms_per_image_by_process"])
         assert {MAIN_LABEL, "raylet", "ray task workers"} <= ray_kinds and "dataloader workers" not in ray_kinds
+    # the reduced decode against the exact one: same crops, so pixels within resampling; the same first loss
+    for w in (demo, stage1):
+        pixels = w["decode_vs_exact"]["pixels"]
+        assert pixels["images"] == 8 and pixels["mean_abs_diff"] < 3 and pixels["reduced_decode"] == [True]
+    assert stage1["decode_vs_exact"]["pixels"]["mean_abs_diff"] > 0  # 640x480 -> 224: resampled differently
+    loss = demo["decode_vs_exact"]["loss"]
+    assert len(loss["loss_curve_reduced"]) == len(loss["loss_curve_exact"]) == 2
+    assert len(stage1["decode_vs_exact"]["loss"]["loss_curve_reduced"]) == 2  # the tiny model at 224 px
+    assert loss["loss_curve_reduced"][0] == pytest.approx(loss["loss_curve_exact"][0], abs=0.05)
     written = json.loads((tmp_path / "results" / "data-latest.json").read_text())
     assert written["benchmark"] == "data" and written["workers"] == 1
     assert set(written["ratio_ray_vs_dataloader"]) == set(written["ratio_cpu_efficiency"]) == {"config", "stage1"}

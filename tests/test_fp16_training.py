@@ -29,7 +29,7 @@ def _model(bert: str, fp16: bool):
 
 def _state(model, amp) -> TrainState:
     run = OmegaConf.create(RUN)
-    optimizer = build_optimizer(model, run)
+    optimizer = build_optimizer(model, run, grad_scaler=amp.use_scaler)
     return TrainState(model=model, optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, run), amp=amp,
                       device=CPU, scaler=amp.make_scaler())
 

@@ -51,8 +51,13 @@ def test_bench_step_quick_writes_result(tmp_path):
     saved = json.loads((tmp_path / "step-latest.json").read_text())
     assert saved["benchmark"] == "step" and saved["batch_size"] == 2 and saved["features"] is True
     assert {"samples_per_s", "step_time_s", "step_time_recompute_itm_kv_s", "speedup_itm_kv_reuse", "achieved_flops",
-            "matmul_peak_flops", "achieved_over_matmul_peak", "peak_memory_bytes", "trainable_params"} <= saved.keys()
-    assert saved["timed_steps"] == len(saved["step_times_s"]) == 1
+            "matmul_peak_flops", "achieved_over_matmul_peak", "peak_memory_bytes", "trainable_params",
+            "step_time_lavis_s", "speedup_vs_lavis", "speedup_vs_lavis_cpu", "step_cpu_s"} <= saved.keys()
+    assert saved["timed_steps"] == len(saved["step_times_s"]) == len(saved["step_times_lavis_s"]) == 1
+    # the three paths compute the same losses on the same weights: they differ in work only
+    same = saved["same_weights_losses"]
+    assert set(same["losses"]) == {"ours", "recompute_itm_kv", "lavis"} and same["max_abs_difference"] <= 1e-5
+    assert same["losses"]["ours"]["loss_lm"] > 0 and saved["optimizer_kernel"] in ("fused", "foreach")
     assert (saved["dtype"], saved["peak_memory_kind"]) == {
         "cpu": ("float32", "process max RSS"), "cuda": ("float16", "cuda max_memory_allocated")}[saved["device"]]
     losses = payload["last_losses"]  # the step's loss is the unweighted sum of the three (spec §4.5)

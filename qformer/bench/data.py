@@ -1,7 +1,12 @@
-"""Data loading: images/s per CPU core of the Ray Data pipeline vs a torch DataLoader, same transforms.
+"""Data loading: images/s per CPU core of the Ray Data pipeline vs a torch DataLoader with LAVIS's transforms.
 
-Both sides run the same work per sample: decode the JPEG (qformer.data.images.load_rgb), the config's
-train vis processor (crop/flip[/RandAugment]) to uint8, blip_caption, and batched BERT tokenisation.
+Three sides, each doing per sample: decode the JPEG, the config's train vis processor
+(crop/flip[/RandAugment]) to uint8, blip_caption, and batched BERT tokenisation.
+- `ray_data`: the training stream as configured, so with run.data.train_decode (default `reduced`:
+  the JPEG decoded at the draft scale the crop allows, one fused crop+resize; qformer.data.processors.image);
+- `ray_data_exact`: the same stream with LAVIS's exact pixels (train_decode: exact), the path before;
+- `torch_dataloader`, the baseline: LAVIS's exact pixels (qformer.data.images.load_rgb, then the
+  processor's crop + bicubic resize, as torchvision's RandomResizedCrop) in a DataLoader.
 The Ray side is the training stream itself (`to_ray_dataset`: rows re-shuffled every epoch, read
 fused into the decode tasks) read as the training loop reads it (`iter_torch_batches` with
 run.data.prefetch_batches and run.data.shuffle_buffer); the DataLoader shuffles fully per epoch too.
@@ -42,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qformer.bench import data_shards
+from qformer.bench import data_shards, decode_fidelity
 from qformer.bench.common import write_result
 from qformer.bench.data_common import (DEFAULT_IMAGES, QUICK_IMAGES, STAGE1_CFG, STAGE1_OPTIONS,
                                        STAGE1_SYNTH, CpuMeter, bench_config, start_ray, summarise, timed_epoch)
@@ -66,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--object-store-mb", type=int, default=None,
                         help="object store of the private Ray this bench starts (default: Ray's, 30%% of RAM, as "
                              "`qformer train` starts it; under ~1 GiB Ray Data throttles 224 px epochs to half speed)")
+    parser.add_argument("--pixel-images", type=int, default=None,
+                        help="images compared pixel by pixel, reduced vs exact decode (default 200; quick 16)")
+    parser.add_argument("--loss-steps", type=int, default=None,
+                        help="`config` workload: train steps on each decode's pixels from the same weights "
+                             "(default 30; quick 2; 0: skip)")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
     data_shards.add_arguments(parser)
 
@@ -106,6 +116,20 @@ class _Collate:
                 "text_ids": torch.from_numpy(ids), "text_atts": torch.from_numpy(atts)}
 
 
+def _tiny_model_config(args: argparse.Namespace, image_size: int):
+    """The `config` workload's config (the demo's tiny model) at `image_size` px (16 px ViT patches above 64)."""
+    # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
+    from qformer.config import load_config
+
+    cfg = load_config(args.cfg_path, list(args.options))
+    if int(cfg.model.image_size) == image_size:
+        return cfg
+    sizes = [f"datasets.{name}.vis_processor.{split}.image_size={image_size}" for name in cfg.datasets
+             for split in ("train", "eval") if (cfg.datasets[name].get("vis_processor") or {}).get(split)]
+    return load_config(args.cfg_path, list(args.options) + sizes + [
+        f"model.image_size={image_size}", f"model.vit_kwargs.img_size={image_size}", "model.vit_kwargs.patch_size=16"])
+
+
 def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, meter: CpuMeter) -> dict:
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import pandas as pd
@@ -113,6 +137,7 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
     import torch
 
     from qformer.data.pipeline import rows_per_task, to_ray_dataset, train_transform
+    from qformer.data.transform import exact_transform
 
     if name == "stage1":
         cfg_path, options, (size, noise) = STAGE1_CFG, STAGE1_OPTIONS + list(args.options), STAGE1_SYNTH
@@ -129,31 +154,42 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
         context = ray.data.DataContext.get_current()
         limits = context.execution_options.resource_limits
         context.execution_options.resource_limits = limits.copy(cpu=workers)  # the dataset keeps a copy
-        try:
-            ds = to_ray_dataset(pd.DataFrame(rows, columns=["path", "caption", "source"]), spec, cfg)
+        table = pd.DataFrame(rows, columns=["path", "caption", "source"])
+        try:  # the config's decode (run.data.train_decode) and the exact one it replaces
+            datasets = {"ray_data": to_ray_dataset(table, spec, cfg),
+                        "ray_data_exact": to_ray_dataset(table, exact_transform(spec), cfg)}
         finally:
             context.execution_options.resource_limits = limits
         buffer = int(data_cfg.shuffle_buffer or 0)
 
-        def ray_iter():  # as qformer.train.streams reads a shard
-            return ds.iter_torch_batches(batch_size=bs, drop_last=False, prefetch_batches=int(data_cfg.prefetch_batches),
-                                         local_shuffle_buffer_size=buffer or None)
+        def ray_iter(ds):  # as qformer.train.streams reads a shard
+            return lambda: ds.iter_torch_batches(batch_size=bs, drop_last=False, local_shuffle_buffer_size=buffer or None,
+                                                 prefetch_batches=int(data_cfg.prefetch_batches))
 
+        # the baseline: LAVIS's transforms (exact pixels, whatever train_decode says) in a DataLoader
         loader = torch.utils.data.DataLoader(_TorchDataset(rows, spec), batch_size=bs, shuffle=True,
                                              num_workers=workers, collate_fn=_Collate(spec),
                                              persistent_workers=True)  # as Ray reuses its workers
         before = meter.descendants()
         torch_pids = lambda: meter.loader_workers() - before  # noqa: E731  (forked by the first epoch)
-        torch_runs, ray_runs = [], []
+        runs: dict[str, list[dict]] = {"torch_dataloader": [], **{side: [] for side in datasets}}
         try:
-            for _ in range(epochs):  # alternate so that machine-load drift hits both alike
-                torch_runs.append(timed_epoch(lambda: iter(loader), meter, torch_pids))
-                ray_runs.append(timed_epoch(ray_iter, meter, lambda: meter.descendants() - torch_pids()))
+            for _ in range(epochs):  # alternate so that machine-load drift hits every side alike
+                runs["torch_dataloader"].append(timed_epoch(lambda: iter(loader), meter, torch_pids))
+                for side, ds in datasets.items():
+                    runs[side].append(timed_epoch(ray_iter(ds), meter, lambda: meter.descendants() - torch_pids()))
         finally:
             del loader
-    ray_s, torch_s = summarise(ray_runs, workers), summarise(torch_runs, workers)
+        fidelity = {"pixels": decode_fidelity.pixel_difference(spec, rows, n=args.pixel_images or (16 if args.quick else 200))}
+        loss_steps = args.loss_steps if args.loss_steps is not None else (2 if args.quick else 30)
+        if loss_steps:  # the demo's tiny model (stage-1's own is EVA ViT-g), at this workload's image size
+            fidelity["loss"] = decode_fidelity.loss_difference(_tiny_model_config(args, int(cfg.model.image_size)),
+                                                               spec, rows, steps=loss_steps)
+    sides = {side: summarise(side_runs, workers) for side, side_runs in runs.items()}
+    ray_s, exact_s, torch_s = sides["ray_data"], sides["ray_data_exact"], sides["torch_dataloader"]
     payload = {
         "config": cfg_path, "options": options, "data": data_info, "image_size": int(cfg.model.image_size),
+        "train_decode": str(data_cfg.train_decode),
         "vis_processors": [type(p).__name__ for p in spec.vis_processors], "batch_size": bs,
         "rows_per_task": rows_per_task(data_cfg), "shuffle_buffer": buffer,
         "prefetch_batches": int(data_cfg.prefetch_batches), "epochs": epochs,
@@ -163,20 +199,34 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
             "torch_dataloader": {"workers": workers, "not_counted_in_per_core": "main process (unpickles batches)"},
             "cpu_ms_per_image_counts": "every process of the side's tree, driver/main included",
         },
-        "ray_data": ray_s, "torch_dataloader": torch_s,
+        **sides,
         "ratio_ray_vs_dataloader": ray_s["images_per_s"] / torch_s["images_per_s"],
         "ratio_cpu_efficiency": torch_s["cpu_ms_per_image"] / ray_s["cpu_ms_per_image"],
+        "ratio_ray_exact_vs_dataloader": exact_s["images_per_s"] / torch_s["images_per_s"],
+        "ratio_decode_vs_exact": exact_s["cpu_ms_per_image"] / ray_s["cpu_ms_per_image"],
+        "decode_vs_exact": fidelity,
     }
     print(f"[{name}] {cfg_path}: {workers} workers each side, batch {bs}, {ray_s['images_per_epoch']} images/epoch, "
           f"{payload['image_size']} px ({data_info})")
-    for side, s in (("ray data", ray_s), ("dataloader", torch_s)):
-        print(f"  {side:11s} {s['images_per_s']:7.1f} img/s ({s['images_per_s_min']:.0f}-{s['images_per_s_max']:.0f})"
+    for side, s in ((f"ray data ({payload['train_decode']} decode)", ray_s), ("ray data (exact decode)", exact_s),
+                    ("dataloader (exact, LAVIS's pixels)", torch_s)):
+        print(f"  {side:36s} {s['images_per_s']:7.1f} img/s ({s['images_per_s_min']:.0f}-{s['images_per_s_max']:.0f})"
               f"  {s['images_per_s_per_core']:7.1f} img/s/core  {s['cpu_ms_per_image']:5.2f} CPU ms/img"
               f"  epochs {s['epoch_seconds']}")
         parts = sorted(s["cpu_ms_per_image_by_process"].items(), key=lambda kv: -kv[1])
         print("      CPU ms/img by process: " + ", ".join(f"{label} {ms:.2f}" for label, ms in parts))
     print(f"  ratio ray/dataloader {payload['ratio_ray_vs_dataloader']:.2f} img/s per core, "
-          f"{payload['ratio_cpu_efficiency']:.2f} CPU efficiency")
+          f"{payload['ratio_cpu_efficiency']:.2f} CPU efficiency; exact-decode ray/dataloader "
+          f"{payload['ratio_ray_exact_vs_dataloader']:.2f}; CPU per image exact / {payload['train_decode']} "
+          f"{payload['ratio_decode_vs_exact']:.2f}")
+    pixels = fidelity["pixels"]
+    print(f"  {payload['train_decode']} vs exact pixels: mean |difference| {pixels['mean_abs_diff']:.3f} grey levels "
+          f"(worst image {pixels['max_image_mean_abs_diff']:.2f}, {pixels['share_drafted']:.0%} drafted, "
+          f"{pixels['images']} images)")
+    if "loss" in fidelity:
+        loss = fidelity["loss"]
+        print(f"  loss over the last {loss['steps'] - loss['steps'] // 2} of {loss['steps']} steps: "
+              f"{loss['mean_loss_last_half_reduced']:.4f} reduced vs {loss['mean_loss_last_half_exact']:.4f} exact")
     return payload
 
 
@@ -201,6 +251,7 @@ def run(args: argparse.Namespace) -> dict:
     payload = {"quick": bool(args.quick), "workers": workers, "workloads": workloads,
                "ratio_ray_vs_dataloader": {k: w["ratio_ray_vs_dataloader"] for k, w in workloads.items()},
                "ratio_cpu_efficiency": {k: w["ratio_cpu_efficiency"] for k, w in workloads.items()},
+               "ratio_ray_exact_vs_dataloader": {k: w["ratio_ray_exact_vs_dataloader"] for k, w in workloads.items()},
                # the first workload's sides at the top level, as before there were workloads
                "ray_data": first["ray_data"], "torch_dataloader": first["torch_dataloader"], "data": first["data"]}
     path = write_result("data", payload, args.out_dir)

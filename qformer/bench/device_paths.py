@@ -59,6 +59,7 @@ def checkpoint_resume(state, batch: dict, tmp: Path) -> dict[str, Any]:
     import torch
 
     from qformer.train import checkpoint as ckpt_io
+    from qformer.train.optim import load_optimizer_state
     from qformer.train.step import train_step
 
     try:
@@ -69,7 +70,7 @@ def checkpoint_resume(state, batch: dict, tmp: Path) -> dict[str, Any]:
         directory = ckpt_io.save_dir(saved, tmp / "checkpoint")
         loaded = ckpt_io.load_file(directory)
         state.unwrapped.load_checkpoint({"model": loaded["model"]})
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(state.optimizer, loaded["optimizer"])
         if state.scaler is not None:
             state.scaler.load_state_dict(loaded["scaler"])
         scale = state.scaler.get_scale() if state.scaler is not None else None

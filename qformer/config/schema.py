@@ -226,6 +226,12 @@ SCHEMA: dict[str, Key] = {
     "run.data.shard_shuffle_buffer": Int(1000, ge=1, doc="samples a shard read task holds to shuffle (as "
                                                          "webdataset/OpenCLIP): bounds its memory whatever the shard "
                                                          "size; 1 reads each shard in file order"),
+    "run.data.train_decode":        Str("reduced", choices=("reduced", "exact"),
+                                        doc="training images: reduced = decode a JPEG at 1/2, 1/4 or 1/8 scale where "
+                                            "the crop keeps at least image_size pixels, one fused crop+resize "
+                                            "(differs from LAVIS's pixels by resampling only); exact = LAVIS's pixels"),
+    "run.data.eval_decode":         Str("exact", choices=("exact", "reduced"),
+                                        doc="evaluation images: exact = LAVIS's pixels; reduced = as train_decode"),
     "run.data.prefetch_batches":    Int(2, ge=0),
     "run.data.num_cpus_per_task":   Float(1.0, gt=0),
     "run.data.s3_endpoint":         Str(None, doc="S3-compatible endpoint URL for s3:// data (else AWS_ENDPOINT_URL)"),

@@ -114,6 +114,8 @@ class CaptionBuilder:
             raise ConfigError(f"no {kind} for '{split_kind}' (set it here or in preprocess.{kind}.{split_kind})",
                               f"datasets.{self.name}.{kind}.{split_kind}")
         proc = build_processor(node)
+        if kind == "vis_processor":  # decode only the pixels the output needs (run.data.train_decode / eval_decode)
+            proc.reduced_decode = self.cfg.run.data.get(f"{split_kind}_decode") == "reduced"
         size = getattr(proc, "image_size", None)
         model_size = int(self.cfg.model.image_size)
         if size is not None and size != model_size:

@@ -6,13 +6,15 @@ failures are dropped from the batch and counted (qformer.data.stats). Images lea
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from qformer.core.errors import ImageDecodeError
-from qformer.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from qformer.data.images import DEFAULT_MAX_PIXELS, open_encoded
 from qformer.data.position import ROW, UNIT, UNIT_ROWS, unit_key
 from qformer.data.stats import record_skipped
 from qformer.data.tokenizer import tokenize
@@ -29,6 +31,16 @@ class TrainTransform:
     image_size: int
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # decompression-bomb limit (None: Pillow's own guard only)
     s3_endpoint: str | None = None  # for image paths that are s3:// URIs (run.data.s3_endpoint)
+
+
+def exact_transform(spec: TrainTransform) -> TrainTransform:
+    """`spec` with LAVIS's exact pixels (run.data.train_decode: exact), e.g. to measure the reduced decode against."""
+    def exact(proc):
+        proc = copy.copy(proc)
+        proc.reduced_decode = False
+        return proc
+
+    return dataclasses.replace(spec, vis_processors=tuple(exact(p) for p in spec.vis_processors))
 
 
 AUG_SEED = "aug_seed"  # column the training read adds: one seed per task, from (run.seed, epoch, task)
@@ -58,12 +70,14 @@ def train_batch(batch: dict[str, np.ndarray], spec: TrainTransform) -> dict[str,
     images, texts, kept, skipped = [], [], [], {}
     data = batch.get("data")
     for i, (path, caption, source) in enumerate(zip(batch["path"], batch["caption"], batch["source"])):
-        try:
-            img = load_rgb(path, spec.max_pixels, data=data[i] if data is not None else None, endpoint=spec.s3_endpoint)
+        try:  # the processor decodes (only the pixels it needs, with run.data.train_decode: reduced)
+            encoded = open_encoded(path, spec.max_pixels, data=data[i] if data is not None else None,
+                                   endpoint=spec.s3_endpoint)
+            image = spec.vis_processors[int(source)].process(encoded, rng)
         except ImageDecodeError as err:
             skipped.setdefault(_unit_of(batch, i), []).append(str(err))
             continue
-        images.append(spec.vis_processors[int(source)](img, rng))
+        images.append(image)
         texts.append(spec.text_processors[int(source)](str(caption)))
         kept.append(i)
     for unit, messages in skipped.items():  # by read unit: a unit read again reports the same, not more
@@ -85,12 +99,12 @@ def eval_batch(batch: dict[str, np.ndarray], processor, max_pixels: int | None =
     indices, images, skipped = [], [], []
     for index, path in zip(batch["index"], batch["path"]):
         try:
-            img = load_rgb(os.fspath(path), max_pixels)
+            image = processor.process(open_encoded(os.fspath(path), max_pixels))
         except ImageDecodeError as err:
             skipped.append(str(err))
             continue
         indices.append(int(index))
-        images.append(processor(img))
+        images.append(image)
     record_skipped(skipped)
     s = processor.image_size
     image = np.stack(images) if images else np.zeros((0, 3, s, s), np.uint8)

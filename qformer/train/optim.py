@@ -1,16 +1,19 @@
-"""The optimiser LAVIS's RunnerBase builds (spec §5.2): AdamW over the model's own parameter groups."""
+"""The optimiser LAVIS's RunnerBase builds (spec §5.2): AdamW over the model's own parameter groups,
+with the fastest of torch's AdamW kernels that keeps the maths (same update, float rounding aside)."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 
-def build_optimizer(model: torch.nn.Module, run_cfg: Any) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, run_cfg: Any, grad_scaler: bool = False) -> torch.optim.AdamW:
     """AdamW(model.get_optimizer_params(weight_decay, lr_layer_decay), lr=init_lr, betas=(0.9, beta2), eps=1e-8).
 
     The grouping (no decay for 1-D params and biases, decay for `temp`, per-layer ViT groups when the ViT
     is trainable) is the model's business; `lr_scale` in the groups is ignored by the LR schedulers, as in LAVIS.
+    `grad_scaler`: a GradScaler will drive it (fp16), see `adamw_kernel`.
     """
     groups = model.get_optimizer_params(
         weight_decay=float(run_cfg.get("weight_decay", 0.05)),
@@ -20,4 +23,36 @@ def build_optimizer(model: torch.nn.Module, run_cfg: Any) -> torch.optim.AdamW:
     if not groups:
         raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
     beta2 = float(run_cfg.get("beta2", 0.999))
-    return torch.optim.AdamW(groups, lr=float(run_cfg.init_lr), betas=(0.9, beta2), eps=1e-8)
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.AdamW(groups, lr=float(run_cfg.init_lr), betas=(0.9, beta2), eps=1e-8,
+                             **adamw_kernel(params, grad_scaler))
+
+
+def adamw_kernel(params: list[torch.Tensor], grad_scaler: bool = False) -> dict[str, bool]:
+    """`fused=True` where torch has a fused AdamW for the parameters' device (CUDA, and CPU: on this 2-core
+    machine one fused step of the tiny config's 31M parameters takes 23 ms against 139 ms for the per-tensor
+    loop and 147 ms for foreach), else `foreach=True`.
+
+    Not with a GradScaler: the scaler then calls the fused step even on an overflow (the kernel skips the
+    update on the device), so the loop could no longer tell a skipped step from a taken one without a
+    host sync (TrainState counts the optimiser's calls instead); fp16 keeps foreach, torch's CUDA default."""
+    devices = {p.device.type for p in params}
+    fusable = len(devices) == 1 and devices <= set(_get_fused_kernels_supported_devices())
+    if fusable and not grad_scaler and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this run's kernel: torch would take the saved groups'
+    `fused`/`foreach` flags too, so a checkpoint from another kernel (or from before this choice) would
+    switch it. The fused kernel wants its step counters as float32 on the parameters' device."""
+    kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
+        if kernel["fused"]:
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)

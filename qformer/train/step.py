@@ -55,6 +55,9 @@ class TrainState:
     def __post_init__(self) -> None:
         if self.accum_grad_iters < 1:
             raise ValueError(f"run.accum_grad_iters must be >= 1, got {self.accum_grad_iters}")
+        if self.scaler is not None and any(g.get("fused") for g in self.optimizer.param_groups):
+            raise ValueError("a fused AdamW cannot be driven by a GradScaler here (skipped steps would go uncounted): "
+                             "build it with build_optimizer(..., grad_scaler=True)")
 
         def count_call(*_: Any) -> None:
             self._optimizer_calls += 1

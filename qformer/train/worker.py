@@ -28,7 +28,7 @@ from qformer.train.ddp import ddp_options
 from qformer.train.loop import TrainingLoop
 from qformer.train.loop_config import LoopConfig
 from qformer.train.lr_schedule import build_lr_scheduler
-from qformer.train.optim import build_optimizer
+from qformer.train.optim import build_optimizer, load_optimizer_state
 from qformer.train.step import TrainState
 
 log = get_logger("train")
@@ -58,7 +58,7 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
     if run.get("vision_cache"):  # after prepare_model: DDP has broadcast rank 0's (seeded) ViT
         check_model(unwrapped, cfg)
 
-    optimizer = build_optimizer(unwrapped, run)
+    optimizer = build_optimizer(unwrapped, run, grad_scaler=amp.use_scaler)
     scheduler = build_lr_scheduler(optimizer, run)
     scaler = amp.make_scaler()
     plan = batch_plan.plan_for(run, world, lc.workers)
@@ -67,7 +67,7 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
                        image_mean=lc.image_mean, image_std=lc.image_std, micro_per_step=plan.micro_per_step)
     start, positions = ckpt_io.ResumePoint(0, 0, 0), None
     if saved is not None:
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         if saved.get("scheduler") is not None:
             scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and saved.get("scaler") is not None:

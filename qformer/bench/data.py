@@ -2,8 +2,9 @@
 
 Three sides, each doing per sample: decode the JPEG, the config's train vis processor
 (crop/flip[/RandAugment]) to uint8, blip_caption, and batched BERT tokenisation.
-- `ray_data`: the training stream as configured, so with run.data.train_decode (default `reduced`:
-  the JPEG decoded at the draft scale the crop allows, one fused crop+resize; qformer.data.processors.image);
+- `ray_data`: the training stream as configured, with run.data.train_decode `reduced` unless --options says
+  otherwise (the JPEG decoded at the draft scale the crop allows, one fused crop+resize;
+  qformer.data.processors.image);
 - `ray_data_exact`: the same stream with LAVIS's exact pixels (train_decode: exact), the path before;
 - `torch_dataloader`, the baseline: LAVIS's exact pixels (qformer.data.images.load_rgb, then the
   processor's crop + bicubic resize, as torchvision's RandomResizedCrop) in a DataLoader.
@@ -142,7 +143,9 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
     if name == "stage1":
         cfg_path, options, (size, noise) = STAGE1_CFG, STAGE1_OPTIONS + list(args.options), STAGE1_SYNTH
     else:
-        cfg_path, options, size, noise = args.cfg_path, list(args.options), args.synth_size, 0.0
+        # the reduced decode beside the exact one, also where the config trains exact (the demo's 64 px images)
+        cfg_path, options = args.cfg_path, ["run.data.train_decode=reduced", *args.options]
+        size, noise = args.synth_size, 0.0
     n = args.n_images or (QUICK_IMAGES if args.quick else DEFAULT_IMAGES[name])
     with tempfile.TemporaryDirectory(prefix="qformer-bench-data-") as tmp:
         cfg, sources, data_info = bench_config(cfg_path, options, n, Path(tmp), size, noise)

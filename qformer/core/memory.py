@@ -2,10 +2,10 @@
 
 glibc keeps memory that Python and PyTorch free on the CPU (chunks below its mmap threshold, which it raises
 after large frees) for reuse, so a process's resident size stays at its high-water mark: a training step's
-activations stay resident through an evaluation that needs other buffers, and a model evaluated and dropped
+activations stay resident through an evaluation that needs other buffers, a model evaluated and dropped
 stays resident in the demo's driver, and steps whose text width varies (the padding trim) leave free holes
-between live chunks that the heap never gives back (a demo worker grew ~650 MB over 100 steps). `release_freed_memory()` returns what is free now; where the C library is
-not glibc it does nothing.
+between live chunks that the heap never gives back (a demo worker grew ~650 MB over 100 steps).
+`release_freed_memory()` returns what is free now; where the C library is not glibc it does nothing.
 """
 from __future__ import annotations
 

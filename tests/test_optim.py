@@ -30,15 +30,14 @@ def test_adamw_groups_betas_eps():
 RUN = OmegaConf.create({"init_lr": 1e-3, "weight_decay": 0.05, "beta2": 0.999, "lr_layer_decay": 1.0})
 
 
-def test_kernel_is_fused_on_cpu_and_foreach_under_a_grad_scaler():
+def test_kernel_is_fused_on_cpu_also_under_a_grad_scaler():
     model = ToyRegressor()
-    assert build_optimizer(model, RUN).param_groups[0]["fused"] is True
-    scaled = build_optimizer(model, RUN, grad_scaler=True)
-    assert scaled.param_groups[0]["foreach"] is True and not scaled.param_groups[0]["fused"]
-    policy = resolve_amp(True, "fp16", "cpu")  # fp16: a GradScaler, which must not drive a fused step here
-    with pytest.raises(ValueError, match="grad_scaler=True"):
-        TrainState(model=model, optimizer=build_optimizer(model, RUN), scheduler=None, amp=policy,
-                   device=torch.device("cpu"), scaler=policy.make_scaler())
+    optimizer = build_optimizer(model, RUN)
+    assert optimizer.param_groups[0]["fused"] is True
+    policy = resolve_amp(True, "fp16", "cpu")  # fp16: a GradScaler drives the fused kernel
+    state = TrainState(model=model, optimizer=optimizer, scheduler=None, amp=policy, device=torch.device("cpu"),
+                       scaler=policy.make_scaler())
+    assert state.optimizer_steps == 0 and state.skipped_overflow == 0
 
 
 def test_fused_adamw_trains_the_qformer_as_the_per_tensor_loop_did(tiny_bert):

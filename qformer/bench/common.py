@@ -49,7 +49,7 @@ def train_state(model, run_cfg, amp):
     from qformer.train.optim import build_optimizer
     from qformer.train.step import TrainState
 
-    optimizer = build_optimizer(model, run_cfg, grad_scaler=amp.use_scaler)
+    optimizer = build_optimizer(model, run_cfg)
     return TrainState(model=model, optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, run_cfg), amp=amp,
                       device=model.device, scaler=amp.make_scaler())
 

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = torch.float16 if cuda else (torch.bfloat16 if args.bf16 else torch.float32)
     autocast = torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=cuda or args.bf16)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    optimizers = {"ours": build_optimizer(model, cfg.run, grad_scaler=cuda),
+    optimizers = {"ours": build_optimizer(model, cfg.run),
                   # LAVIS's AdamW: torch's default kernel for the device (the per-tensor loop on a CPU)
                   "lavis": torch.optim.AdamW(model.get_optimizer_params(float(cfg.run.weight_decay)),
                                              lr=float(cfg.run.init_lr), betas=(0.9, 0.999), eps=1e-8)}

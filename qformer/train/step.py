@@ -39,9 +39,7 @@ class TrainState:
     accum_grad_iters: int = 1
     skip_nonfinite: bool = False
     global_step: int = 0  # micro-batches done over the whole run (LAVIS "iters")
-    optimizer_steps: int = 0
     skipped_nonfinite: int = 0  # optimiser steps skipped for a non-finite loss (skip mode)
-    skipped_overflow: int = 0  # fp16: optimiser steps the GradScaler skipped for inf/NaN gradients (it halves its scale)
     # error mode: device-side "a non-finite loss was seen since the last check" flag, checked lazily
     image_mean: tuple[float, ...] | None = None  # the vis processor's normalisation (None: CLIP's)
     image_std: tuple[float, ...] | None = None
@@ -51,20 +49,44 @@ class TrainState:
     _bad_flag: torch.Tensor | None = field(default=None, repr=False)
     _last_checked_step: int = 0
     _optimizer_calls: int = field(default=0, repr=False)
+    _steps_called: int = field(default=0, repr=False)  # optimiser steps called (for a fused kernel: some skipped)
+    _skipped_known: int = field(default=0, repr=False)  # overflow skips the host already knows of
+    _skipped_on_device: torch.Tensor | None = field(default=None, repr=False)  # fused kernel's skips, not read yet
 
     def __post_init__(self) -> None:
         if self.accum_grad_iters < 1:
             raise ValueError(f"run.accum_grad_iters must be >= 1, got {self.accum_grad_iters}")
-        if self.scaler is not None and any(g.get("fused") for g in self.optimizer.param_groups):
-            raise ValueError("a fused AdamW cannot be driven by a GradScaler here (skipped steps would go uncounted): "
-                             "build it with build_optimizer(..., grad_scaler=True)")
 
-        def count_call(*_: Any) -> None:
+        def count_call(optimizer: torch.optim.Optimizer, *_: Any) -> None:
             self._optimizer_calls += 1
+            # A fused AdamW (`_step_supports_amp_scaling`) is always called by GradScaler.step, with the
+            # scaler's device-side overflow flag as `found_inf`; the kernel then leaves the weights and its
+            # step counters alone. The flag is summed on the device and read only when a count is asked for.
+            found_inf = getattr(optimizer, "found_inf", None)
+            if found_inf is not None:
+                found = found_inf.detach().to(torch.int64)
+                self._skipped_on_device = found if self._skipped_on_device is None else self._skipped_on_device + found
 
-        # GradScaler.step skips optimizer.step() on an overflow without saying so; counting the calls that did
-        # happen tells the two apart with no read from the device (the scaler has already synced once for it)
+        # GradScaler.step skips a non-fused optimizer.step() on an overflow without saying so; counting the calls
+        # that did happen tells the two apart with no read from the device (the scaler has already synced for it)
         self.optimizer.register_step_post_hook(count_call)
+
+    def _settle(self) -> None:
+        if self._skipped_on_device is not None:  # one read from the device, only when a count is read
+            self._skipped_known += int(self._skipped_on_device.sum())
+            self._skipped_on_device = None
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimiser steps that changed the weights."""
+        self._settle()
+        return self._steps_called - self._skipped_known
+
+    @property
+    def skipped_overflow(self) -> int:
+        """fp16: optimiser steps skipped for inf/NaN gradients (the GradScaler halves its scale for each)."""
+        self._settle()
+        return self._skipped_known
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -75,6 +97,8 @@ class TrainState:
 class StepOutput:
     losses: dict[str, torch.Tensor]  # detached, NOT divided by accum_grad_iters
     lr: float
+    # False for a skipped step (non-finite loss in skip mode; an fp16 overflow with a non-fused kernel). A fused
+    # kernel's overflow skip is known on the device only: TrainState.skipped_overflow counts it when read.
     optimizer_stepped: bool
     grad_norm: float | None = None  # only on log steps
 
@@ -201,12 +225,14 @@ def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_
             calls = state._optimizer_calls
             state.scaler.step(state.optimizer)
             state.scaler.update()
+            # a fused kernel is always called: whether it applied the step is known on the device only
             stepped = state._optimizer_calls > calls
-            state.skipped_overflow += int(not stepped)
+            state._skipped_known += int(not stepped)
+            state._steps_called += 1
         else:
             state.optimizer.step()
             stepped = True
+            state._steps_called += 1
         state.optimizer.zero_grad(set_to_none=True)
-        state.optimizer_steps += int(stepped)
 
     return StepOutput(losses=losses, lr=float(state.optimizer.param_groups[0]["lr"]), optimizer_stepped=stepped, grad_norm=grad_norm)

@@ -58,7 +58,7 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
     if run.get("vision_cache"):  # after prepare_model: DDP has broadcast rank 0's (seeded) ViT
         check_model(unwrapped, cfg)
 
-    optimizer = build_optimizer(unwrapped, run, grad_scaler=amp.use_scaler)
+    optimizer = build_optimizer(unwrapped, run)
     scheduler = build_lr_scheduler(optimizer, run)
     scaler = amp.make_scaler()
     plan = batch_plan.plan_for(run, world, lc.workers)

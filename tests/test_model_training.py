@@ -47,3 +47,30 @@ def test_adamw_steps_lower_every_loss(tiny_bert):
     after = _losses(model, samples)
     for k in before:
         assert after[k] < before[k], (k, before, after)
+
+
+def test_sparse_word_lookups_give_the_dense_paths_gradients(tiny_bert):
+    """The text passes' word lookups hand back sparse rows (qformer_layers.BertEmbeddings.sparse_word_grads);
+    summed with the tied LM head's dense gradient, the word embedding's gradient is dense and every gradient
+    equals the dense lookups' (same weights, same batch, eval mode, ITM negatives seeded alike)."""
+    model = build_model(small_model_cfg(tiny_bert)).eval()
+    ids, atts = model.tokenize(TEXTS)
+    samples = {"image": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+               "text_ids": ids, "text_atts": atts}
+    embeddings = model.Qformer.bert.embeddings
+    assert embeddings.sparse_word_grads
+    grads, losses = {}, {}
+    for sparse in (True, False):
+        embeddings.sparse_word_grads = sparse
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out = model(samples)
+        out.loss.backward()
+        losses[sparse] = float(out.loss)
+        grads[sparse] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    word = "Qformer.bert.embeddings.word_embeddings.weight"
+    assert not grads[True][word].is_sparse and grads[True][word].abs().sum() > 0
+    assert losses[True] == losses[False]
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=1e-6, msg=name)

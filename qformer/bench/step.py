@@ -8,10 +8,12 @@ training loop does it (CUDA: fp16 autocast + GradScaler; CPU: fp32, or bf16 auto
 Three paths share the weights and the batch, steps alternating so that other processes' load hits
 them alike:
 - `ours`: the text plan made on the host (padding trim, LM targets), the ITM pass reusing the query
-  pass's image K/V, and the AdamW kernel `build_optimizer` picks (fused where torch has one);
+  pass's image K/V, sparse word-embedding gradients, and the AdamW kernel `build_optimizer` picks (fused
+  where torch has one);
 - `recompute_itm_kv`: the same, projecting every ITM row's image K/V again (LAVIS's ITM pass);
-- `lavis`: LAVIS's way: text at max_txt_len (no trim), K/V recomputed, torch's default AdamW kernel
-  (the per-tensor loop on a CPU). It keeps what cannot be switched off: the last layer computing only
+- `lavis`: LAVIS's way: text at max_txt_len (no trim), K/V recomputed, dense word-embedding gradients
+  (one zero-filled vocab x hidden tensor per text pass), torch's default AdamW kernel (the per-tensor
+  loop on a CPU). It keeps what cannot be switched off: the last layer computing only
   the rows that are read, and the LM head only on target positions, so it is faster than LAVIS's code.
 Their losses on the same weights (eval mode: no dropout; ITM negatives seeded alike) are compared
 first. Model FLOPs per sample are analytic (qformer.models.flops): 3 x Q-Former forward + ViT forward.
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     def forward(name: str):
         path_samples, reuse, _ = paths[name]
         model.reuse_itm_kv = reuse
+        model.Qformer.bert.embeddings.sparse_word_grads = name != "lavis"
         with autocast:
             return model(path_samples)
 
@@ -186,7 +189,8 @@ def run(args: argparse.Namespace) -> dict:
         f"({payload['flops_ratio_itm_kv_reuse']:.2f}x fewer FLOPs); {payload['speedup_vs_lavis']:.2f}x the step computed "
         f"LAVIS's way ({payload['speedup_vs_lavis_cpu']:.2f}x in CPU time; {payload['step_time_lavis_s'] * 1e3:.0f} ms: "
         f"{length} text columns, not "
-        f"{payload['text_width']}; K/V recomputed; torch's default AdamW, not {payload['optimizer_kernel']}); same-weights "
+        f"{payload['text_width']}; K/V recomputed; dense word-embedding gradients; torch's default AdamW, "
+        f"not {payload['optimizer_kernel']}); same-weights "
         f"losses differ by {same_weights['max_abs_difference']:.1e} -> {path}"
     )
     return payload

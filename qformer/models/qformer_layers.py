@@ -42,6 +42,11 @@ class BertEmbeddings(nn.Module):
         self.register_buffer(
             "position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=True
         )
+        # Sparse word-embedding gradients: each lookup hands back only its rows instead of a zero-filled
+        # vocab x hidden tensor (one per text pass). Only for a model whose backward also has a dense gradient
+        # for the same weight to land in (Blip2Qformer's tied LM head), so the optimiser still sees a dense
+        # one; nn.Embedding stays dense, so DDP keeps expecting a dense gradient, which it gets.
+        self.sparse_word_grads = False
 
     def forward(
         self,
@@ -52,7 +57,9 @@ class BertEmbeddings(nn.Module):
         if input_ids is not None:
             seq_length = input_ids.shape[1]
             position_ids = self.position_ids[:, past_key_values_length : past_key_values_length + seq_length]
-            embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+            sparse = self.sparse_word_grads and torch.is_grad_enabled() and self.word_embeddings.weight.requires_grad
+            words = F.embedding(input_ids, self.word_embeddings.weight, sparse=sparse)
+            embeddings = words + self.position_embeddings(position_ids)
             if query_embeds is not None:
                 embeddings = torch.cat([query_embeds.to(embeddings.dtype), embeddings], dim=1)
         elif query_embeds is not None:

@@ -79,7 +79,8 @@ class TrainingLoop:
         length = self.streams.steps_per_epoch()
         bar = Progress(self.streams.expected_steps(), f"epoch {epoch}", "steps", initial=begin,
                        enabled=self.rank == 0, log_every_s=None)  # in a job log, log_step's lines are the progress
-        epoch_meter, steps, i = LossMeter(), self.streams.steps(epoch, begin), begin
+        next_epoch = epoch + 1 < self.max_epoch  # the stream starts that epoch's pass while this one ends
+        epoch_meter, steps, i = LossMeter(), self.streams.steps(epoch, begin, next_epoch), begin
         self.metrics.start_window()
         try:
             while length is None or i < length:

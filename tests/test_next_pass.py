@@ -78,7 +78,7 @@ def _epochs(streams, n_epochs: int, ahead: bool, on_last=None) -> list[list[int]
     out = []
     for epoch in range(n_epochs):
         rows = []
-        for group, last in streams.steps(epoch, 0, next_epoch=ahead and epoch + 1 < n_epochs):
+        for group, last in streams.steps(epoch, 0, start_next=ahead and epoch + 1 < n_epochs):
             rows += [int(x) for micro in group for x in micro["idx"]]
             if last and on_last is not None:
                 on_last(epoch)
@@ -124,14 +124,14 @@ def test_a_counted_epoch_ends_its_pass_when_its_last_step_is_read(monkeypatch):
     """With run.max_steps_per_epoch the loop counts: the pass ends (and the next starts) when the last
     counted step is read, not when the loop closes the stream after training it."""
     streams, shard = _streams(monkeypatch, max_steps_per_epoch=4)
-    steps = streams.steps(0, 0, next_epoch=True)
+    steps = streams.steps(0, 0, start_next=True)
     for _ in range(3):
         next(steps)
     assert shard.started == [0] and "train" not in streams._next
     next(steps)  # the 4th (last) step
     assert shard.closed == 1 and "train" in streams._next
     steps.close()
-    rows = [int(x) for group, _ in streams.steps(1, 0, next_epoch=False) for micro in group for x in micro["idx"]]
+    rows = [int(x) for group, _ in streams.steps(1, 0, start_next=False) for micro in group for x in micro["idx"]]
     assert rows[:8] == shard.source.order(1)[:8].tolist() and shard.started == [0, 1]
     streams.close()
     assert not _threads()
@@ -139,14 +139,14 @@ def test_a_counted_epoch_ends_its_pass_when_its_last_step_is_read(monkeypatch):
 
 def test_a_stop_mid_epoch_starts_nothing_and_a_stop_after_the_start_leaves_no_thread(monkeypatch):
     streams, shard = _streams(monkeypatch)
-    steps = streams.steps(0, 0, next_epoch=True)
+    steps = streams.steps(0, 0, start_next=True)
     next(steps)
     steps.close()  # preemption / an error mid-epoch
     streams.close()
     assert shard.started == [0] and not streams._next and not _threads()
 
     streams, shard = _streams(monkeypatch)
-    steps = list(streams.steps(0, 0, next_epoch=True))  # read to its end: pass 1 started ahead
+    steps = list(streams.steps(0, 0, start_next=True))  # read to its end: pass 1 started ahead
     assert steps[-1][1] is True and "train" in streams._next
     streams.close()  # e.g. a preemption checkpoint at the epoch end, then the raise
     assert not streams._next and not _threads() and shard.closed == 2  # pass 1's iterator closed too
@@ -225,7 +225,7 @@ def test_two_ranks_on_a_streaming_split_start_each_next_pass_ahead_in_lockstep(r
             out = []
             for epoch in range(epochs):
                 rows = []
-                for group, last in ranks[rank].steps(epoch, 0, next_epoch=epoch + 1 < epochs):
+                for group, last in ranks[rank].steps(epoch, 0, start_next=epoch + 1 < epochs):
                     rows += [(int(i), int(s), last) for micro in group
                              for i, s in zip(micro["idx"], micro["aug_seed"])]
                 out.append(rows)

@@ -62,15 +62,15 @@ class TrainingStreams:
         return known if known is not None else (int(self.num_rows.get("train") or 0) // self.plan.samples_per_step
                                                 or None)
 
-    def steps(self, epoch: int, begin: int, next_epoch: bool = False) -> Iterator[tuple[list[dict], bool]]:
+    def steps(self, epoch: int, begin: int, start_next: bool = False) -> Iterator[tuple[list[dict], bool]]:
         """This epoch's optimiser steps from step `begin` on: each a list of micro-batches and whether it is
         the epoch's last. Where the epoch length is not known up front (one stream read to its end), the
         next step is read one ahead, so the last step is known when it is trained (its checkpoint is the
         epoch's end, not a step checkpoint followed by an end one); elsewhere the loop counts to the length
         and the flag stays False. A step's batches give up their position columns only when it is handed
-        over, so a checkpoint never counts the step read ahead. `next_epoch`: another epoch follows in this
-        run, so an epoch-based stream starts its pass when this epoch's reading ends."""
-        pairs = self._batches(epoch, begin * self.plan.micro_per_step, next_epoch)
+        over, so a checkpoint never counts the step read ahead. `start_next`: another epoch follows in this
+        run and an epoch-based stream starts its pass as soon as this epoch's reading ends."""
+        pairs = self._batches(epoch, begin * self.plan.micro_per_step, start_next)
         if self.steps_per_epoch() is not None:  # cycling streams start passes while read: observe in order
             return ((group, False) for group in _grouped(self._observed(pairs), self.plan.micro_per_step))
         return self._looking_ahead(_grouped(pairs, self.plan.micro_per_step))
@@ -101,7 +101,7 @@ class TrainingStreams:
         finally:
             groups.close()
 
-    def _batches(self, epoch: int, begin: int, next_epoch: bool) -> Iterator[tuple[str, dict]]:
+    def _batches(self, epoch: int, begin: int, start_next: bool) -> Iterator[tuple[str, dict]]:
         if self.iter_based or self.ratios:
             if not self._endless:  # one endless stream per source, closed in close()
                 first = {n: self.positions[n].position.pass_ if self.position_restored else epoch for n in self.names}
@@ -119,19 +119,19 @@ class TrainingStreams:
             last = None if length is None else length * self.plan.micro_per_step - 1  # counted: its last batch
             for i, item in enumerate(self._draw(iters, epoch, begin), start=begin):
                 if i == last:  # this epoch reads no more: end the pass now, before its last step trains
-                    self._end_pass(iters, epoch, next_epoch)
+                    self._end_pass(iters, epoch, start_next)
                     yield item
                     return
                 yield item
         finally:  # close Ray's iterators now (an early stop, e.g. preemption, leaves them open)
             _close_all(iters)
-        self._end_pass(iters, epoch, next_epoch)  # the stream ran out (seen one step ahead of the loop)
+        self._end_pass(iters, epoch, start_next)  # the stream ran out (seen one step ahead of the loop)
 
-    def _end_pass(self, iters: dict[str, Iterator[dict]], epoch: int, next_epoch: bool) -> None:
+    def _end_pass(self, iters: dict[str, Iterator[dict]], epoch: int, start_next: bool) -> None:
         """This epoch's reading is over: its iterators closed (Ray's split coordinator lets a pass start only
         when every rank ended the last), then the next epoch's pass started ahead where there is one."""
         _close_all(iters)
-        if not next_epoch:  # the run's last epoch (or a caller that cannot say): no useless execution
+        if not start_next:  # the run's last epoch (or a caller that cannot say): no useless execution
             return
         for name in self.names:
             planned = StreamPosition(epoch + 1).to_dict()  # what start_pass gives a pass not yet read

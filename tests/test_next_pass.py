@@ -189,6 +189,29 @@ def test_head_start_closed_before_its_first_item_closes_the_pass_itself():
     assert closed.is_set() and not _threads()
 
 
+def test_bench_data_reads_a_sides_epochs_as_training_does():
+    """`qformer bench data`'s Ray sides: the next epoch started ahead only where one follows (or never, for
+    the fresh-start side), the same items either way, nothing left running."""
+    from qformer.bench.data import _TrainingRead
+
+    for ahead in (True, False):
+        starts = []
+
+        def make():
+            starts.append(len(starts))
+            return (i for i in range(3))
+
+        reader = _TrainingRead(make, ahead=ahead)
+        first = reader.epoch(next_epoch=True)
+        assert [next(first), next(first), next(first)] == [0, 1, 2]
+        assert len(starts) == (2 if ahead else 1)  # the read-ahead saw the end before the last item went out
+        assert list(first) == [] and list(reader.epoch(next_epoch=False)) == [0, 1, 2]
+        assert len(starts) == 2 and reader.next is None and not _threads()
+        reader.epoch(next_epoch=True)  # (never iterated: starts nothing)
+        reader.close()
+        assert len(starts) == 2
+
+
 @pytest.mark.ray
 def test_two_ranks_on_a_streaming_split_start_each_next_pass_ahead_in_lockstep(ray_cluster, monkeypatch):
     """Real Ray Data: two ranks (threads) on one streaming_split of the epoch-shuffled rows, with the run's

@@ -33,9 +33,10 @@ def test_bench_data_quick(ray_cluster, tmp_path: Path) -> None:
     assert stage1["image_size"] == 224 and stage1["vis_processors"] == ["Blip2ImageTrainProcessor"]
     assert stage1["data"]["jpeg_size"] == [640, 480] and stage1["data"]["mean_jpeg_bytes"] > 50_000
     for w in (demo, stage1):
-        assert w["data"]["origin"] == "synthetic" and w["epochs"] == 2
-        sides = ("ray_data", "ray_data_exact", "torch_dataloader")
-        assert [w[side]["images_per_epoch"] for side in sides] == [40, 40, 40]
+        assert w["data"]["origin"] == "synthetic" and w["epochs"] == 2 and w["rounds"] == 1
+        # the Ray sides read as training does: the next pass started ahead, or (fresh_start) when asked for
+        sides = ("ray_data", "ray_data_exact", "ray_data_fresh_start", "torch_dataloader")
+        assert [w[side]["images_per_epoch"] for side in sides] == [40, 40, 40, 40]
         assert w["train_decode"] == "reduced"  # the default; ray_data_exact is the exact path beside it
         assert w["processes"]["ray_data"]["decode_workers"] == w["processes"]["torch_dataloader"]["workers"] == 1
         for side in sides:

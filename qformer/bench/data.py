@@ -1,16 +1,20 @@
 """Data loading: images/s per CPU core of the Ray Data pipeline vs a torch DataLoader with LAVIS's transforms.
 
-Three sides, each doing per sample: decode the JPEG, the config's train vis processor
+Four sides, each doing per sample: decode the JPEG, the config's train vis processor
 (crop/flip[/RandAugment]) to uint8, blip_caption, and batched BERT tokenisation.
 - `ray_data`: the training stream as configured, with run.data.train_decode `reduced` unless --options says
   otherwise (the JPEG decoded at the draft scale the crop allows, one fused crop+resize;
   qformer.data.processors.image);
 - `ray_data_exact`: the same stream with LAVIS's exact pixels (train_decode: exact), the path before;
+- `ray_data_fresh_start`: `ray_data` with each epoch's Ray Data execution started when the epoch asks for
+  it, as training did before issue 34 (the other Ray sides start it ahead, below);
 - `torch_dataloader`, the baseline: LAVIS's exact pixels (qformer.data.images.load_rgb, then the
   processor's crop + bicubic resize, as torchvision's RandomResizedCrop) in a DataLoader.
-The Ray side is the training stream itself (`to_ray_dataset`: rows re-shuffled every epoch, read
-fused into the decode tasks) read as the training loop reads it (`iter_torch_batches` with
-run.data.prefetch_batches and run.data.shuffle_buffer); the DataLoader shuffles fully per epoch too.
+The Ray sides are the training stream itself (`to_ray_dataset`: rows re-shuffled every epoch, read
+fused into the decode tasks) read as qformer.train.streams reads an epoch-based stream
+(`iter_torch_batches` with run.data.prefetch_batches and run.data.shuffle_buffer, one batch read ahead,
+and the next epoch's pass started by qformer.data.head_start as soon as the read-ahead sees this one's end);
+the DataLoader shuffles fully per epoch too.
 
 Method (why it looks like this):
 - Same worker processes on each side (`--workers`, default all CPUs): Ray runs that many 1-CPU
@@ -19,13 +23,17 @@ Method (why it looks like this):
   images/s by that count. Neither count includes the rest: the DataLoader's main process
   (unpickles batches), Ray's driver (streaming executor + iter_torch_batches), raylet, GCS and Ray
   Data's stats/autoscaling actors. Those show up in the CPU accounting below instead.
-- Epochs alternate between the sides (DataLoader, Ray, DataLoader, ...) so that load from other
-  processes on a shared machine hits both alike; the first epoch of each side is warm-up (worker
-  start, Ray Data planning) and is reported but left out of the rates. Rates are the median over
-  the remaining epochs; min/max give the spread. Every epoch is a full pass, as a training epoch
-  is: Ray Data pays a per-execution start (~1 s on this version, while its autoscaling
-  coordinator grants the run its CPUs one task runs alone), so epochs must be long enough for the
-  figure to mean steady throughput: the defaults aim at several seconds per epoch.
+- Each side reads `--epochs` passes back to back, as a training run does (so a next pass started
+  ahead overlaps only its own side's reading), and the sides take turns, `--rounds` times, so that
+  load from other processes on a shared machine hits all alike. The first epoch of each turn is
+  warm-up (worker start, Ray Data planning, a start nothing ran ahead of: a run's first epoch) and is
+  reported but left out of the rates. Rates are the median over the remaining epochs; min/max give
+  the spread. Every epoch is a full pass, as a training epoch is: Ray Data pays a per-execution
+  start (1.7-1.9 s to the first batch on the demo), so epochs must be long enough for the figure to
+  mean steady throughput: the defaults aim at several seconds per epoch. `first_batch_seconds` is
+  the wait of each epoch for its first batch, asked for as soon as the previous epoch's last came:
+  the consumer does nothing with a batch, so a start ahead has only the read-ahead's lead here,
+  where training also has the last step, the epoch-end checkpoint and any evaluation.
 - CPU seconds per image over the whole process tree of each side (psutil), measured in the same
   epochs. Wall-clock rates on a shared 2-core machine swing with other users' load; CPU time per
   image does not, and it counts the overhead processes that "per core" leaves out. It is also split
@@ -67,7 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"samples per epoch (default {DEFAULT_IMAGES}; quick {QUICK_IMAGES})")
     parser.add_argument("--workers", type=int, default=None, help="worker processes on each side (default: CPUs)")
     parser.add_argument("--batch-size", type=int, default=None, help="default run.data.batch_size")
-    parser.add_argument("--epochs", type=int, default=None, help="passes per side, the first is warm-up (default 4; quick 2)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes per side per turn, back to back; the first is warm-up (default 3; quick 2; "
+                             "--source shards: passes per side, alternating, default 4)")
+    parser.add_argument("--rounds", type=int, default=None, help="turns of every side (default 2; quick 1)")
     parser.add_argument("--synth-size", type=int, default=256, help="side of the `config` workload's synthetic JPEGs")
     parser.add_argument("--object-store-mb", type=int, default=None,
                         help="object store of the private Ray this bench starts (default: Ray's, 30%% of RAM, as "
@@ -79,6 +90,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 30; quick 2; 0: skip)")
     parser.add_argument("--out-dir", default=None, help="results directory (default experiments/benchmarks/results)")
     data_shards.add_arguments(parser)
+
+
+class _TrainingRead:
+    """A Ray side's epochs, read as qformer.train.streams reads an epoch-based stream: one batch ahead, and
+    (with `ahead`) the next epoch's pass started as soon as the read-ahead sees this one's end, when
+    another epoch follows."""
+
+    def __init__(self, make, ahead: bool) -> None:
+        self.make, self.ahead, self.next = make, ahead, None
+
+    def epoch(self, next_epoch: bool):
+        # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
+        from qformer.data.head_start import HeadStart
+
+        it = self.next.take() if self.next is not None else iter(self.make())
+        self.next = None
+        try:
+            current = next(it, None)
+            while current is not None:
+                upcoming = next(it, None)
+                if upcoming is None and next_epoch and self.ahead:
+                    it.close()  # (a split coordinator starts a pass only when the last one ended)
+                    self.next = HeadStart(self.make)
+                yield current
+                current = upcoming
+        finally:
+            it.close()
+
+    def close(self) -> None:
+        if self.next is not None:
+            self.next.close()
+            self.next = None
 
 
 class _TorchDataset:
@@ -131,7 +174,7 @@ def _tiny_model_config(args: argparse.Namespace, image_size: int):
         f"model.image_size={image_size}", f"model.vit_kwargs.img_size={image_size}", "model.vit_kwargs.patch_size=16"])
 
 
-def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, meter: CpuMeter) -> dict:
+def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, rounds: int, meter: CpuMeter) -> dict:
     # lazy: `qformer --help` imports the bench suites (see qformer/bench/__init__.py)
     import pandas as pd
     import ray
@@ -175,13 +218,23 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
                                              persistent_workers=True)  # as Ray reuses its workers
         before = meter.descendants()
         torch_pids = lambda: meter.loader_workers() - before  # noqa: E731  (forked by the first epoch)
-        runs: dict[str, list[dict]] = {"torch_dataloader": [], **{side: [] for side in datasets}}
+        readers = {"ray_data": _TrainingRead(ray_iter(datasets["ray_data"]), ahead=True),
+                   "ray_data_exact": _TrainingRead(ray_iter(datasets["ray_data_exact"]), ahead=True),
+                   "ray_data_fresh_start": _TrainingRead(ray_iter(datasets["ray_data"]), ahead=False)}
+        runs: dict[str, list[dict]] = {"torch_dataloader": [], **{side: [] for side in readers}}
+        ray_pids = lambda: meter.descendants() - torch_pids()  # noqa: E731
         try:
-            for _ in range(epochs):  # alternate so that machine-load drift hits every side alike
-                runs["torch_dataloader"].append(timed_epoch(lambda: iter(loader), meter, torch_pids))
-                for side, ds in datasets.items():
-                    runs[side].append(timed_epoch(ray_iter(ds), meter, lambda: meter.descendants() - torch_pids()))
+            for _ in range(rounds):  # sides take turns so that machine-load drift hits every side alike
+                for e in range(epochs):
+                    runs["torch_dataloader"].append({**timed_epoch(lambda: iter(loader), meter, torch_pids),
+                                                     "warmup": e == 0})
+                for side, reader in readers.items():
+                    for e in range(epochs):  # back to back, as a run's epochs
+                        epoch = timed_epoch(lambda: reader.epoch(next_epoch=e + 1 < epochs), meter, ray_pids)
+                        runs[side].append({**epoch, "warmup": e == 0})
         finally:
+            for reader in readers.values():
+                reader.close()
             del loader
         fidelity = {"pixels": decode_fidelity.pixel_difference(spec, rows, n=args.pixel_images or (16 if args.quick else 200))}
         loss_steps = args.loss_steps if args.loss_steps is not None else (2 if args.quick else 30)
@@ -190,12 +243,13 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
                                                                spec, rows, steps=loss_steps)
     sides = {side: summarise(side_runs, workers) for side, side_runs in runs.items()}
     ray_s, exact_s, torch_s = sides["ray_data"], sides["ray_data_exact"], sides["torch_dataloader"]
+    fresh_s = sides["ray_data_fresh_start"]
     payload = {
         "config": cfg_path, "options": options, "data": data_info, "image_size": int(cfg.model.image_size),
         "train_decode": str(data_cfg.train_decode),
         "vis_processors": [type(p).__name__ for p in spec.vis_processors], "batch_size": bs,
         "rows_per_task": rows_per_task(data_cfg), "shuffle_buffer": buffer,
-        "prefetch_batches": int(data_cfg.prefetch_batches), "epochs": epochs,
+        "prefetch_batches": int(data_cfg.prefetch_batches), "epochs": epochs, "rounds": rounds,
         "processes": {
             "ray_data": {"decode_workers": workers, "not_counted_in_per_core": "driver (streaming executor, "
                          "iter_torch_batches, local shuffle), raylet, GCS, Ray Data stats/autoscaling actors"},
@@ -207,21 +261,26 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, me
         "ratio_cpu_efficiency": torch_s["cpu_ms_per_image"] / ray_s["cpu_ms_per_image"],
         "ratio_ray_exact_vs_dataloader": exact_s["images_per_s"] / torch_s["images_per_s"],
         "ratio_decode_vs_exact": exact_s["cpu_ms_per_image"] / ray_s["cpu_ms_per_image"],
+        "ratio_ray_fresh_start_vs_dataloader": fresh_s["images_per_s"] / torch_s["images_per_s"],
+        "ratio_head_start_vs_fresh_start": ray_s["images_per_s"] / fresh_s["images_per_s"],
         "decode_vs_exact": fidelity,
     }
     print(f"[{name}] {cfg_path}: {workers} workers each side, batch {bs}, {ray_s['images_per_epoch']} images/epoch, "
           f"{payload['image_size']} px ({data_info})")
     for side, s in ((f"ray data ({payload['train_decode']} decode)", ray_s), ("ray data (exact decode)", exact_s),
-                    ("dataloader (exact, LAVIS's pixels)", torch_s)):
+                    ("ray data (fresh start per epoch)", fresh_s), ("dataloader (exact, LAVIS's pixels)", torch_s)):
         print(f"  {side:36s} {s['images_per_s']:7.1f} img/s ({s['images_per_s_min']:.0f}-{s['images_per_s_max']:.0f})"
               f"  {s['images_per_s_per_core']:7.1f} img/s/core  {s['cpu_ms_per_image']:5.2f} CPU ms/img"
               f"  epochs {s['epoch_seconds']}")
+        print(f"      first batch after (s): {s['first_batch_seconds']}; median of the later epochs "
+              f"{s['first_batch_s_steady']:.3f}")
         parts = sorted(s["cpu_ms_per_image_by_process"].items(), key=lambda kv: -kv[1])
         print("      CPU ms/img by process: " + ", ".join(f"{label} {ms:.2f}" for label, ms in parts))
     print(f"  ratio ray/dataloader {payload['ratio_ray_vs_dataloader']:.2f} img/s per core, "
           f"{payload['ratio_cpu_efficiency']:.2f} CPU efficiency; exact-decode ray/dataloader "
           f"{payload['ratio_ray_exact_vs_dataloader']:.2f}; CPU per image exact / {payload['train_decode']} "
-          f"{payload['ratio_decode_vs_exact']:.2f}")
+          f"{payload['ratio_decode_vs_exact']:.2f}; fresh-start ray/dataloader "
+          f"{payload['ratio_ray_fresh_start_vs_dataloader']:.2f}")
     pixels = fidelity["pixels"]
     print(f"  {payload['train_decode']} vs exact pixels: mean |difference| {pixels['mean_abs_diff']:.3f} grey levels "
           f"(worst image {pixels['max_image_mean_abs_diff']:.2f}, {pixels['share_drafted']:.0%} drafted, "
@@ -240,13 +299,14 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "source", "table") == "shards":
         return data_shards.run(args)
     workers = args.workers or os.cpu_count() or 1
-    epochs = args.epochs or (2 if args.quick else 4)
+    epochs = args.epochs or (2 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 2)
     names = ["config", "stage1"] if args.workload == "both" else [args.workload]
     meter = CpuMeter()
     started_ray = start_ray(args, workers)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        workloads = {name: _workload(name, args, workers, epochs, meter) for name in names}
+        workloads = {name: _workload(name, args, workers, epochs, rounds, meter) for name in names}
     finally:
         if started_ray:
             ray.shutdown()
@@ -255,6 +315,8 @@ def run(args: argparse.Namespace) -> dict:
                "ratio_ray_vs_dataloader": {k: w["ratio_ray_vs_dataloader"] for k, w in workloads.items()},
                "ratio_cpu_efficiency": {k: w["ratio_cpu_efficiency"] for k, w in workloads.items()},
                "ratio_ray_exact_vs_dataloader": {k: w["ratio_ray_exact_vs_dataloader"] for k, w in workloads.items()},
+               "ratio_ray_fresh_start_vs_dataloader": {k: w["ratio_ray_fresh_start_vs_dataloader"]
+                                                       for k, w in workloads.items()},
                # the first workload's sides at the top level, as before there were workloads
                "ray_data": first["ray_data"], "torch_dataloader": first["torch_dataloader"], "data": first["data"]}
     path = write_result("data", payload, args.out_dir)

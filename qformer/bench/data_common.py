@@ -97,7 +97,9 @@ def timed_epoch(make_iter, meter: CpuMeter, pids) -> dict:
 
 
 def summarise(epochs: list[dict], workers: int) -> dict:
-    steady = epochs[1:] or epochs
+    """Rates over the steady epochs: those not marked `warmup` where epochs carry the mark, else all but the first."""
+    marked = any("warmup" in e for e in epochs)
+    steady = ([e for e in epochs if not e["warmup"]] if marked else epochs[1:]) or epochs
     rates = [e["images"] / e["seconds"] for e in steady]
     rate = statistics.median(rates)
     images = sum(e["images"] for e in steady)
@@ -106,6 +108,7 @@ def summarise(epochs: list[dict], workers: int) -> dict:
     return {
         "epoch_seconds": [round(e["seconds"], 3) for e in epochs],
         "first_batch_seconds": [round(e["first_batch_s"], 3) for e in epochs],
+        "first_batch_s_steady": statistics.median(e["first_batch_s"] for e in steady),
         "images_per_epoch": epochs[-1]["images"],
         "images_per_s": rate, "images_per_s_min": min(rates), "images_per_s_max": max(rates),
         "images_per_s_per_core": rate / workers,

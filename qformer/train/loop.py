@@ -79,13 +79,18 @@ class TrainingLoop:
         length = self.streams.steps_per_epoch()
         bar = Progress(self.streams.expected_steps(), f"epoch {epoch}", "steps", initial=begin,
                        enabled=self.rank == 0, log_every_s=None)  # in a job log, log_step's lines are the progress
-        epoch_meter, steps, i = LossMeter(), self.streams.steps(epoch, begin), begin
+        # the stream starts the next epoch's pass while this one's last step trains (none after the last epoch)
+        start_next = epoch + 1 < self.max_epoch and bool(self.run_cfg.data.get("next_pass_ahead", True))
+        epoch_meter, steps, i = LossMeter(), self.streams.steps(epoch, begin, start_next), begin
+        first_wait = None  # how long this epoch waited for its first step's data (rank 0's, logged at its end)
         self.metrics.start_window()
         try:
             while length is None or i < length:
                 t0 = time.perf_counter()
                 drawn = next(steps, None)
-                self.metrics.waited(time.perf_counter() - t0)
+                waited = time.perf_counter() - t0
+                self.metrics.waited(waited)
+                first_wait = waited if first_wait is None else first_wait
                 if drawn is None:
                     break
                 group, last = drawn
@@ -106,7 +111,7 @@ class TrainingLoop:
         if i == begin == 0:  # (a resume at the very end of an epoch whose length was unknown has nothing left)
             raise RuntimeError(f"epoch {epoch} had no batches on rank {self.rank}: the training shard is empty or "
                                f"smaller than one batch of {self.plan.worker_batch}")
-        self.end_epoch(epoch, i, epoch_meter)
+        self.end_epoch(epoch, i, epoch_meter, first_wait)
         if self.preemption.stopping and epoch < self.max_epoch - 1:  # after the last epoch: nothing to restart
             self.stop(epoch + 1, 0)
 
@@ -136,9 +141,11 @@ class TrainingLoop:
         call_hooks(self.lc.step_hooks, self.state.global_step, self.rank)
         return False
 
-    def end_epoch(self, epoch: int, iters: int, epoch_meter: LossMeter) -> None:
+    def end_epoch(self, epoch: int, iters: int, epoch_meter: LossMeter, first_wait: float | None = None) -> None:
         check_finite(self.state)
         metrics = {f"train_epoch/{k}": v for k, v in epoch_meter.mean().items()}  # LAVIS: all-reduced averages
+        if first_wait is not None:  # Ray Data's per-pass start, where nothing hid it (qformer.data.head_start)
+            metrics["train_epoch/first_batch_wait_s"] = float(first_wait)
         run = self.run_cfg
         if list(run.valid_splits) and epoch % max(1, int(run.val_freq)) == 0:
             for split in run.valid_splits:

@@ -5,6 +5,11 @@ Epoch-based runs read one fresh pass per epoch; iteration-based runs (`max_iters
 one endless stream per source across inner epochs (LAVIS's IterLoader). Each pass starts by telling the
 stream's source, through the stream plan, which pass to read and what of it is already done
 (qformer.data.position), so a resumed pass trains every row exactly once.
+
+An epoch-based run starts the next epoch's pass as soon as this epoch's reading ends (the read-ahead saw
+the stream's end, or the last counted step was read) and another epoch follows: Ray Data's per-pass start
+then overlaps the last step, the epoch-end checkpoint and any evaluation (qformer.data.head_start). Its
+first batch waits unobserved: the positions move to the new pass only when the epoch takes it over.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch.distributed as dist
 
 from qformer.config.batch_plan import BatchPlan
 from qformer.core.logs import get_logger
+from qformer.data.head_start import HeadStart
 from qformer.data.position import PositionTracker, StreamPosition
 
 log = get_logger("train")
@@ -35,6 +41,7 @@ class TrainingStreams:
         self.positions = {n: PositionTracker(StreamPosition.from_dict(saved.get(n))) for n in self.names}
         self.position_restored = bool(saved)
         self._endless: dict[str, Iterator[dict]] = {}
+        self._next: dict[str, tuple[int, HeadStart]] = {}  # stream -> (pass, its start), epoch-based runs
 
     def steps_per_epoch(self) -> int | None:
         """Optimiser steps per (inner) epoch when known up front; None = until the shard is exhausted."""
@@ -55,14 +62,15 @@ class TrainingStreams:
         return known if known is not None else (int(self.num_rows.get("train") or 0) // self.plan.samples_per_step
                                                 or None)
 
-    def steps(self, epoch: int, begin: int) -> Iterator[tuple[list[dict], bool]]:
+    def steps(self, epoch: int, begin: int, start_next: bool = False) -> Iterator[tuple[list[dict], bool]]:
         """This epoch's optimiser steps from step `begin` on: each a list of micro-batches and whether it is
         the epoch's last. Where the epoch length is not known up front (one stream read to its end), the
         next step is read one ahead, so the last step is known when it is trained (its checkpoint is the
         epoch's end, not a step checkpoint followed by an end one); elsewhere the loop counts to the length
         and the flag stays False. A step's batches give up their position columns only when it is handed
-        over, so a checkpoint never counts the step read ahead."""
-        pairs = self._batches(epoch, begin * self.plan.micro_per_step)
+        over, so a checkpoint never counts the step read ahead. `start_next`: another epoch follows in this
+        run and an epoch-based stream starts its pass as soon as this epoch's reading ends."""
+        pairs = self._batches(epoch, begin * self.plan.micro_per_step, start_next)
         if self.steps_per_epoch() is not None:  # cycling streams start passes while read: observe in order
             return ((group, False) for group in _grouped(self._observed(pairs), self.plan.micro_per_step))
         return self._looking_ahead(_grouped(pairs, self.plan.micro_per_step))
@@ -72,8 +80,11 @@ class TrainingStreams:
         return {n: t.settle(_gather_objects).to_dict() for n, t in self.positions.items()}
 
     def close(self) -> None:
+        """Ends every open stream and any next pass started ahead (its thread too)."""
         for stream in self._endless.values():
             stream.close()
+        while self._next:
+            self._next.popitem()[1][1].close()
 
     def _observed(self, pairs: Iterator[tuple[str, dict]]) -> Iterator[dict]:
         for name, batch in pairs:
@@ -90,24 +101,52 @@ class TrainingStreams:
         finally:
             groups.close()
 
-    def _batches(self, epoch: int, begin: int) -> Iterator[tuple[str, dict]]:
+    def _batches(self, epoch: int, begin: int, start_next: bool) -> Iterator[tuple[str, dict]]:
         if self.iter_based or self.ratios:
             if not self._endless:  # one endless stream per source, closed in close()
                 first = {n: self.positions[n].position.pass_ if self.position_restored else epoch for n in self.names}
-                self._endless = {n: self._source(n, first[n], cycle=True) for n in self.names}
+                self._endless = {n: self._endless_source(n, first[n]) for n in self.names}
             yield from self._draw(self._endless, epoch, begin)
             return
-        iters = {n: self._source(n, epoch, cycle=False) for n in self.names}
-        if begin and not self.position_restored:  # a checkpoint from before data positions: skip by count
-            log.info("resuming inside epoch %d: skipping %d batches of this epoch's data", epoch, begin)
-            for _ in range(begin):
-                if next(iters["train"], None) is None:
-                    return
+        iters = {n: self._open_pass(n, epoch) for n in self.names}
         try:
-            yield from self._draw(iters, epoch, begin)
-        finally:  # close Ray's iterators now (an early stop at max_steps_per_epoch leaves them open)
-            for it in iters.values():
-                it.close()
+            if begin and not self.position_restored:  # a checkpoint from before data positions: skip by count
+                log.info("resuming inside epoch %d: skipping %d batches of this epoch's data", epoch, begin)
+                for _ in range(begin):
+                    if next(iters["train"], None) is None:
+                        return
+            length = self.steps_per_epoch()
+            last = None if length is None else length * self.plan.micro_per_step - 1  # counted: its last batch
+            for i, item in enumerate(self._draw(iters, epoch, begin), start=begin):
+                if i == last:  # this epoch reads no more: end the pass now, before its last step trains
+                    self._end_pass(iters, epoch, start_next)
+                    yield item
+                    return
+                yield item
+        finally:  # close Ray's iterators now (an early stop, e.g. preemption, leaves them open)
+            _close_all(iters)
+        self._end_pass(iters, epoch, start_next)  # the stream ran out (seen one step ahead of the loop)
+
+    def _end_pass(self, iters: dict[str, Iterator[dict]], epoch: int, start_next: bool) -> None:
+        """This epoch's reading is over: its iterators closed (Ray's split coordinator lets a pass start only
+        when every rank ended the last), then the next epoch's pass started ahead where there is one."""
+        _close_all(iters)
+        if not start_next:  # the run's last epoch (or a caller that cannot say): no useless execution
+            return
+        for name in self.names:
+            planned = StreamPosition(epoch + 1).to_dict()  # what start_pass gives a pass not yet read
+            self._next[name] = (epoch + 1, HeadStart(lambda name=name: self._pass_batches(name, planned)))
+
+    def _open_pass(self, name: str, pass_: int) -> Iterator[dict]:
+        """Pass `pass_` of stream `name`, read from where its position says: the one started ahead when it is
+        that pass from its beginning, else a fresh start."""
+        ahead, tracker = self._next.pop(name, None), self.positions[name]
+        tracker.start_pass(pass_)  # a new pass forgets the old one's progress
+        if ahead is not None:
+            if ahead[0] == pass_ and tracker.position.to_dict() == StreamPosition(pass_).to_dict():
+                return ahead[1].take()
+            ahead[1].close()  # (not the pass this epoch reads: a caller that changed its mind)
+        return self._pass_batches(name, tracker.position.to_dict())
 
     def _draw(self, iters: dict[str, Iterator[dict]], epoch: int, begin: int) -> Iterator[tuple[str, dict]]:
         """(stream name, micro-batch), its position columns still in it (see steps())."""
@@ -120,35 +159,46 @@ class TrainingStreams:
             yield name, batch
             i += 1
 
-    def _source(self, name: str, first_pass: int, cycle: bool) -> Iterator[dict]:
-        """Batches of stream `name`, from pass `first_pass` on (every pass when cycling)."""
-        shard, data = self.shards[name], self.run.data
-        buffer = int(data.shuffle_buffer or 0)
+    def _endless_source(self, name: str, first_pass: int) -> Iterator[dict]:
+        """Batches of stream `name`, every pass from `first_pass` on."""
         round_ = 0
         while True:
             pass_ = first_pass + round_
             tracker = self.positions[name]
             tracker.start_pass(pass_)  # a new pass forgets the old one's progress
-            if self.stream_plan is not None:  # every rank writes the same; Ray plans the read after all have
-                ray.get(self.stream_plan.set.remote(name, tracker.position.to_dict()))
             seen = False
-            for batch in shard.iter_torch_batches(
-                batch_size=self.plan.worker_batch, drop_last=True, prefetch_batches=int(data.prefetch_batches),
-                local_shuffle_buffer_size=buffer or None,
-                local_shuffle_seed=(int(self.run.seed) * 1000 + pass_ * 31) if buffer else None,
-                # Host batches, pinned on a GPU machine: the step plans the text on the host
-                # (train.step.with_text_plan) and then copies non-blocking. Ray's default ("auto") would
-                # move them to the worker's GPU first, and every micro-batch would then sync the host.
-                device="cpu", pin_memory=torch.cuda.is_available(),
-            ):
+            for batch in self._pass_batches(name, tracker.position.to_dict()):
                 seen = True
                 yield batch
-            if not cycle:
-                return
             if not seen:
                 raise RuntimeError(f"training dataset '{name}' yields no full batch of {self.plan.worker_batch} on "
                                    f"rank {self.rank}; lower run.batch_size_train or add data")
             round_ += 1
+
+
+    def _pass_batches(self, name: str, position: dict) -> Iterator[dict]:
+        """One pass of stream `name` as `position` (a StreamPosition's dict) plans it: written to the stream
+        plan first (every rank writes the same; Ray plans the read after all have arrived), then read."""
+        if self.stream_plan is not None:
+            ray.get(self.stream_plan.set.remote(name, position))
+        data, pass_ = self.run.data, int(position["pass"])
+        buffer = int(data.shuffle_buffer or 0)
+        return iter(self.shards[name].iter_torch_batches(
+            batch_size=self.plan.worker_batch, drop_last=True, prefetch_batches=int(data.prefetch_batches),
+            local_shuffle_buffer_size=buffer or None,
+            local_shuffle_seed=(int(self.run.seed) * 1000 + pass_ * 31) if buffer else None,
+            # Host batches, pinned on a GPU machine: the step plans the text on the host
+            # (train.step.with_text_plan) and then copies non-blocking. Ray's default ("auto") would
+            # move them to the worker's GPU first, and every micro-batch would then sync the host.
+            device="cpu", pin_memory=torch.cuda.is_available(),
+        ))
+
+
+def _close_all(iters: dict[str, Iterator[dict]]) -> None:
+    for it in iters.values():
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
 
 
 def pick_stream(ratios: dict[str, float], seed: int, epoch: int, i: int) -> str:

@@ -31,6 +31,7 @@ from qformer.models.qformer_layers import CrossKV
 from qformer.models.vision import build_vision_encoder, load_vision_weights
 from qformer.models.vision.build import fp16_vit_autocast, maybe_fp16
 from qformer.models.vision.clip_vit import LayerNorm as FP32LayerNorm
+from qformer.models.vision.layer_ids import vit_layer_id, vit_num_layers
 from qformer.core.registry import register_model
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,7 @@ class Blip2Qformer(nn.Module):
         # The ITM pass takes its image K/V from the query pass instead of projecting 3B image rows
         # again (exact: same rows, same weights). Off only to measure or test the difference.
         self.reuse_itm_kv = True
-        # The training forward always runs the LM pass, whose head is tied to the word embedding: the three
-        # text passes' lookups add their rows to that dense gradient (4% of the tiny step's CPU, measured)
+        # the training forward always runs the LM pass (its tied head: a dense gradient for sparse lookups)
         self.Qformer.bert.embeddings.sparse_word_grads = True
 
     @classmethod
@@ -201,7 +201,7 @@ class Blip2Qformer(nn.Module):
             group, wd = ("no_decay", 0.0) if no_decay else ("decay", weight_decay)
             scale = 1.0
             if name.startswith("visual_encoder."):
-                layer_id = _vit_layer_id(name[len("visual_encoder."):], num_layers)
+                layer_id = vit_layer_id(name[len("visual_encoder."):], num_layers)
                 group = f"vit_layer_{layer_id}_{group}"
                 scale = lr_scale ** (num_layers + 1 - layer_id)
             if group not in groups:
@@ -374,30 +374,3 @@ def _checkpoint_source(cfg: Mapping[str, Any]) -> str | None:
                 raise ValueError(f"model.{flag} is True but model.{key} is empty")
             return str(source)
     return None
-
-
-def vit_num_layers(encoder: nn.Module) -> int:
-    """Transformer blocks of an EVA / CLIP / timm encoder (0 when none are found)."""
-    for attr in ("blocks", "transformer.resblocks", "model.blocks"):
-        obj = encoder
-        try:
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-            return len(obj)
-        except AttributeError:
-            continue
-    return 0
-
-
-def _vit_layer_id(name: str, num_layers: int) -> int:
-    """LAVIS EVA get_num_layer: embeddings 0, block i -> i+1, anything else num_layers."""
-    parts = name.split(".")
-    for key in ("blocks", "resblocks"):
-        if key in parts:
-            idx = parts.index(key)
-            if idx + 1 < len(parts) and parts[idx + 1].isdigit():
-                return int(parts[idx + 1]) + 1
-    embed_names = ("cls_token", "pos_embed", "patch_embed", "class_embedding", "positional_embedding", "conv1", "ln_pre")
-    if any(p in embed_names for p in parts):
-        return 0
-    return num_layers

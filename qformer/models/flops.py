@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from qformer.models.blip2_qformer import vit_num_layers
+from qformer.models.vision.layer_ids import vit_num_layers
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
 import torch
 from omegaconf import OmegaConf
 

@@ -235,7 +235,7 @@ def _workload(name: str, args: argparse.Namespace, workers: int, epochs: int, ro
         finally:
             for reader in readers.values():
                 reader.close()
-            del loader
+            loader = None  # its persistent workers end with it
         fidelity = {"pixels": decode_fidelity.pixel_difference(spec, rows, n=args.pixel_images or (16 if args.quick else 200))}
         loss_steps = args.loss_steps if args.loss_steps is not None else (2 if args.quick else 30)
         if loss_steps:  # the demo's tiny model (stage-1's own is EVA ViT-g), at this workload's image size

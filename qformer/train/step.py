@@ -49,8 +49,8 @@ class TrainState:
     _bad_flag: torch.Tensor | None = field(default=None, repr=False)
     _last_checked_step: int = 0
     _optimizer_calls: int = field(default=0, repr=False)
-    _steps_called: int = field(default=0, repr=False)  # optimiser steps called (for a fused kernel: some skipped)
-    _skipped_known: int = field(default=0, repr=False)  # overflow skips the host already knows of
+    _skipped_by_scaler: int = field(default=0, repr=False)  # overflows the scaler skipped on the host (no call)
+    _skipped_by_kernel: int = field(default=0, repr=False)  # overflows a fused kernel skipped (called), read back
     _skipped_on_device: torch.Tensor | None = field(default=None, repr=False)  # fused kernel's skips, not read yet
 
     def __post_init__(self) -> None:
@@ -73,20 +73,20 @@ class TrainState:
 
     def _settle(self) -> None:
         if self._skipped_on_device is not None:  # one read from the device, only when a count is read
-            self._skipped_known += int(self._skipped_on_device.sum())
+            self._skipped_by_kernel += int(self._skipped_on_device.sum())
             self._skipped_on_device = None
 
     @property
     def optimizer_steps(self) -> int:
         """Optimiser steps that changed the weights."""
         self._settle()
-        return self._steps_called - self._skipped_known
+        return self._optimizer_calls - self._skipped_by_kernel
 
     @property
     def skipped_overflow(self) -> int:
         """fp16: optimiser steps skipped for inf/NaN gradients (the GradScaler halves its scale for each)."""
         self._settle()
-        return self._skipped_known
+        return self._skipped_by_scaler + self._skipped_by_kernel
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -227,12 +227,10 @@ def train_step(state: TrainState, batch: Mapping[str, Any], epoch: int, iter_in_
             state.scaler.update()
             # a fused kernel is always called: whether it applied the step is known on the device only
             stepped = state._optimizer_calls > calls
-            state._skipped_known += int(not stepped)
-            state._steps_called += 1
+            state._skipped_by_scaler += int(not stepped)
         else:
             state.optimizer.step()
             stepped = True
-            state._steps_called += 1
         state.optimizer.zero_grad(set_to_none=True)
 
     return StepOutput(losses=losses, lr=float(state.optimizer.param_groups[0]["lr"]), optimizer_stepped=stepped, grad_norm=grad_norm)

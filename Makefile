@@ -7,6 +7,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qformer-installed
 PYTEST_ARGS ?=
+# Two pytest-xdist workers, whole files each (module fixtures run once): one test's waits for Ray, a server or
+# a subprocess leave a core idle that the other worker's tests use. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: venv demo ui test test-fast bench clean-venv
 
@@ -29,11 +33,11 @@ ui: venv
 test: venv
 	@VENV=$(VENV) bash platform/ci/ensure_compose.sh
 	@bash platform/ci/ensure_chromium.sh
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The unit layer alone (no Ray, no end-to-end runs): what to run while changing code.
 test-fast: venv
-	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not e2e" $(PYTEST_ARGS)
 
 bench: venv
 	$(VENV)/bin/qformer bench all

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Iterator
+
+from helpers import free_port
 
 
 def chromium() -> str:
@@ -92,12 +93,6 @@ def _devtools_endpoint(proc: subprocess.Popen) -> str:
 def _visible_text(page_html: str) -> str:
     text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", page_html, flags=re.S)
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text))).strip()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 # Quiet, deterministic Ray for every process the tests start (workers inherit the environment).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -19,13 +20,24 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# `make test` runs two pytest-xdist workers, each with its own Ray. A Ray dashboard's metrics server binds one
+# fixed port (Ray's DASHBOARD_METRIC_PORT, 44227) and fails to start when another dashboard holds it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("DASHBOARD_METRIC_PORT", str(free_port()))
 
 
 def pytest_collection_modifyitems(items):
-    """`e2e` on everything that starts Ray or runs end to end, so `pytest -m "not e2e"` is the unit layer."""
+    """`e2e` on everything that starts Ray or runs end to end, so `pytest -m "not e2e"` is the unit layer. The
+    order is slow files first, other end-to-end files next, unit tests last: pytest-xdist hands out whole files
+    in this order, so the longest start first and short ones fill the end (the order within a file is kept)."""
     for item in items:
         if any(item.get_closest_marker(name) for name in ("ray", "slow", "chaos")) or "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.e2e)
+    rank = {}
+    for item in items:
+        file_rank = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
+        rank[item.path] = min(rank.get(item.path, 2), file_rank)
+    items.sort(key=lambda item: rank[item.path])  # stable: files and tests keep their order within a rank
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -115,16 +127,13 @@ def progress_log(caplog, monkeypatch):
 
 def _moto_server(**env: str):
     """A real S3-compatible server (moto) on a loopback port, started and stopped by its process id."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.error
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
     endpoint = f"http://127.0.0.1:{port}"

@@ -7,6 +7,8 @@ MiniLM itself use `minilm_path` instead.
 """
 from __future__ import annotations
 
+import itertools
+import socket
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -93,3 +95,24 @@ def audit_rows(path: Path) -> list[tuple[int, list[int]]]:
     path = Path(path)
     path = path / "rows-rank0.jsonl" if path.is_dir() else path
     return [(r["step"], r["ids"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def short_tmp_dir(tmp_path_factory, prefix: str) -> str:
+    """A new folder with a short path under pytest's temp root, for a Ray temp dir: Ray puts unix sockets under
+    it, whose paths may not exceed 107 bytes. Under pytest-xdist the worker's base temp (`.../popen-gwN`) is
+    one level too deep for that, so the folder goes beside it, still inside the root pytest cleans."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if base.name.startswith("popen-gw") else base
+    for n in itertools.count():  # `prefix0`, `prefix1`, ...: mkdtemp's 8 random characters would not fit
+        try:
+            (root / f"{prefix}{n}").mkdir()
+            return str(root / f"{prefix}{n}")
+        except FileExistsError:  # another test, or the other xdist worker, took it
+            continue

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -28,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import tiny_options
+from helpers import free_port, short_tmp_dir, tiny_options
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -50,12 +49,6 @@ def head_script_lines() -> tuple[str, str]:
     assert lines.index(activate) < lines.index(ray_start), "the venv must be active before `ray start`"
     venv = str(VENV_BIN.parent)
     return activate.replace(".venv", venv), ray_start.replace(".venv", venv)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -181,8 +174,7 @@ def submission_id(output: str) -> str:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    # A short name: Ray puts unix sockets under it (socket paths are limited to ~107 bytes).
-    temp_dir = str(tmp_path_factory.mktemp("qfjob"))
+    temp_dir = short_tmp_dir(tmp_path_factory, "qfjob")  # Ray puts unix sockets under it
     head = LoopbackRayHead(temp_dir=temp_dir)
     try:
         head.start()

@@ -1,7 +1,6 @@
 """qformer.core.memory: freed heap pages go back to the OS (glibc), measured on this process's resident size."""
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 

@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,6 @@ def server_args(command: str, port: int, store: Path, artifacts: Path) -> list[s
             out.append(flag)
             i += 1
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ real Blip2Qformer is exercised in tests/test_eval_model.py.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import free_port
 from PIL import Image
 
 from qformer.data.processors.image import BlipImageEvalProcessor
@@ -145,12 +145,6 @@ def test_undecodable_image_leaves_with_its_captions(tmp_path):
     retrieval_metrics(s.i2t, s.t2i, s.img2txt, s.txt2img)  # consistent ground truth
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, root: str, n_images: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -174,7 +168,7 @@ def test_two_gloo_workers_equal_one_process(tmp_path, n_images, corrupt):
     single_split = _write_split(root, n_images, corrupt)
     single = compute_score_matrices(ToyRetrievalModel(), single_split, k_test=3, batch_size=2, device="cpu")
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(2, _free_port(), root, n_images, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), root, n_images, out), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(f"{out}.{rank}", weights_only=False)
         np.testing.assert_array_equal(got["i2t"], single.i2t)

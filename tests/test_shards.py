@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import data_config, merged
+from helpers import data_config, free_port, merged
 from qformer.config import ConfigError
 from qformer.data.position import PositionTracker, StreamPosition, create_plan, decode_unit, encode_unit
 from qformer.data.storage import expand, missing
@@ -131,16 +131,13 @@ def test_config_errors_name_the_shard_keys(tmp_path: Path) -> None:
 
 def test_storage_errors_are_told_apart_before_ray(s3_endpoint: str, s3_denied_endpoint: str, tmp_path: Path) -> None:
     """Not found, access denied, no such bucket and an unreachable endpoint: each its own one-line error."""
-    import socket
 
     from qformer.data.pipeline import train_sources
     from qformer.data.preflight import check_images
 
     write_shards(tmp_path, "wds", shards=1, per_shard=2, seed=1, image_size=16)
     assert upload_tree(tmp_path / "shards", "s3://shards/told", s3_endpoint) == 2
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
 
     def error(storage: str, endpoint: str) -> str:
         cfg = _cfg({"mine": _shards({"storage": storage})}, data={"s3_endpoint": endpoint})

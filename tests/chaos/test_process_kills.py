@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from chaos_helpers import ChaosRow, chaos_cfg, client_for, latest_run_id, loss_steps, uninterrupted_lrs, wait_for
+from helpers import short_tmp_dir
 from step_hooks import KillOnceAtStep
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray, pytest.mark.slow]
@@ -87,7 +88,6 @@ def _ray_processes(temp_dir: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.own_ray  # the drivers start their own Ray
 def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, tmp_path, tmp_path_factory,
                                                                     chaos_report):
     """Also: the lost-sample count is the run's, not the launch's. One of 17 training images does not decode
@@ -114,7 +114,7 @@ def test_interrupted_or_killed_driver_resumes_with_the_same_command(tiny_bert, t
     temp_dirs: list[str] = []
 
     def launch() -> tuple[subprocess.Popen, str]:
-        temp_dir = str(tmp_path_factory.mktemp("qfc"))  # a short name: Ray's socket paths are length-limited
+        temp_dir = short_tmp_dir(tmp_path_factory, "qfc")  # Ray puts unix sockets under it
         temp_dirs.append(temp_dir)
         env = {**os.environ, "RAY_TMPDIR": temp_dir, "RAY_ADDRESS": ""}
         with open(tmp_path / f"driver-{len(temp_dirs)}.log", "w") as log:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from chaos_helpers import ChaosRow, chaos_cfg, client_for, latest_run_id, loss_steps, wait_for
+from helpers import free_port
 
 from qformer.config import ConfigError
 
@@ -24,9 +24,7 @@ class TrackingServer:
     """`mlflow server` on a loopback port over a sqlite file; killed and restarted on the same port."""
 
     def __init__(self, tmp_path: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.db, self.artifacts, self.log = tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log"
         self.proc: subprocess.Popen | None = None
 

@@ -5,7 +5,6 @@ measured by `qformer bench data`."""
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -26,12 +25,16 @@ def _threads() -> list[str]:
 
 
 class _Plan:
-    """The stream plan actor's two calls, answered in-process (`ray.get` is patched to pass values through)."""
+    """The stream plan's two calls, answered in-process (no Ray: the last test runs on the real one)."""
 
     def __init__(self) -> None:
         self.plans: dict[str, dict] = {}
-        self.set = SimpleNamespace(remote=lambda stream, position: self.plans.__setitem__(stream, position))
-        self.get = SimpleNamespace(remote=lambda stream: self.plans.get(stream))
+
+    def set(self, stream: str, position: dict) -> None:
+        self.plans[stream] = position
+
+    def get(self, stream: str, timeout_s: float) -> dict | None:
+        return self.plans.get(stream)
 
 
 class _Shard:
@@ -63,7 +66,6 @@ def _streams(monkeypatch, max_steps_per_epoch=None):
     plan = _Plan()
     shard = _Shard(plan)
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shard)
-    monkeypatch.setattr(ray, "get", lambda value, **_: value)
     run = OmegaConf.create({"seed": 1, "batch_size_train": BATCH, "accum_grad_iters": 1,
                             "max_steps_per_epoch": max_steps_per_epoch, "ray": {"num_workers": 1},
                             "elastic": {"keep": "global_batch", "global_batch": None, "max_worker_batch": None},
@@ -214,7 +216,7 @@ def test_bench_data_reads_a_sides_epochs_as_training_does():
 @pytest.mark.ray
 def test_two_ranks_on_a_streaming_split_start_each_next_pass_ahead_in_lockstep(ray_cluster, monkeypatch):
     """Real Ray Data: two ranks (threads) on one streaming_split of the epoch-shuffled rows, with the run's
-    stream plan actor. Each starts the next epoch's pass when its reading ends; the split coordinator starts
+    stream plan. Each starts the next epoch's pass when its reading ends; the split coordinator starts
     that execution once both have. Every epoch hands out exactly the rows of its own pass (by the augmentation
     seed each read task adds: drawn from the pass and the task), both ranks flag the same last step, and
     nothing is left running."""

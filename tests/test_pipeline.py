@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -42,9 +43,7 @@ def _items(ids: np.ndarray) -> list[int]:
 
 def _pass(ds, plan, k: int):
     """`ds`, after telling its source (as the training loop does) to read pass k."""
-    import ray
-
-    ray.get(plan.set.remote("train", StreamPosition(k).to_dict()))
+    plan.set("train", StreamPosition(k).to_dict())
     return ds
 
 
@@ -243,21 +242,25 @@ def test_a_concurrency_cap_reads_every_row_without_a_deprecation_line(ray_cluste
 
 
 def test_a_stream_plan_that_does_not_answer_is_an_error_naming_it(ray_cluster) -> None:
-    """A plan actor whose call never returns (seen once in a long session) fails the read with a message,
-    instead of blocking the driver in a wait that no signal interrupts."""
-    import time
+    """The plan lives in Ray's key-value store (the GCS). With the GCS process paused (SIGSTOP, as an
+    overloaded or cut-off head node looks), a read fails after its timeout with a message naming the stream,
+    instead of blocking the driver in a wait that no signal interrupts; resumed, the same plan answers again.
+    `close` deletes the launch's keys."""
+    import signal
 
     import ray
 
     from qformer.data.position import read_plan
 
-    @ray.remote(num_cpus=0)
-    class Stuck:
-        def get(self, stream: str) -> dict:
-            time.sleep(30)
-            return {}
-
-    stuck = Stuck.remote()
-    with pytest.raises(RuntimeError, match=r"stream plan actor did not answer for stream 'coco_caption' within 1 s"):
-        read_plan(stuck, "coco_caption", timeout_s=1.0)
-    ray.kill(stuck)
+    plan = create_plan()
+    plan.set("coco_caption", StreamPosition(3).to_dict())
+    gcs = ray._private.worker._global_node.all_processes[ray._private.ray_constants.PROCESS_TYPE_GCS_SERVER][0]
+    os.kill(gcs.process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(RuntimeError, match=r"stream plan .* did not answer for stream 'coco_caption' within 1 s"):
+            read_plan(plan, "coco_caption", timeout_s=1.0)
+    finally:
+        os.kill(gcs.process.pid, signal.SIGCONT)
+    assert read_plan(plan, "coco_caption").pass_ == 3
+    plan.close()
+    assert read_plan(plan, "coco_caption") == StreamPosition()  # nothing left: pass 0, nothing done

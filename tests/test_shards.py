@@ -179,7 +179,6 @@ def test_every_format_streams_every_pair(ray_cluster, tmp_path: Path, fmt: str) 
 
 @pytest.mark.ray
 def test_shard_order_changes_per_pass_repeats_per_seed_and_parts_rotate(ray_cluster) -> None:
-    import ray
 
     from qformer.data.shard_source import ShardSet, ShardStream
 
@@ -188,7 +187,7 @@ def test_shard_order_changes_per_pass_repeats_per_seed_and_parts_rotate(ray_clus
     def order(seed: int, pass_: int, parts: int = 1) -> list[str]:
         """The planned read order of a pass, as the training loop asks for it through the plan."""
         plan = create_plan()
-        ray.get(plan.set.remote("s", StreamPosition(pass_).to_dict()))
+        plan.set("s", StreamPosition(pass_).to_dict())
         source = ShardStream(ShardSet("s", "wds", names, "txt", None, parts_per_epoch=parts), 0, 8, (seed, 0), plan)
         return [t.metadata.input_files[0] for t in source.get_read_tasks(1)]
 
@@ -202,7 +201,6 @@ def test_shard_order_changes_per_pass_repeats_per_seed_and_parts_rotate(ray_clus
 @pytest.mark.parametrize("fmt", ["wds", "jsonl"])
 def test_resume_mid_pass_neither_repeats_nor_skips(ray_cluster, tmp_path: Path, fmt: str) -> None:
     """Consume part of a pass, keep the position a checkpoint would, read the pass again from it."""
-    import ray
 
     from qformer.data.pipeline import build_train_datasets
 
@@ -212,7 +210,7 @@ def test_resume_mid_pass_neither_repeats_nor_skips(ray_cluster, tmp_path: Path, 
     ids = lambda b: [hash(tuple(r)) for r in b["text_ids"].tolist()]  # noqa: E731
 
     tracker = PositionTracker(StreamPosition(1))
-    ray.get(plan.set.remote("train", tracker.position.to_dict()))
+    plan.set("train", tracker.position.to_dict())
     full = [i for b in ds.iter_batches(batch_size=4, batch_format="numpy") for i in ids(b)]
     assert len(full) == 80 and len(set(full)) == 80
 
@@ -223,7 +221,7 @@ def test_resume_mid_pass_neither_repeats_nor_skips(ray_cluster, tmp_path: Path, 
         if len(before) >= 44:  # mid-pass, mid-chunk (chunks hold 8 rows)
             break
     saved = tracker.settle().to_dict()  # what the checkpoint stores
-    ray.get(plan.set.remote("train", saved))
+    plan.set("train", saved)
     after = [i for b in ds.iter_batches(batch_size=4, batch_format="numpy") for i in ids(b)]
     assert set(before) | set(after) == set(full)  # nothing skipped
     assert not set(before) & set(after)  # nothing repeated, though the checkpoint came mid-chunk

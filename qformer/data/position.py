@@ -13,13 +13,14 @@ chunks, and the row offsets already trained on in unfinished chunks; a resumed r
 world size) reads the pass again without any of them. So a resume repeats nothing and skips nothing
 (prefetched rows not yet trained on are not counted as trained).
 
-The training loop tells the Ray Data source which pass to read through a `StreamPlan` actor: every
-rank writes the same position before it starts iterating, and Ray Data's split coordinator plans the
-read only when all ranks have arrived at its epoch barrier, so it sees that position. The epoch comes
+The training loop tells the Ray Data source which pass to read through a `StreamPlan` (in Ray's key-value
+store): every rank writes the same position before it starts iterating, and Ray Data's split coordinator
+plans the read only when all ranks have arrived at its epoch barrier, so it sees that position. The epoch comes
 from the training state, not from Ray Data's execution count.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -141,48 +142,59 @@ class PositionTracker:
         return pos
 
 
-class _StreamPlan:
-    """stream name -> position dict; written by the training ranks, read by the Ray Data source."""
-
-    def __init__(self) -> None:
-        self._plans: dict[str, dict] = {}
-
-    def set(self, stream: str, position: dict) -> None:
-        self._plans[stream] = position
-
-    def get(self, stream: str) -> dict | None:
-        return self._plans.get(stream)
-
-
-def create_plan():
-    """A small actor owned by the caller (the launcher's driver), so it ends with the job. It lives on the
-    driver's node: placed anywhere, it would die with a preempted worker node and take the run with it."""
-    import ray  # lazy: `qformer config` imports this module (builders -> retrieval -> transform) without Ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    actor = ray.remote(num_cpus=0)(_StreamPlan)
-    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:  # only where there is another node to die
-        # (pinned on one node it falls out of a Tune trial's placement group: an interrupted sweep's resumed
-        # trial then stopped at once, so a single-node cluster keeps the default placement)
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        actor = actor.options(scheduling_strategy=here)
-    return actor.remote()
-
-
 PLAN_TIMEOUT_S = 300.0
+_PLAN_NAMESPACE = "qformer_stream_plans"
 
 
-def read_plan(plan, stream: str, timeout_s: float = PLAN_TIMEOUT_S) -> StreamPosition:
-    """The position the training loop asked for (pass 0, nothing done, without a plan). A plan actor that does
-    not answer within `timeout_s` (seen once in a long test session: the call never returned) is an error
-    naming it, not a wait without end that no signal can interrupt."""
-    if plan is None:
-        return StreamPosition()
-    import ray  # lazy: as in create_plan
+@dataclass(frozen=True)
+class StreamPlan:
+    """stream name -> position dict of one launch; written by the training ranks, read by the Ray Data sources.
 
-    try:
-        return StreamPosition.from_dict(ray.get(plan.get.remote(stream), timeout=timeout_s))
-    except ray.exceptions.GetTimeoutError:
-        raise RuntimeError(f"the stream plan actor did not answer for stream {stream!r} within {timeout_s:.0f} s "
-                           "(is the driver's node overloaded, or its Ray out of worker processes? see `ray status` "
-                           "and the Ray logs)") from None
+    It lives in the Ray cluster's own key-value store (the GCS, on the head node), not in an actor: nothing is
+    started per run (an actor cost a worker process and ~1 s of CPU each launch), and nothing dies with a
+    preempted worker node. Any process of the cluster reaches it; `close` deletes the launch's keys. A call
+    that gets no answer within its timeout (seen once with the actor this replaced, on an overloaded node) is
+    an error naming the stream, not a wait without end that no signal can interrupt."""
+
+    key: str
+
+    def set(self, stream: str, position: dict, timeout_s: float = PLAN_TIMEOUT_S) -> None:
+        self._call("put", stream, timeout_s, json.dumps(position).encode())
+
+    def get(self, stream: str, timeout_s: float = PLAN_TIMEOUT_S) -> dict | None:
+        value = self._call("get", stream, timeout_s)
+        return None if value is None else json.loads(value)
+
+    def close(self) -> None:
+        """Delete the launch's keys (a driver that dies first leaves a few hundred bytes until the cluster stops)."""
+        self._call("del", "", PLAN_TIMEOUT_S)
+
+    def _call(self, op: str, stream: str, timeout_s: float, value: bytes | None = None):
+        import ray  # lazy: `qformer config` imports this module (builders -> retrieval -> transform) without Ray
+        from ray.experimental.internal_kv import internal_kv_get_gcs_client
+
+        gcs, key, space = internal_kv_get_gcs_client(), f"{self.key}/{stream}".encode(), _PLAN_NAMESPACE.encode()
+        if gcs is None:
+            raise RuntimeError(f"the stream plan {self.key!r} needs a connected Ray (stream {stream!r})")
+        try:
+            if op == "put":
+                return gcs.internal_kv_put(key, value, True, space, timeout=timeout_s)
+            if op == "get":
+                return gcs.internal_kv_get(key, space, timeout=timeout_s)
+            return gcs.internal_kv_del(key, True, space, timeout=timeout_s)
+        except (ray.exceptions.RpcError, ray.exceptions.GetTimeoutError, TimeoutError) as err:
+            raise RuntimeError(f"the stream plan in Ray's key-value store did not answer for stream {stream!r} "
+                               f"within {timeout_s:.0f} s ({type(err).__name__}: is Ray's head node overloaded or "
+                               "unreachable? see `ray status` and the Ray logs)") from None
+
+
+def create_plan() -> StreamPlan:
+    """A new, empty plan for one launch (its keys are unique to it)."""
+    import uuid
+
+    return StreamPlan(f"plan-{uuid.uuid4().hex}")
+
+
+def read_plan(plan: StreamPlan | None, stream: str, timeout_s: float = PLAN_TIMEOUT_S) -> StreamPosition:
+    """The position the training loop asked for (pass 0, nothing done, without a plan)."""
+    return StreamPosition() if plan is None else StreamPosition.from_dict(plan.get(stream, timeout_s))

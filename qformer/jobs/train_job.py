@@ -197,6 +197,8 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
             except Exception as track_err:  # noqa: BLE001 - report the training's error, not the tracker's
                 log.warning("MLflow: could not mark run %s %s (%s)", tracker.run_id, status, track_err)
         raise
+    finally:
+        _close_plan(trainer.train_loop_config.stream_plan)
     finish_tracking(tracker, result, cfg)
     checkpoint = result.checkpoint
     return TrainingResult(
@@ -204,6 +206,13 @@ def launch_training(cfg: DictConfig, resume: str | None = None, callbacks: Seque
         best_checkpoint_path=best_checkpoint_path(result, score_key(cfg)), mlflow_run_id=tracker.run_id if tracker else None,
         tracking_uri=tracker.uri if tracker else None, storage_path=str(storage), name=str(name), error=result.error,
     )
+
+
+def _close_plan(plan) -> None:
+    try:
+        plan.close()
+    except Exception as err:  # noqa: BLE001 - the training's outcome matters; a few stale bytes in the GCS do not
+        log.warning("could not delete the stream plan %s from Ray's key-value store (%s)", plan.key, err)
 
 
 def finished_run(cfg: DictConfig) -> TrainingResult | None:

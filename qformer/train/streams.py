@@ -180,7 +180,7 @@ class TrainingStreams:
         """One pass of stream `name` as `position` (a StreamPosition's dict) plans it: written to the stream
         plan first (every rank writes the same; Ray plans the read after all have arrived), then read."""
         if self.stream_plan is not None:
-            ray.get(self.stream_plan.set.remote(name, position))
+            self.stream_plan.set(name, position)
         data, pass_ = self.run.data, int(position["pass"])
         buffer = int(data.shuffle_buffer or 0)
         return iter(self.shards[name].iter_torch_batches(

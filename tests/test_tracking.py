@@ -87,6 +87,32 @@ def test_a_stopped_driver_ends_its_run_killed_and_a_broken_one_failed():
         signals.clear_stop_signals()
 
 
+def test_sigterm_closes_the_open_run_killed_before_the_slow_exit_and_leaves_a_closed_run_alone(tmp_path: Path):
+    """`ray job stop` SIGKILLs the driver 3 s after its SIGTERM. Ray's own handler then aborts the Train
+    controller, which on a busy machine took longer, and the run stayed RUNNING. The run is closed KILLED
+    before that handler runs; a run already closed keeps its status when a SIGTERM comes later."""
+    import os
+    import signal
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    previous = signal.getsignal(signal.SIGTERM)
+    status_when_ray_handles_it: list[str] = []
+    # stands for ray.init's handler (abort, then exit): what it finds is what a SIGKILL 3 s later would leave
+    signal.signal(signal.SIGTERM, lambda signum, frame: status_when_ray_handles_it.append(RunTracker.status(uri, run)))
+    try:
+        tracker = RunTracker.start(uri, "stops")
+        run = tracker.run_id
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert status_when_ray_handles_it == ["KILLED"]
+        done = RunTracker.start(uri, "stops")
+        done.end("FINISHED")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert RunTracker.status(uri, done.run_id) == "FINISHED"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signals.clear_stop_signals()
+
+
 def test_a_new_sqlite_store_keeps_every_artifact_location_beside_it(tmp_path, monkeypatch):
     """Created from a job's working directory (deleted after the job), MLflow's Default experiment once
     pointed at <CWD>/mlruns."""

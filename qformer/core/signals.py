@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from qformer.core.logs import get_logger
 
 log = get_logger("signals")
 
 _stop_signals: set[int] = set()  # stop signals this (driver) process received
+_on_stop: dict[str, Callable[[], None]] = {}  # what the watched SIGTERM does first (see on_stop_signal)
 _preemption_requested = threading.Event()
 _training_finished = threading.Event()
 _previous_handler: Any = None
@@ -35,6 +36,11 @@ def watch_stop_signal() -> None:
 
     def note(signum, frame):
         _stop_signals.add(signum)
+        for key, action in list(_on_stop.items()):
+            try:
+                action()
+            except Exception as err:  # noqa: BLE001 - the stop goes on; the action's owner reports it again later
+                log.warning("SIGTERM: %s failed (%s)", key, err)
         if callable(previous):
             previous(signum, frame)
         elif previous != signal.SIG_IGN:
@@ -42,6 +48,17 @@ def watch_stop_signal() -> None:
 
     note.qformer_watch = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, note)
+
+
+def on_stop_signal(key: str, action: Callable[[], None] | None) -> None:
+    """Run `action` first thing when the watched SIGTERM arrives (None removes it). For what must be done within
+    `ray job stop`'s 3 s before its SIGKILL whatever else is slow then: closing the open MLflow run as KILLED.
+    Aborting the Train controller comes after and took longer than 3 s on a busy machine, which left the run
+    RUNNING for ever."""
+    if action is None:
+        _on_stop.pop(key, None)
+    else:
+        _on_stop[key] = action
 
 
 def stopped_by_signal() -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 from mlflow.entities import Metric, Param, RunTag
 
 from qformer.core.logs import get_logger
-from qformer.core.signals import stopped_by_signal, watch_stop_signal
+from qformer.core.signals import on_stop_signal, stopped_by_signal, watch_stop_signal
 from qformer.tracking.params import MAX_TAG_VALUE, PARAMS_PER_BATCH, source_tags
 from qformer.tracking.plots import LOSS_CURVE_KEYS, loss_curve_png
 from qformer.tracking.uri import ensure_experiment, mlflow_client
@@ -79,7 +79,7 @@ class RunTracker:
             all_tags["mlflow.parentRunId"] = parent_run_id  # nests the run under a Tune sweep's run in the UI
         run = mlflow_client(uri).create_run(exp_id, run_name=run_name, tags=all_tags)
         tracker = cls(uri, run.info.run_id)
-        watch_stop_signal()  # an open run must learn that a stop, not a failure, ends it
+        tracker._end_on_stop()
         if params:
             tracker.log_params(params)
         if config_yaml is not None:
@@ -93,8 +93,14 @@ class RunTracker:
         run = tracker.client.get_run(run_id)  # raises if the id is unknown in this store
         if run.info.status != "RUNNING":
             tracker.client.update_run(run_id, status="RUNNING")
-        watch_stop_signal()
+        tracker._end_on_stop()
         return tracker
+
+    def _end_on_stop(self) -> None:
+        """An open run learns that a stop (SIGTERM: `ray job stop`), not a failure, ends it: it is closed KILLED
+        as the signal arrives, before Ray's SIGKILL can leave it RUNNING (the launcher closes it again after)."""
+        watch_stop_signal()
+        on_stop_signal(f"MLflow run {self.run_id}", lambda: self.client.set_terminated(self.run_id, status="KILLED"))
 
     @staticmethod
     def status(uri: str, run_id: str) -> str:
@@ -114,6 +120,7 @@ class RunTracker:
         return runs[0].info.run_id if runs else None
 
     def end(self, status: str = "FINISHED") -> None:
+        on_stop_signal(f"MLflow run {self.run_id}", None)  # closed: a later SIGTERM must not make it KILLED
         self.client.set_terminated(self.run_id, status=status)
 
     @property

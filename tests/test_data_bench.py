@@ -23,7 +23,7 @@ def test_bench_data_quick(ray_cluster, tmp_path: Path) -> None:
     bench_data.add_arguments(parser)
     args = parser.parse_args(["--quick", "--cfg-path", "experiments/demo/tiny_shapes.yaml",
                               "--options", f"run.data_root={tmp_path / 'nodata'}",
-                              "--n-images", "40", "--workers", "1", "--epochs", "2", "--synth-size", "64",
+                              "--n-images", "16", "--workers", "1", "--epochs", "2", "--synth-size", "64",
                               "--pixel-images", "8", "--loss-steps", "2", "--out-dir", str(tmp_path / "results")])
     payload = bench_data.run(args)
     assert set(payload["workloads"]) == {"config", "stage1"}
@@ -36,7 +36,7 @@ def test_bench_data_quick(ray_cluster, tmp_path: Path) -> None:
         assert w["data"]["origin"] == "synthetic" and w["epochs"] == 2 and w["rounds"] == 1
         # the Ray sides read as training does: the next pass started ahead, or (fresh_start) when asked for
         sides = ("ray_data", "ray_data_exact", "ray_data_fresh_start", "torch_dataloader")
-        assert [w[side]["images_per_epoch"] for side in sides] == [40, 40, 40, 40]
+        assert [w[side]["images_per_epoch"] for side in sides] == [16, 16, 16, 16]
         assert w["train_decode"] == "reduced"  # the default; ray_data_exact is the exact path beside it
         assert w["processes"]["ray_data"]["decode_workers"] == w["processes"]["torch_dataloader"]["workers"] == 1
         for side in sides:

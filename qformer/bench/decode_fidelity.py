@@ -65,7 +65,8 @@ def loss_difference(cfg, spec, rows: list[tuple[str, str, int]], steps: int = 30
         state = train_state(model, cfg.run, resolve_amp(False, None, "cpu"))  # fp32
         losses = []
         for step in range(steps):
-            picked = [rows[j % len(rows)] for j in order[step * batch_size:(step + 1) * batch_size]]
+            # the permutation, cycled: fewer rows than steps x batch_size (a quick run) must not give empty batches
+            picked = [rows[order[(step * batch_size + k) % len(rows)]] for k in range(batch_size)]
             batch = _batch(picked, side, seed=[seed, step])
             torch.manual_seed(seed + step)  # dropout and ITM negatives drawn alike on both sides
             out = train_step(state, batch, epoch=0, iter_in_epoch=step, log=True)

@@ -165,9 +165,10 @@ class StreamPlan:
         value = self._call("get", stream, timeout_s)
         return None if value is None else json.loads(value)
 
-    def close(self) -> None:
-        """Delete the launch's keys (a driver that dies first leaves a few hundred bytes until the cluster stops)."""
-        self._call("del", "", PLAN_TIMEOUT_S)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Delete the launch's keys (a driver that dies first leaves a few hundred bytes until the cluster stops).
+        A short wait: it runs as the launch ends, also when the cluster is gone and the exit should not wait."""
+        self._call("del", "", timeout_s)
 
     def _call(self, op: str, stream: str, timeout_s: float, value: bytes | None = None):
         import ray  # lazy: `qformer config` imports this module (builders -> retrieval -> transform) without Ray

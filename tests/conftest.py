@@ -22,7 +22,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 # Ray's log monitor lists its log folder every 0.1 s until it holds 1000 files, and a test session's Rays start
 # hundreds of short-lived workers (each with its log files): listing every 0.5 s instead (Ray's interval past
-# that threshold) saved ~25 s of CPU per `make test`. Logs still reach the driver, at most 0.5 s later.
+# that threshold) saved ~13 s of CPU per `make test`. Logs still reach the driver, at most 0.5 s later.
 os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 # `make test` runs two pytest-xdist workers, each with its own Ray. A Ray dashboard's metrics server binds one
 # fixed port (Ray's DASHBOARD_METRIC_PORT, 44227) and fails to start when another dashboard holds it.

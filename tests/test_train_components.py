@@ -72,24 +72,27 @@ def test_local_checkpoints_are_pruned_to_the_newest_by_step(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-10", "ckpt-30", "partial"]
 
 
-def test_ray_train_s_whole_report_lines_are_quieted_on_the_workers(caplog):
-    """Each ray.train.report was logged by Ray Train at INFO as the whole report dict (issue 32's noise); the
-    worker entry point raises that logger to WARNING. Fails when Ray moves the module (the line would be back)."""
+def test_ray_train_s_whole_report_lines_are_quieted_on_the_workers_and_in_local_mode(caplog):
+    """Each ray.train.report was logged by Ray Train at INFO as the whole report dict (issue 32's noise): on a
+    worker by the execution context's logger, in Train local mode (the demo) by train_fn_utils's. The worker
+    entry point raises both to WARNING. Fails when Ray moves either module (the lines would be back)."""
     import logging
 
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context, train_fn_utils
 
     from qformer.train.worker import quiet_report_lines
 
-    ray_logger = logging.getLogger(context.__file__)
-    before = ray_logger.level
+    loggers = [logging.getLogger(context.__file__), logging.getLogger(train_fn_utils.__name__)]
+    before = [logger.level for logger in loggers]
     try:
         quiet_report_lines()
         with caplog.at_level(logging.INFO):
-            ray_logger.info("Reporting training result 1: TrainingReport(...)")
-        assert "Reporting training result" not in caplog.text and ray_logger.level == logging.WARNING
+            loggers[0].info("Reporting training result 1: TrainingReport(...)")
+            loggers[1].info("Reported metrics: {'epoch': 0}")
+        assert "Report" not in caplog.text and [logger.level for logger in loggers] == [logging.WARNING] * 2
     finally:
-        ray_logger.setLevel(before)
+        for logger, level in zip(loggers, before):
+            logger.setLevel(level)
 
 
 class _Tracker:

@@ -19,6 +19,7 @@ def write_sweep(tmp_path: Path, search_space: str, extra: str = "", base: str | 
     path = tmp_path / "sweep.yaml"
     path.write_text(
         f"base: {base or TINY_BASE}\n"
+        "options: [run.ray.num_workers=1]\n"  # the demo's base trains in Train local mode; trials need a worker
         "tune:\n"
         "  metric: val/r_mean\n"
         "  mode: max\n"
@@ -58,7 +59,7 @@ def test_options_split_between_sweep_and_base(tmp_path):
     ])
     assert spec.num_samples == 2 and spec.scheduler.max_t == 7 and spec.name == "other"
     assert spec.search_space["model.num_query_token"].args == (2, 4)
-    assert spec.base_options == ["run.max_epoch=1"]
+    assert spec.base_options == ["run.ray.num_workers=1", "run.max_epoch=1"]
     assert validate_sweep(spec).run.max_epoch == 1
 
 

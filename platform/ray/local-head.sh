@@ -24,9 +24,10 @@ ray start --head --dashboard-host 127.0.0.1 --num-cpus 2 --disable-usage-stats
 qformer data synth --out ~/.qformer/data/synth_shapes
 
 # Submit the training run. The job's working directory is a temporary copy of the repository that
-# Ray deletes; runs, checkpoints and the MLflow store go under QFORMER_HOME (~/.qformer).
+# Ray deletes; runs, checkpoints and the MLflow store go under QFORMER_HOME (~/.qformer). The demo's config trains
+# in Train local mode (one process); run.ray.num_workers=1 puts the loop on a Ray Train worker of the cluster.
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-    qformer train --cfg-path experiments/demo/tiny_shapes.yaml
+    qformer train --cfg-path experiments/demo/tiny_shapes.yaml --options run.ray.num_workers=1
 
 # The head keeps running after this script. `ray stop` ends it, and also every other Ray cluster on
 # the machine, other users' included.

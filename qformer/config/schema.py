@@ -188,6 +188,9 @@ SCHEMA: dict[str, Key] = {
     "run.ray.storage_path":         Str(None, doc="null: <output_dir>/ray_results"),
     "run.ray.max_failures":         Int(0, ge=-1, doc="-1: retry forever"),
     "run.ray.address":              Str(None, doc="null: a local Ray (or RAY_ADDRESS)"),
+    "run.ray.dashboard":            Bool(True, doc="a local Ray started by the run serves its dashboard on 127.0.0.1; "
+                                         "false: none (~250 MiB less) when run.ray.num_workers is 0 (Train local "
+                                         "mode; Train workers need its State API); a cluster's own setting stays"),
     "run.ray.torch_threads":        Int(None, ge=1, doc="torch threads per training worker (null: Ray's, the worker's CPUs)"),
     "run.ray.name":                 Str(None),
     "run.elastic.keep":             Str("global_batch", choices=("global_batch", "per_worker_batch"),

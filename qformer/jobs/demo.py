@@ -80,7 +80,7 @@ def run_demo(cfg_path: str | None = None, options: list[str] | None = None, fres
     connect_ray(cfg)
     in_run = bool(cfg.run.get("evaluate_untrained")) and split in (list(cfg.run.test_splits)
                                                                   or list(cfg.run.valid_splits))
-    if in_run:  # the training worker evaluates its model before the first step: no second model here
+    if in_run:  # the training loop evaluates its model before the first step: no second model here
         print(f"training; the run first evaluates the untrained model on '{split}' ...", flush=True)
         before = None
     else:

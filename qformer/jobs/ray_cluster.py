@@ -6,6 +6,7 @@ import os
 import ray
 from omegaconf import DictConfig
 
+from qformer.config import batch_plan
 from qformer.core.errors import RayStartError
 from qformer.core.logs import get_logger
 
@@ -13,18 +14,30 @@ log = get_logger("ray")
 
 
 def connect_ray(cfg: DictConfig) -> None:
-    """Attach to run.ray.address / RAY_ADDRESS / the job's cluster, else start a private local Ray."""
-    connect_ray_at(cfg.run.ray.get("address"))
+    """Attach to run.ray.address / RAY_ADDRESS / the job's cluster, else start a private local Ray. That one has
+    its dashboard unless run.ray.dashboard is false and the run is in Train local mode: with Train workers,
+    Train's placement-group cleaner polls the dashboard's State API and warns every few seconds without it."""
+    connect_ray_at(cfg.run.ray.get("address"), dashboard=wants_dashboard(cfg))
 
 
-def connect_ray_at(address: str | None = None) -> None:
-    """Attach to `address` / RAY_ADDRESS / the job's cluster, else start a private local Ray."""
+def wants_dashboard(cfg: DictConfig) -> bool:
+    """Whether a local Ray started for this run serves its dashboard (see connect_ray)."""
+    local_mode = batch_plan.worker_range(cfg.run.ray.num_workers)[1] == 0
+    return bool(cfg.run.ray.get("dashboard", True)) or not local_mode
+
+
+def connect_ray_at(address: str | None = None, dashboard: bool = True) -> None:
+    """Attach to `address` / RAY_ADDRESS / the job's cluster, else start a private local Ray (with its dashboard
+    on loopback unless `dashboard` is False)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address)
+            return
+        if not dashboard:
+            start_local_ray(include_dashboard=False)
             return
         # dashboard on loopback: users get the Ray UI, and Train's placement-group cleaner its State API
         start_local_ray(include_dashboard=True, dashboard_host="127.0.0.1")  # prints the dashboard URL

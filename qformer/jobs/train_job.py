@@ -11,6 +11,7 @@ training = one MLflow run.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import re
 import sys
@@ -114,8 +115,10 @@ def build_trainer(cfg: DictConfig, *, resume: str | None = None, callbacks: Sequ
         resume = str(prior.path)
     resume_run_id = prior.mlflow_run_id if prior is not None else None
 
-    # the training loop shows its own progress bar; Ray Data's per-operator bars would interleave with it
+    # the training loop shows its own progress bar; Ray Data's per-operator bars would interleave with it. Turning
+    # them off makes Ray Data warn "Progress bars disabled" where the stream runs (the driver in Train local mode)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     plan = create_plan()  # the loop tells the data sources which pass to read, and what of it is done
     if cfg.run.get("vision_cache"):  # cached frozen-ViT features instead of images (qformer cache-features)
         data = cached_train_datasets(cfg, plan=plan)  # ConfigError naming run.vision_cache if the cache doesn't match

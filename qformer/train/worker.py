@@ -88,12 +88,14 @@ def train_loop_per_worker(lc: LoopConfig) -> None:
 
 def quiet_report_lines() -> None:
     """Ray Train logs every `ray.train.report` at INFO as the whole report (metrics dict, checkpoint); the loop
-    logs its own lines. Its logger is named by the module's file path."""
+    logs its own lines. On workers the logger is named by the module's file path; in Train local mode it is
+    train_fn_utils's."""
     try:
-        from ray.train.v2._internal.execution import context
+        from ray.train.v2._internal.execution import context, train_fn_utils
     except ImportError:  # another Ray layout: its lines stay
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(train_fn_utils.__name__).setLevel(logging.WARNING)
 
 
 def restore_state(resume_path: str | None) -> tuple[dict[str, Any] | None, str | None]:

@@ -18,7 +18,8 @@ LAVIS_MODEL = packaged.DEFAULTS_DIR / "models" / "blip2" / "pretrain.yaml"
 PER_MODEL_TYPE = {"arch", "pretrained", "vit_weights"}
 # qformer's model keys that LAVIS lacks: their defaults must keep LAVIS HEAD's behaviour
 # (ITC gathers without gradient, spec §8.1; HEAD's ITM negative sampling, §4.3; no extra ViT kwargs)
-OURS_AS_LAVIS = {"model.vit_kwargs": {}, "model.itc_gather_with_grad": False, "model.itm_negatives": "head"}
+OURS_AS_LAVIS = {"model.vit_kwargs": {}, "model.itc_gather_with_grad": False, "model.itm_negatives": "head",
+                 "model.qformer_grad_checkpoint": False}  # bert-base-uncased's gradient_checkpointing
 
 # The fallbacks of LAVIS's train.py and runner_base (`run_cfg.get(key, fallback)`) for run keys a project
 # file may leave out (spec §1.1, §1.4 "Not set (defaults apply)", §5.2; runner_base.py lr_scheduler).

@@ -74,3 +74,41 @@ def test_sparse_word_lookups_give_the_dense_paths_gradients(tiny_bert):
     assert grads[True].keys() == grads[False].keys()
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def _saved_bytes_and_grads(model, samples) -> tuple[int, float, dict[str, torch.Tensor]]:
+    """One training forward/backward (dropout on, seeded): the bytes autograd keeps for the backward (each
+    storage once), the loss and every gradient."""
+    storages: dict[int, int] = {}
+
+    def keep(t):
+        storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    model.train().zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = model(samples)
+    out.loss.backward()
+    return sum(storages.values()), float(out.loss), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                     if p.grad is not None}
+
+
+def test_recomputed_q_former_layers_give_the_same_loss_and_gradients_for_less_memory(tiny_bert):
+    """model.qformer_grad_checkpoint: each Q-Former layer's activations are recomputed in the backward pass
+    (dropout replays its masks), so the training step is the same, with far fewer bytes kept for it."""
+    torch.manual_seed(0)
+    model = build_model(small_model_cfg(tiny_bert, qformer_grad_checkpoint=True))
+    assert model.Qformer.config.gradient_checkpointing
+    ids, atts = model.tokenize(TEXTS)
+    samples = {"image": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+               "text_ids": ids, "text_atts": atts}
+    kept, loss, grads = {}, {}, {}
+    for recompute in (False, True):
+        model.Qformer.config.gradient_checkpointing = recompute
+        kept[recompute], loss[recompute], grads[recompute] = _saved_bytes_and_grads(model, samples)
+    assert loss[True] == loss[False]
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=1e-6, msg=name)
+    assert kept[True] < 0.5 * kept[False], kept  # each layer's inputs and outputs (measured: 0.11x)

@@ -76,6 +76,7 @@ class Blip2Qformer(nn.Module):
         itc_gather_with_grad: bool = False,
         itm_negatives: str = "head",
         vit_fp16_on_cpu: bool = False,
+        qformer_grad_checkpoint: bool = False,
     ):
         super().__init__()
         bert_dir = resolve_bert_dir(bert_model)
@@ -100,6 +101,7 @@ class Blip2Qformer(nn.Module):
             encoder_width=width,
             cross_attention_freq=cross_attention_freq,
             query_length=num_query_token,
+            gradient_checkpointing=qformer_grad_checkpoint,
         )
         self.Qformer = BertLMHeadModel(qcfg)
         report = load_bert_weights(self.Qformer, read_bert_state_dict(bert_dir))
@@ -147,6 +149,7 @@ class Blip2Qformer(nn.Module):
             itc_gather_with_grad=bool(_cfg(cfg, "itc_gather_with_grad", False)),
             itm_negatives=str(_cfg(cfg, "itm_negatives", "head")),
             vit_fp16_on_cpu=vit_fp16_on_cpu,
+            qformer_grad_checkpoint=bool(_cfg(cfg, "qformer_grad_checkpoint", False)),
         )
         model.load_checkpoint_from_config(cfg)
         return model

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qformer.models.losses import LMLoss
 from qformer.models.qformer_config import QFormerConfig
@@ -83,11 +84,15 @@ class BertModel(nn.Module):
         presents, image_kvs = [], []
         given_kv = iter(cross_key_values) if cross_key_values is not None else None
         last = len(self.encoder.layer) - 1
+        # non-reentrant: the K/V a layer returns (the LM pass's cache, the ITM pass's image K/V) keep their
+        # gradients, and dropout replays the same masks (the RNG state is restored for the recomputation)
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.encoder.layer):
             past = past_key_values[i] if past_key_values else None
             kv = next(given_kv) if given_kv is not None and layer.has_cross_attention and query_length else None
             rows = out_rows if i == last else None
-            hidden, present, image_kv = layer(hidden, mask, query_length, encoder_hidden_states, enc_mask, past, kv, rows)
+            args = (hidden, mask, query_length, encoder_hidden_states, enc_mask, past, kv, rows)
+            hidden, present, image_kv = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
             presents.append(present)
             if image_kv is not None:
                 image_kvs.append(image_kv)

@@ -24,6 +24,9 @@ class QFormerConfig:
     encoder_width: int = 1408
     cross_attention_freq: int = 2
     query_length: int = 32
+    # LAVIS's BertEncoder reads it from the BERT config: recompute each layer's activations in the backward
+    # pass instead of keeping them (model.qformer_grad_checkpoint)
+    gradient_checkpointing: bool = False
 
     @classmethod
     def from_bert_json(cls, path: str | Path, **overrides) -> "QFormerConfig":

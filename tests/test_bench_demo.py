@@ -41,6 +41,23 @@ def test_the_sampler_sums_a_process_tree_and_keeps_each_process_s_peak(tmp_path:
         parent.wait(timeout=30)
 
 
+def test_a_process_whose_name_went_blank_as_it_exits_keeps_the_name_it_had(tmp_path: Path, monkeypatch):
+    """The demo's own process, exiting, read as "" (its cmdline empty, its memory still mapped) and became a
+    separate row of the per-process peaks."""
+    import qformer.bench.demo as bench_demo
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        sampler = TreeSampler(proc.pid, interval_s=0.1)
+        sampler.sample()
+        monkeypatch.setattr(bench_demo, "process_label", lambda pid: "")
+        sampler.sample()
+        assert set(sampler.label_peaks) == {"python -c"} and set(sampler.peak["by_label"]) == {"python -c"}
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_phases_are_timed_from_the_demo_s_own_lines():
     lines = [(2.0, "writing the synthetic shapes data set to /x ..."),
              (14.0, "connecting to Ray ..."),

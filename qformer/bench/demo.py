@@ -121,6 +121,7 @@ class TreeSampler:
         self.root_pid, self.interval_s = root_pid, interval_s
         self.totals: list[tuple[float, int]] = []  # (seconds since start, the tree's PSS)
         self.label_peaks: dict[str, int] = {}
+        self._labels: dict[int, str] = {}  # each pid's last readable label
         self.peak = {"pss": 0, "rss": 0, "processes": 0, "t": 0.0, "by_label": {}}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -146,7 +147,9 @@ class TreeSampler:
             mem = smaps_rollup(pid)
             if mem is None:
                 continue
+            # an exiting process still has its memory for a moment after its cmdline reads empty: keep its name
             label = process_label(pid)
+            label = self._labels[pid] = label if label not in ("", "?") else self._labels.get(pid, label)
             pss, rss = pss + mem["Pss"], rss + mem["Rss"]
             by_label[label] = by_label.get(label, 0) + mem["Pss"]
             self.label_peaks[label] = max(self.label_peaks.get(label, 0), mem["Pss"])

@@ -82,8 +82,8 @@ SCHEMA: dict[str, Key] = {
     "model.drop_path_rate":         Float(0.0, ge=0, lt=1),
     "model.use_grad_checkpoint":    Bool(False),
     "model.qformer_grad_checkpoint": Bool(False, doc="recompute each Q-Former layer in the backward pass: the same "
-                                          "losses and gradients, ~0.5 GB less at the demo's batch 32, ~30% more "
-                                          "step time (LAVIS's BertConfig.gradient_checkpointing)"),
+                                          "losses and gradients, ~0.5 GB less at the demo's batch 32, ~25-30% "
+                                          "more step time (LAVIS's BertConfig.gradient_checkpointing)"),
     "model.vit_precision":          Str("fp16", choices=("fp16", "fp32")),
     "model.freeze_vit":             Bool(True),
     "model.num_query_token":        Int(32, ge=1),

@@ -24,8 +24,9 @@ class QFormerConfig:
     encoder_width: int = 1408
     cross_attention_freq: int = 2
     query_length: int = 32
-    # LAVIS's BertEncoder reads it from the BERT config: recompute each layer's activations in the backward
-    # pass instead of keeping them (model.qformer_grad_checkpoint)
+    # recompute each layer's activations in the backward pass instead of keeping them (model.qformer_grad_checkpoint).
+    # LAVIS's BertEncoder reads the same flag but then drops the query pass's K/V cache, which its LM pass needs;
+    # here the cache is kept (non-reentrant checkpointing returns it with its gradient)
     gradient_checkpointing: bool = False
 
     @classmethod
